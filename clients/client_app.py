@@ -1,0 +1,83 @@
+"""fedkd ClientApp: unpack the server's message, run the site's round, pack the reply.
+
+The site's model lives in ``context.state`` between rounds (persistent client state),
+so each round continues from the last one instead of starting from a fresh model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedkd.config import Config, build_config
+from fedkd.data import FederatedSplit, load_federation
+from fedkd.knowledge import encode
+from fedkd.site import build_site_model, evaluate_site, run_site_round
+
+app = ClientApp()
+
+
+def _site(context: Context) -> tuple[Config, FederatedSplit, int]:
+    config = build_config(context.run_config)
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config needs 'partition-id' (which data partition this site holds)")
+    client = int(context.node_config["partition-id"])
+    if not 0 <= client < config.data.num_clients:
+        raise ValueError(
+            f"partition-id {client} is outside 0..{config.data.num_clients - 1} (data.num-clients)"
+        )
+    torch.set_num_threads(1)
+    return config, load_federation(config.data, config.seed), client
+
+
+def _load_model(context: Context, config: Config, split: FederatedSplit, client: int) -> torch.nn.Module:
+    model = build_site_model(config, split, client)
+    if "model" in context.state:
+        model.load_state_dict(context.state["model"].to_torch_state_dict())
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, split, client = _site(context)
+    round_config = msg.content["config"]
+    if round_config["public-fingerprint"] != split.public_fingerprint:
+        raise ValueError(
+            f"site {client} refuses round {round_config['round']}: its public transfer set "
+            f"(fingerprint {split.public_fingerprint[:12]}) differs from the server's "
+            f"({str(round_config['public-fingerprint'])[:12]}); check data.* settings"
+        )
+    plan = msg.content.array_records.get("plan")
+    release = plan["release-positions"].numpy() if plan else np.arange(len(split.public))
+    fused = fused_positions = None
+    if "fused" in msg.content:
+        fused = msg.content["fused"]["knowledge"].numpy().astype(np.float32)
+        fused_positions = msg.content["fused"]["positions"].numpy()
+
+    model = _load_model(context, config, split, client)
+    result = run_site_round(
+        model=model,
+        config=config,
+        client=client,
+        round_number=int(round_config["round"]),
+        data=split.clients[client],
+        public_x=split.public.x,
+        release_positions=release,
+        fused=fused,
+        fused_positions=fused_positions,
+    )
+    context.state["model"] = ArrayRecord(model.state_dict())
+
+    metrics = MetricRecord({"partition-id": client, **result.metrics})
+    knowledge = ArrayRecord({"knowledge": Array(encode(result.knowledge))})
+    return Message(RecordDict({"knowledge": knowledge, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, split, client = _site(context)
+    model = _load_model(context, config, split, client)
+    metrics = MetricRecord({"partition-id": client, **evaluate_site(model, split.clients[client])})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,430 @@
+"""The one validated configuration of a fedkd run.
+
+A run is configured by nested TOML tables with kebab-case keys (the same shape as
+Flower's ``[tool.flwr.app.config]``, which Flower flattens to ``"fusion.method"`` style
+keys). :func:`load_config` accepts either form plus ``--set key=value`` overrides, checks
+every value against the constraints declared next to its default, and raises a single
+:class:`ConfigError` listing every problem, each naming the key, what is allowed and
+what was received.
+
+>>> cfg = load_config(overrides={"fusion.method": "mean", "num-server-rounds": 3})
+>>> (cfg.fusion.method, cfg.num_server_rounds)
+('mean', 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; ``problems`` holds one line per bad key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def option(
+    default: Any,
+    *,
+    help: str,
+    choices: tuple[str, ...] | Callable[[], list[str]] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """Declare a config field: its default, its meaning and what values are allowed."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": choices,
+            "low": low,
+            "high": high,
+            "low_open": low_open,
+            "check": check,
+        },
+    )
+
+
+def _model_names() -> list[str]:
+    from fedkd.models import MODELS
+
+    return MODELS.names()
+
+
+def _fusion_names() -> list[str]:
+    from fedkd.fusion import FUSION_METHODS
+
+    return FUSION_METHODS.names()
+
+
+def _scorer_names() -> list[str]:
+    from fedkd.shielding import SENSITIVITY_SCORERS
+
+    return SENSITIVITY_SCORERS.names()
+
+
+def _check_architectures(value: str) -> str | None:
+    names = [n.strip() for n in value.split(",")]
+    known = _model_names()
+    unknown = [n for n in names if n not in known]
+    if not value.strip() or unknown:
+        return (
+            "must be a comma-separated list of model names from "
+            f"{', '.join(known)}; got '{value}'"
+        )
+    return None
+
+
+def _check_threshold(value: Any) -> str | None:
+    if value == "median":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return None
+    return f"must be 'median' or a number >= 0; got {value!r}"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = option(
+        "digits",
+        help="'digits' (embedded, offline) or a Hugging Face dataset name such as 'mnist' or 'cifar10'",
+    )
+    path: str = option("", help="local copy of a named dataset (datasets.save_to_disk folder)")
+    num_clients: int = option(10, low=1, help="number of sites (clients)")
+    partitioner: str = option(
+        "dirichlet", choices=("dirichlet", "pathological", "iid"), help="how private data is split"
+    )
+    alpha: float = option(0.1, low=0, low_open=True, help="Dirichlet concentration (label skew)")
+    classes_per_client: int = option(2, low=1, help="classes per client (pathological)")
+    min_partition_size: int = option(20, low=1, help="smallest client share (Dirichlet)")
+    public_fraction: float = option(
+        0.3, low=0, high=0.9, low_open=True, help="share of all data used as public transfer set"
+    )
+    test_fraction: float = option(
+        0.15, low=0, high=0.5, low_open=True, help="share of all data held out as global test set"
+    )
+    val_fraction: float = option(0.1, low=0, high=0.5, help="share of a client's data for validation")
+    local_test_fraction: float = option(
+        0.2, low=0, high=0.5, low_open=True, help="share of a client's data for its local test"
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architectures: str = option(
+        "mlp-small,mlp-large,cnn-small",
+        check=_check_architectures,
+        help="models given to clients in turn: client i gets entry i mod len",
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = option(
+        "sequential",
+        choices=("sequential", "joint"),
+        help="'sequential': distil then train; 'joint': CE + kd-weight * KD in one objective",
+    )
+    local_epochs: int = option(5, low=0, help="epochs over private data per round")
+    distill_epochs: int = option(5, low=0, help="epochs over the public set per round")
+    batch_size: int = option(32, low=1, help="batch size")
+    lr: float = option(3e-3, low=0, low_open=True, help="Adam learning rate")
+    kd_temperature: float = option(2.0, low=0, low_open=True, help="KD temperature (student side)")
+    kd_weight: float = option(1.0, low=0, help="weight of the KD term in 'joint' mode")
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    public_subset: int = option(0, low=0, help="public examples used per round (0 = all)")
+
+
+@dataclass(frozen=True)
+class ShieldConfig:
+    scorer: str = option("uniform", choices=_scorer_names, help="sensitivity scorer")
+    temperature: float = option(1.0, low=0, low_open=True, help="base temperature T0")
+    gamma: float = option(0.0, low=0, help="temperature gain: T = T0 * (1 + gamma * s)")
+    noise_std: float = option(0.0, low=0, help="std of Gaussian noise added to logits")
+    top_k: int = option(0, low=0, help="release only the k largest probabilities (0 = all)")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: str = option("knfu", choices=_fusion_names, help="fusion method")
+    measure: str = option(
+        "agreement", choices=("epd", "agreement"), help="effectiveness measure for knfu"
+    )
+    divergence: str = option("js", choices=("js", "kl"), help="divergence for the epd measure")
+    beta: float = option(10.0, low=0, help="weight sharpness: w ~ exp(-beta * d)")
+    threshold: Any = option(
+        "median", check=_check_threshold, help="neighbour threshold tau ('median' of each row)"
+    )
+    max_neighbours: int = option(10, low=1, help="neighbour-set size cap k, self included")
+    confident_fraction: float = option(
+        0.5, low=0, high=1, low_open=True, help="share of P where a client is most confident"
+    )
+    uniform_entropy: float = option(
+        0.95, low=0, high=1, low_open=True, help="drop rows with entropy above this * log C"
+    )
+    sharpen_temperature: float = option(0.0, low=0, help="softmax(F / T) after fusion (0 = off)")
+    era_temperature: float = option(0.1, low=0, low_open=True, help="DS-FL ERA temperature")
+
+
+@dataclass(frozen=True)
+class GlobalStudentConfig:
+    enabled: bool = option(True, help="distil fused knowledge into a server-side student")
+    model: str = option("mlp-large", choices=_model_names, help="global student architecture")
+    epochs: int = option(10, low=1, help="distillation epochs per round")
+
+
+@dataclass(frozen=True)
+class Config:
+    num_server_rounds: int = option(20, low=1, help="federated rounds")
+    eval_every: int = option(1, low=1, help="evaluate clients every N rounds (and the last)")
+    min_clients: int = option(2, low=1, help="valid replies a round needs")
+    round_retries: int = option(1, low=0, help="retries of a round with too few replies")
+    round_timeout: float = option(600.0, low=0, low_open=True, help="seconds to wait for replies")
+    seed: int = option(0, low=0, help="seed for data split, models and noise")
+    output_dir: str = option("runs", help="parent folder of run directories")
+    run_name: str = option("", help="run directory name (default: method and a timestamp)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    shield: ShieldConfig = field(default_factory=ShieldConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    global_student: GlobalStudentConfig = field(default_factory=GlobalStudentConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``{"fusion.method": "knfu", ...}`` mapping, as Flower's run config."""
+        return dict(_flatten(self))
+
+    def to_nested(self) -> dict[str, Any]:
+        """Nested tables with kebab-case keys, ready for a TOML file."""
+        nested: dict[str, Any] = {}
+        for key, value in self.to_flat().items():
+            *sections, leaf = key.split(".")
+            table = nested
+            for section in sections:
+                table = table.setdefault(section, {})
+            table[leaf] = value
+        return nested
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (``fedkd simulate --config`` reads it back)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_nested())
+
+    def architecture_for(self, client: int) -> str:
+        """Model name of client ``client`` (architectures are assigned in turn)."""
+        names = [n.strip() for n in self.model.architectures.split(",")]
+        return names[client % len(names)]
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _kebab(f.name)
+        if dataclasses.is_dataclass(value):
+            items.extend(_flatten(value, key + "."))
+        else:
+            items.append((key, value))
+    return items
+
+
+def _leaf_fields(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    leaves: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + _kebab(f.name)
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            leaves.update(_leaf_fields(f.default_factory, key + "."))
+        else:
+            leaves[key] = f
+    return leaves
+
+
+CONFIG_FIELDS: dict[str, dataclasses.Field] = _leaf_fields(Config)
+"""Every config key (dotted, kebab-case) and its declaration."""
+
+
+def flatten_mapping(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested TOML tables to dotted keys; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = prefix + key
+        if isinstance(value, Mapping):
+            flat.update(flatten_mapping(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as TOML (numbers, booleans, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
+    """Convert ``value`` to the field's type and check its constraints."""
+    meta = f.metadata
+    default = f.default
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            return value, f"{key}: must be true or false; got {value!r}"
+    elif isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{key}: must be an integer; got {value!r}"
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{key}: must be a number; got {value!r}"
+        value = float(value)
+        if not math.isfinite(value):
+            return value, f"{key}: must be finite; got {value!r}"
+    elif isinstance(default, str) and meta["check"] is None and not isinstance(value, str):
+        return value, f"{key}: must be a string; got {value!r}"
+
+    if meta["check"] is not None:
+        problem = meta["check"](value)
+        if problem:
+            return value, f"{key}: {problem}"
+    choices = meta["choices"]
+    if choices is not None:
+        allowed = list(choices() if callable(choices) else choices)
+        if value not in allowed:
+            return value, f"{key}: must be one of {', '.join(allowed)}; got {value!r}"
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        bound = f"> {low}" if meta["low_open"] else f">= {low}"
+        return value, f"{key}: must be {bound}; got {value!r}"
+    if high is not None and value > high:
+        return value, f"{key}: must be <= {high}; got {value!r}"
+    return value, None
+
+
+def build_config(values: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from flat or nested values; unknown keys are errors.
+
+    Keys missing from ``values`` take their defaults. Raises :class:`ConfigError`
+    listing every problem at once.
+    """
+    flat = flatten_mapping(values)
+    problems: list[str] = []
+    accepted: dict[str, Any] = {}
+    for key, value in flat.items():
+        f = CONFIG_FIELDS.get(key)
+        if f is None:
+            close = difflib.get_close_matches(key, CONFIG_FIELDS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{key}: unknown key{hint}")
+            continue
+        value, problem = _coerce(key, f, value)
+        if problem:
+            problems.append(problem)
+        else:
+            accepted[key] = value
+
+    if not problems:
+        problems.extend(_cross_checks(accepted))
+    if problems:
+        raise ConfigError(problems)
+
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in accepted.items():
+        if "." in key:
+            section, leaf = key.split(".", 1)
+            sections.setdefault(section, {})[leaf.replace("-", "_")] = value
+        else:
+            top[key.replace("-", "_")] = value
+    section_types = {_kebab(f.name): f.default_factory for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
+    for section, kwargs in sections.items():
+        top[section.replace("-", "_")] = section_types[section](**kwargs)
+    return Config(**top)
+
+
+def _cross_checks(flat: Mapping[str, Any]) -> list[str]:
+    defaults = Config().to_flat()
+    get = lambda key: flat.get(key, defaults[key])  # noqa: E731
+    problems = []
+    if get("min-clients") > get("data.num-clients"):
+        problems.append(
+            f"min-clients: must be <= data.num-clients ({get('data.num-clients')}); "
+            f"got {get('min-clients')}"
+        )
+    if get("data.public-fraction") + get("data.test-fraction") >= 0.95:
+        problems.append(
+            "data.public-fraction + data.test-fraction: must leave at least 5% of the data "
+            f"for clients; got {get('data.public-fraction') + get('data.test-fraction'):.2f}"
+        )
+    if get("data.val-fraction") + get("data.local-test-fraction") >= 0.8:
+        problems.append(
+            "data.val-fraction + data.local-test-fraction: must leave at least 20% of a "
+            "client's data for training"
+        )
+    return problems
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults <- TOML file at ``path`` <- ``overrides`` (flat or nested)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path}"])
+        try:
+            values.update(flatten_mapping(tomllib.loads(path.read_text())))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError([f"{path}: not valid TOML ({err})"]) from None
+    if overrides:
+        values.update(flatten_mapping(overrides))
+    return build_config(values)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse ``["fusion.method=mean", "seed=3"]`` into a flat mapping."""
+    overrides: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {pair!r}: expected key=value")
+            continue
+        overrides[key.strip()] = parse_value(text.strip())
+    if problems:
+        raise ConfigError(problems)
+    return overrides
+
+
+def describe_options() -> str:
+    """One line per key: name, default and meaning (for ``fedkd simulate --help-config``)."""
+    lines = []
+    for key, f in CONFIG_FIELDS.items():
+        lines.append(f"{key} = {f.default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Data: the embedded default, named datasets, and the federated split.
+
+A federation's data is split once, from the seed, into
+
+* the *public transfer set* P (inputs shared by every site and the server; its labels
+  are kept only for audits and benchmarks and never reach fusion),
+* a *global test set* (for the optional global student),
+* the private *client pool*, partitioned across clients with a ``flwr_datasets``
+  partitioner (Dirichlet label skew, pathological k-classes-per-client, or IID); each
+  client's share is split into train / validation / local test, stratified where the
+  share allows it, so a local test set follows the client's own label mix.
+
+Every process (server, each client) rebuilds the same split from the same config, so
+nothing but knowledge ever crosses the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+
+class DataUnavailableError(RuntimeError):
+    """A named dataset could not be loaded (usually: offline, no local copy)."""
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Inputs ``x`` [n, *input_shape] (float32), labels ``y`` [n] (int64), global ``ids`` [n]."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, positions: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.x[positions], self.y[positions], self.ids[positions])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    public: ArrayDataset
+    test: ArrayDataset
+    clients: tuple[ClientData, ...]
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    @property
+    def public_fingerprint(self) -> str:
+        """sha256 of the ordered public example ids: sites must agree on it."""
+        return public_fingerprint(self.public.ids)
+
+
+def public_fingerprint(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- sources
+
+_HF_NAMES = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", "img")}
+
+
+def load_source(name: str, *, path: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+    """Return ``(x, y, num_classes)`` for dataset ``name``.
+
+    ``digits`` is scikit-learn's 1,797 8x8 handwritten digits (shipped with
+    scikit-learn, offline), scaled to [0, 1]. Other names (``mnist``, ``cifar10``, or any
+    Hugging Face image-classification dataset id) are read through ``datasets``: from
+    ``path`` (a ``save_to_disk`` folder) when given, else from the hub, which needs
+    network access.
+    """
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = (bunch.data / 16.0).astype(np.float32)
+        return x, bunch.target.astype(np.int64), 10
+    return _load_hf_images(name, path)
+
+
+def _load_hf_images(name: str, path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    import datasets
+
+    hub_id, image_column = _HF_NAMES.get(name, (name, "image"))
+    try:
+        if path:
+            loaded = datasets.load_from_disk(path)
+        else:
+            loaded = datasets.load_dataset(hub_id)
+    except Exception as err:  # offline, missing path, unknown id: one clear message
+        where = f"from '{path}'" if path else f"'{hub_id}' from the Hugging Face hub"
+        raise DataUnavailableError(
+            f"could not load dataset '{name}' {where} ({type(err).__name__}). "
+            "Without network access, save it once elsewhere with "
+            f"datasets.load_dataset('{hub_id}').save_to_disk(DIR), copy DIR here and set "
+            "data.path = DIR; or use the embedded default data.dataset = 'digits'."
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets(list(loaded.values()))
+    columns = loaded.column_names
+    image_column = image_column if image_column in columns else columns[0]
+    label_column = "label" if "label" in columns else columns[-1]
+    x = np.stack([np.asarray(img, dtype=np.float32) / 255.0 for img in loaded[image_column]])
+    if x.ndim == 4:  # HWC -> CHW
+        x = x.transpose(0, 3, 1, 2)
+    y = np.asarray(loaded[label_column], dtype=np.int64)
+    return x, y, int(y.max()) + 1
+
+
+# ---------------------------------------------------------------------- partitioning
+
+
+def partition_indices(
+    labels: np.ndarray,
+    *,
+    num_partitions: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.1,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Split positions ``0..len(labels)-1`` into ``num_partitions`` disjoint sets.
+
+    Uses ``flwr_datasets`` partitioners on an in-memory ``datasets.Dataset``:
+    ``dirichlet`` draws each class's split over clients from Dir(alpha) (alpha 0.05 is
+    extreme skew, 100 is close to IID); ``pathological`` gives each client
+    ``classes_per_client`` classes; ``iid`` shuffles evenly.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if num_partitions > len(labels):
+        raise ValueError(
+            f"cannot split {len(labels)} examples over {num_partitions} clients"
+        )
+    if partitioner == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    elif partitioner == "pathological":
+        part = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    elif partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    else:
+        raise ValueError(
+            f"unknown partitioner '{partitioner}'; choose one of: dirichlet, iid, pathological"
+        )
+    part.dataset = Dataset.from_dict(
+        {"label": np.asarray(labels).tolist(), "position": list(range(len(labels)))}
+    )
+    try:
+        return [
+            np.asarray(part.load_partition(i)["position"], dtype=np.int64)
+            for i in range(num_partitions)
+        ]
+    except ValueError as err:
+        raise ValueError(
+            f"{partitioner} partitioning of {len(labels)} examples over {num_partitions} "
+            f"clients failed: {err}"
+        ) from None
+
+
+def _split(
+    positions: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``positions`` into (rest, held-out fraction), stratified where possible."""
+    if fraction <= 0 or len(positions) < 2:
+        return positions, positions[:0]
+    try:
+        rest, held = train_test_split(
+            positions, test_size=fraction, random_state=seed, stratify=labels[positions]
+        )
+    except ValueError:  # a class with one example, or fewer held-out slots than classes
+        rest, held = train_test_split(positions, test_size=fraction, random_state=seed)
+    return np.sort(rest), np.sort(held)
+
+
+def split_federation(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_classes: int,
+    num_clients: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.1,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+    public_fraction: float = 0.3,
+    test_fraction: float = 0.15,
+    val_fraction: float = 0.1,
+    local_test_fraction: float = 0.2,
+    seed: int = 0,
+) -> FederatedSplit:
+    """Split ``(x, y)`` into public set, global test set and client shares (see module doc)."""
+    everything = ArrayDataset(x, y, np.arange(len(y)))
+    all_positions = np.arange(len(y))
+    pool, public = _split(all_positions, y, public_fraction, seed)
+    pool, test = _split(pool, y, test_fraction / (1 - public_fraction), seed + 1)
+    shares = partition_indices(
+        y[pool],
+        num_partitions=num_clients,
+        partitioner=partitioner,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        min_partition_size=min_partition_size,
+        seed=seed,
+    )
+    clients = []
+    for i, share in enumerate(shares):
+        own = pool[share]
+        own, local_test = _split(own, y, local_test_fraction, seed + 10 + i)
+        train, val = _split(own, y, val_fraction / (1 - local_test_fraction), seed + 10 + i)
+        clients.append(
+            ClientData(everything.subset(train), everything.subset(val), everything.subset(local_test))
+        )
+    return FederatedSplit(
+        public=everything.subset(public),
+        test=everything.subset(test),
+        clients=tuple(clients),
+        num_classes=num_classes,
+        input_shape=tuple(x.shape[1:]),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (DataConfig)
+    """The federation's split for a :class:`fedkd.config.DataConfig`, cached per process."""
+    x, y, num_classes = load_source(data_config.dataset, path=data_config.path)
+    return split_federation(
+        x,
+        y,
+        num_classes=num_classes,
+        num_clients=data_config.num_clients,
+        partitioner=data_config.partitioner,
+        alpha=data_config.alpha,
+        classes_per_client=data_config.classes_per_client,
+        min_partition_size=data_config.min_partition_size,
+        public_fraction=data_config.public_fraction,
+        test_fraction=data_config.test_fraction,
+        val_fraction=data_config.val_fraction,
+        local_test_fraction=data_config.local_test_fraction,
+        seed=seed,
+    )

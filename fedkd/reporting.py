@@ -1,0 +1,178 @@
+"""Run directories: what a run writes, the summary it ends with, plots and comparisons.
+
+A run directory holds
+
+* ``config.toml``      the resolved configuration (re-runnable with ``--config``),
+* ``metrics.jsonl``    one JSON object per event (client train/eval metrics, exclusions,
+                       round summaries),
+* ``weights/round_NNNN.npz``  the fusion weight matrix of each round and its client ids,
+* ``summary.json``     the final figures (ALMA, worst client, global student, bytes),
+* ``alma.png``, ``client_accuracy.png``, ``weights_heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+WEIGHTS_DIR = "weights"
+
+
+def alma_summary(accuracy: Mapping[int, float], examples: Mapping[int, float]) -> dict[str, float]:
+    """ALMA (unweighted mean of local accuracies, KnFu's headline metric), the
+    example-weighted mean and the worst client, over clients with a finite accuracy."""
+    valid = [c for c, a in accuracy.items() if math.isfinite(a)]
+    if not valid:
+        return {"alma": float("nan"), "alma-weighted": float("nan"), "worst": float("nan")}
+    acc = np.array([accuracy[c] for c in valid])
+    n = np.array([examples.get(c, 0.0) for c in valid])
+    weighted = float((acc * n).sum() / n.sum()) if n.sum() > 0 else float("nan")
+    return {"alma": float(acc.mean()), "alma-weighted": weighted, "worst": float(acc.min())}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+class RunRecorder:
+    """Appends a run's records to its directory as the run goes (nothing lost on a crash)."""
+
+    def __init__(self, run_dir: str | Path, config_toml: str) -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / WEIGHTS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(config_toml)
+        self._metrics = (self.run_dir / METRICS_FILE).open("a")
+
+    def record(self, event: str, **fields: Any) -> None:
+        self._metrics.write(json.dumps({"event": event, **fields}, default=_json_default) + "\n")
+        self._metrics.flush()
+
+    def save_weights(self, round_number: int, clients: Iterable[int], weights: np.ndarray) -> None:
+        np.savez(
+            self.run_dir / WEIGHTS_DIR / f"round_{round_number:04d}.npz",
+            weights=weights,
+            clients=np.asarray(list(clients)),
+        )
+
+    def finish(self, summary: Mapping[str, Any]) -> Path:
+        self._metrics.close()
+        path = self.run_dir / SUMMARY_FILE
+        path.write_text(json.dumps(summary, indent=2, default=_json_default))
+        plot_run(self.run_dir)
+        return path
+
+
+def read_events(run_dir: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    lines = (Path(run_dir) / METRICS_FILE).read_text().splitlines()
+    events = [json.loads(line) for line in lines if line.strip()]
+    return [e for e in events if event is None or e["event"] == event]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished fedkd run (no {SUMMARY_FILE})")
+    return json.loads(path.read_text())
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the run's PNG plots from ``metrics.jsonl`` and the weight files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    written = []
+    rounds = read_events(run_dir, "round")
+    evaluated = [r for r in rounds if r.get("alma") is not None]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if evaluated:
+        x = [r["round"] for r in evaluated]
+        ax.plot(x, [r["alma"] for r in evaluated], marker="o", label="ALMA (mean local accuracy)")
+        ax.plot(x, [r["worst"] for r in evaluated], marker=".", linestyle="--", label="worst client")
+    student = [r for r in rounds if r.get("global-accuracy") is not None]
+    if student:
+        ax.plot([r["round"] for r in student], [r["global-accuracy"] for r in student],
+                linestyle=":", label="global student (global test)")
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    written.append(run_dir / "alma.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    evals = read_events(run_dir, "client-eval")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for client in sorted({e["client"] for e in evals}):
+        own = [e for e in evals if e["client"] == client]
+        ax.plot([e["round"] for e in own], [e["accuracy"] for e in own], label=f"client {client}")
+    ax.set(xlabel="round", ylabel="local test accuracy", ylim=(0, 1.02), title="Per-client accuracy")
+    ax.grid(alpha=0.3)
+    if evals:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    written.append(run_dir / "client_accuracy.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    weight_files = sorted((run_dir / WEIGHTS_DIR).glob("round_*.npz"))
+    if weight_files:
+        last = np.load(weight_files[-1])
+        clients = last["clients"]
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        image = ax.imshow(last["weights"], cmap="viridis", vmin=0)
+        ax.set_xticks(range(len(clients)), clients)
+        ax.set_yticks(range(len(clients)), clients)
+        ax.set(xlabel="neighbour j (knowledge source)", ylabel="client i (receiver)",
+               title=f"Fusion weights w_ij, {weight_files[-1].stem.replace('_', ' ')}")
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        written.append(run_dir / "weights_heatmap.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def compare_table(run_dirs: Iterable[str | Path]) -> str:
+    """A text table over finished runs: method, ALMA mean/worst, global accuracy, bytes."""
+    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "bytes/client/round")
+    rows = [header]
+    for run_dir in run_dirs:
+        s = read_summary(run_dir)
+        final = s["final"]
+        rows.append(
+            (
+                Path(run_dir).name,
+                s["method"],
+                str(s["rounds-completed"]),
+                _fmt(final.get("alma"), ".3f"),
+                _fmt(final.get("worst"), ".3f"),
+                _fmt(final.get("global-accuracy"), ".3f"),
+                _fmt(s["bytes"]["total-per-client-round"], ",.0f"),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Shielding the released knowledge (Swing-distillation style), on arrays.
+
+A client turns its logits z(x) on the public set into released knowledge with a
+per-example temperature and Gaussian logit noise:
+
+    s(x) in [0, 1]           sensitivity from a pluggable scorer
+    T(x) = T0 * (1 + gamma * s(x))
+    K(x) = softmax((z(x) + N(0, sigma^2 I)) / T(x))
+
+so every released row stays a probability vector, and examples whose prediction looks
+private are released flatter. Optionally only the ``top_k`` largest probabilities are
+kept (the rest of the mass is spread evenly over the other classes).
+
+Shielding is empirical protection; the formal guarantee comes from DP-SGD, since
+predictions of a DP-trained model on public inputs are post-processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedkd.fusion import entropy, js_divergence, softmax
+from fedkd.registry import Registry
+
+SensitivityScorer = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+SENSITIVITY_SCORERS: Registry[SensitivityScorer] = Registry("sensitivity scorer")
+
+
+@SENSITIVITY_SCORERS.register("uniform")
+def uniform_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """s(x) = 0: every example treated alike (temperature T0 everywhere)."""
+    return np.zeros(probs.shape[0])
+
+
+@SENSITIVITY_SCORERS.register("confidence")
+def confidence_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """s(x) = (max_c p_c(x) - 1/C) / (1 - 1/C): confident predictions are the likeliest to
+    reflect memorised private examples."""
+    c = probs.shape[-1]
+    return np.clip((probs.max(axis=-1) - 1.0 / c) / (1.0 - 1.0 / c), 0.0, 1.0)
+
+
+@SENSITIVITY_SCORERS.register("divergence")
+def divergence_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+    """s(x) = JS(p(x), r(x)) / ln 2, r = a public reference (last round's fused knowledge;
+    uniform when there is none): knowledge that departs from what is public is more private."""
+    if reference is None:
+        reference = np.full_like(probs, 1.0 / probs.shape[-1])
+    return np.clip(js_divergence(probs, reference) / np.log(2.0), 0.0, 1.0)
+
+
+def top_k_release(probs: np.ndarray, k: int) -> np.ndarray:
+    """Keep each row's k largest probabilities; spread the remaining mass evenly over the
+    other C - k classes (so rows still sum to 1 and reveal only their top-k ranking)."""
+    c = probs.shape[-1]
+    if k <= 0 or k >= c:
+        return probs
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    top = np.take_along_axis(probs, order[:, :k], axis=-1)
+    rest = np.clip(1.0 - top.sum(axis=-1, keepdims=True), 0.0, None) / (c - k)
+    released = np.repeat(rest, c, axis=-1)
+    np.put_along_axis(released, order[:, :k], top, axis=-1)
+    return released / released.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class ShieldStats:
+    mean_sensitivity: float
+    mean_temperature: float
+    mean_entropy: float
+
+
+def shield(
+    logits: np.ndarray,
+    *,
+    temperature: float = 1.0,
+    gamma: float = 0.0,
+    noise_std: float = 0.0,
+    scorer: str = "uniform",
+    reference: np.ndarray | None = None,
+    top_k: int = 0,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, ShieldStats]:
+    """Released knowledge ``[P, C]`` from logits ``[P, C]`` (formulas in the module doc).
+
+    ``reference`` [P, C] is the public reference for the ``divergence`` scorer;
+    ``rng`` draws the logit noise (required when ``noise_std > 0``).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape [P, C]; got {logits.shape}")
+    if temperature <= 0 or gamma < 0 or noise_std < 0:
+        raise ValueError(
+            f"need temperature > 0, gamma >= 0, noise_std >= 0; got {temperature}, {gamma}, {noise_std}"
+        )
+    sensitivity = SENSITIVITY_SCORERS.get(scorer)(softmax(logits), reference)
+    per_example_t = temperature * (1.0 + gamma * sensitivity)
+    if noise_std > 0:
+        if rng is None:
+            raise ValueError("shield() needs an rng when noise_std > 0")
+        logits = logits + rng.normal(0.0, noise_std, size=logits.shape)
+    released = softmax(logits / per_example_t[:, None])
+    released = top_k_release(released, top_k)
+    stats = ShieldStats(
+        mean_sensitivity=float(sensitivity.mean()),
+        mean_temperature=float(per_example_t.mean()),
+        mean_entropy=float(entropy(released).mean()),
+    )
+    return released, stats

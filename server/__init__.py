@@ -1,0 +1,1 @@
+"""Flower ServerApp for fedkd (thin glue over ``fedkd.fusion`` and ``fedkd.reporting``)."""

@@ -1,0 +1,1 @@
+"""Single-machine studies: run fedkd federations on Flower's simulation engine."""
