@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedkd.adversary import corrupt
 from fedkd.config import Config, build_config
 from fedkd.data import FederatedSplit, load_federation
 from fedkd.knowledge import encode
@@ -69,9 +70,18 @@ def train(msg: Message, context: Context) -> Message:
         fused_positions=fused_positions,
     )
     context.state["model"] = ArrayRecord(model.state_dict())
+    rounds_trained = int(context.state["site"]["rounds-trained"]) + 1 if "site" in context.state else 1
+    context.state["site"] = ConfigRecord({"rounds-trained": rounds_trained})
 
-    metrics = MetricRecord({"partition-id": client, **result.metrics})
-    knowledge = ArrayRecord({"knowledge": Array(encode(result.knowledge))})
+    arrays = {"knowledge": result.knowledge}
+    if client in config.adversaries:
+        arrays = corrupt(result.knowledge, config.adversaries[client], np.random.default_rng(client))
+    knowledge = ArrayRecord(
+        {name: Array(encode(a) if a.dtype.kind == "f" else a) for name, a in arrays.items()}
+    )
+    metrics = MetricRecord(
+        {"partition-id": client, "rounds-trained": rounds_trained, **result.metrics}
+    )
     return Message(RecordDict({"knowledge": knowledge, "metrics": metrics}), reply_to=msg)
 
 

@@ -187,6 +187,45 @@ class GlobalStudentConfig:
     epochs: int = option(10, low=1, help="distillation epochs per round")
 
 
+ADVERSARY_KINDS = ("random", "flip", "nan", "negative", "wrong-shape", "extra-key", "int-dtype")
+
+
+def _parse_adversaries(value: str, default_kind: str) -> dict[int, str]:
+    adversaries = {}
+    for entry in value.split(","):
+        if entry.strip():
+            client, _, kind = entry.partition(":")
+            adversaries[int(client)] = kind.strip() or default_kind
+    return adversaries
+
+
+def _check_client_list(value: Any) -> str | None:
+    problem = (
+        "must be a comma-separated list of client ids, each optionally with ':kind' "
+        f"({', '.join(ADVERSARY_KINDS)}), such as '0,3:flip'; got {value!r}"
+    )
+    if not isinstance(value, str):
+        return problem
+    try:
+        kinds = _parse_adversaries(value, "random").values()
+    except ValueError:
+        return problem
+    return problem if any(k not in ADVERSARY_KINDS for k in kinds) else None
+
+
+@dataclass(frozen=True)
+class AdversaryConfig:
+    clients: str = option(
+        "", check=_check_client_list,
+        help="simulated misbehaving sites, e.g. '0,3:flip' (robustness studies and tests)",
+    )
+    kind: str = option(
+        "random",
+        choices=ADVERSARY_KINDS,
+        help="what listed sites without ':kind' send instead of honest knowledge (fedkd.adversary)",
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     num_server_rounds: int = option(20, low=1, help="federated rounds")
@@ -204,6 +243,7 @@ class Config:
     shield: ShieldConfig = field(default_factory=ShieldConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     global_student: GlobalStudentConfig = field(default_factory=GlobalStudentConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """Flat ``{"fusion.method": "knfu", ...}`` mapping, as Flower's run config."""
@@ -225,6 +265,11 @@ class Config:
         import tomli_w
 
         return tomli_w.dumps(self.to_nested())
+
+    @property
+    def adversaries(self) -> dict[int, str]:
+        """Simulated misbehaving client ids and what each sends."""
+        return _parse_adversaries(self.adversary.clients, self.adversary.kind)
 
     def architecture_for(self, client: int) -> str:
         """Model name of client ``client`` (architectures are assigned in turn)."""

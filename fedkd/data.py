@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,10 +179,14 @@ def partition_indices(
         {"label": np.asarray(labels).tolist(), "position": list(range(len(labels)))}
     )
     try:
-        return [
-            np.asarray(part.load_partition(i)["position"], dtype=np.int64)
-            for i in range(num_partitions)
-        ]
+        with warnings.catch_warnings():
+            # the Dirichlet partitioner warns on every redraw below min_partition_size;
+            # redraws are expected at strong skew, and a failure still raises below
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            return [
+                np.asarray(part.load_partition(i)["position"], dtype=np.int64)
+                for i in range(num_partitions)
+            ]
     except ValueError as err:
         raise ValueError(
             f"{partitioner} partitioning of {len(labels)} examples over {num_partitions} "

@@ -124,6 +124,7 @@ class Federation:
                 )
                 if client in accepted:
                     raise InvalidPayload(f"partition-id {client} already replied this round")
+                self.node_client[node] = client
                 arrays = (
                     {name: a.numpy() for name, a in content["knowledge"].items()}
                     if "knowledge" in content.array_records else {}
@@ -137,7 +138,6 @@ class Federation:
             except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
                 self._exclude(round_number, node, f"invalid reply: {err}")
                 continue
-            self.node_client[node] = client
             self.bytes_up.append(int(arrays["knowledge"].nbytes))
             accepted[client] = knowledge
             self.recorder.record("client-train", round=round_number, client=client,

@@ -16,6 +16,7 @@ from pathlib import Path
 import tomli_w
 
 from fedkd.config import Config
+from fedkd.data import load_federation
 from fedkd.reporting import read_summary
 
 # Each simulated site gets one CPU so that sites run side by side on small machines.
@@ -44,7 +45,7 @@ def _write_app_dir(directory: Path, config: Config) -> None:
 def simulate(config: Config, *, verbose: bool = False) -> Path:
     """Run ``config`` through Flower's simulation engine; return the run directory."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -52,6 +53,8 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
     from clients.client_app import app as client_app
     from server.server_app import app as server_app, run_directory
 
+    # Fail here, with a clear message, rather than inside the engine's threads and actors.
+    load_federation(config.data, config.seed)
     if not config.run_name:  # fix the name here so the caller knows where the run lands
         config = _with_run_name(config, run_directory(config).name)
     run_dir = Path(config.output_dir).resolve() / config.run_name
