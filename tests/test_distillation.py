@@ -1,0 +1,190 @@
+"""Tests for fedkd.distillation: the KD loss, its gradient, and the training loops."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedkd.data import ArrayDataset
+from fedkd.distillation import (
+    accuracy,
+    distil,
+    kd_loss,
+    predict_logits,
+    train_joint,
+    train_supervised,
+)
+from fedkd.models import build_model
+
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_kd_loss_zero_when_student_matches_target(temperature):
+    torch.manual_seed(0)
+    z = torch.randn(8, 5, dtype=torch.float64)
+    target = torch.softmax(z / temperature, dim=-1)
+    assert kd_loss(z, target, temperature).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kd_loss_positive_otherwise():
+    torch.manual_seed(1)
+    z = torch.randn(8, 5, dtype=torch.float64)
+    target = torch.softmax(torch.randn(8, 5, dtype=torch.float64), dim=-1)
+    assert kd_loss(z, target, 2.0).item() > 1e-3
+    # matching at T = 1 does not match at T = 2
+    assert kd_loss(z, torch.softmax(z, dim=-1), 2.0).item() > 1e-3
+
+
+def test_kd_loss_known_answer_t_squared():
+    # student logits (0, 0) -> softmax (1/2, 1/2) at any T; target (1, 0):
+    # KL = ln 2, times T^2 = 4 at T = 2
+    z = torch.zeros(1, 2, dtype=torch.float64)
+    target = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    assert kd_loss(z, target, 2.0).item() == pytest.approx(4 * math.log(2), rel=1e-12)
+    assert kd_loss(z, target, 1.0).item() == pytest.approx(math.log(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kd_loss_equals_manual_batch_mean_kl(temperature):
+    torch.manual_seed(2)
+    z = torch.randn(6, 4, dtype=torch.float64)
+    target = torch.softmax(torch.randn(6, 4, dtype=torch.float64), dim=-1)
+    q = torch.softmax(z / temperature, dim=-1).numpy()
+    p = target.numpy()
+    manual = temperature**2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))
+    assert kd_loss(z, target, temperature).item() == pytest.approx(manual, rel=1e-10)
+
+
+def test_kd_loss_is_a_per_example_mean():
+    torch.manual_seed(3)
+    z = torch.randn(4, 3, dtype=torch.float64)
+    target = torch.softmax(torch.randn(4, 3, dtype=torch.float64), dim=-1)
+    doubled = kd_loss(torch.cat([z, z]), torch.cat([target, target]), 2.0)
+    assert doubled.item() == pytest.approx(kd_loss(z, target, 2.0).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_one_sgd_step_raises_probability_of_target_argmax(temperature):
+    torch.manual_seed(4)
+    student = nn.Linear(5, 4).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    target = torch.full((3, 4), 0.05, dtype=torch.float64)
+    target[:, 2] = 0.85  # argmax = class 2
+    with torch.no_grad():
+        before = torch.softmax(student(x), dim=-1)[:, 2].clone()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    optimizer.zero_grad()
+    kd_loss(student(x), target, temperature).backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = torch.softmax(student(x), dim=-1)[:, 2]
+    assert (after > before).all(), (before, after)
+
+
+def test_kd_gradient_on_logits_has_the_right_sign():
+    # d/dz [T^2 KL(p || softmax(z/T))] = T (softmax(z/T) - p): negative for the target's argmax
+    z = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.tensor([[0.8, 0.1, 0.1]], dtype=torch.float64)
+    kd_loss(z, p, 2.0).backward()
+    expected = 2.0 * (torch.full((1, 3), 1 / 3, dtype=torch.float64) - p)
+    torch.testing.assert_close(z.grad, expected)
+    assert z.grad[0, 0] < 0
+
+
+def _separable(n: int = 60, seed: int = 0) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=n)
+    x = rng.normal(0.0, 0.3, size=(n, 4)).astype(np.float32)
+    x[:, 0] += np.where(y == 1, 2.0, -2.0)
+    return ArrayDataset(x, y.astype(np.int64), np.arange(n))
+
+
+def _ce(model: nn.Module, data: ArrayDataset) -> float:
+    with torch.no_grad():
+        return F.cross_entropy(model(torch.as_tensor(data.x)), torch.as_tensor(data.y)).item()
+
+
+def test_train_supervised_lowers_the_loss_and_learns():
+    data = _separable()
+    model = build_model("mlp-small", input_shape=(4,), num_classes=2, seed=0)
+    before = _ce(model, data)
+    last_epoch = train_supervised(model, data, epochs=15, batch_size=16, lr=0.01, seed=0)
+    after = _ce(model, data)
+    assert math.isfinite(last_epoch)
+    assert after < 0.5 * before
+    assert last_epoch < before
+    assert accuracy(model, data) == 1.0
+
+
+def test_train_supervised_is_reproducible():
+    data = _separable()
+    losses = []
+    for _ in range(2):
+        model = build_model("mlp-small", input_shape=(4,), num_classes=2, seed=1)
+        losses.append(train_supervised(model, data, epochs=2, batch_size=16, lr=0.01, seed=3))
+    assert losses[0] == losses[1]
+
+
+def test_distil_moves_the_student_towards_the_targets():
+    rng = np.random.default_rng(5)
+    inputs = rng.normal(size=(40, 6)).astype(np.float32)
+    targets = rng.dirichlet(np.full(3, 0.3), size=40).astype(np.float32)
+    model = build_model("mlp-small", input_shape=(6,), num_classes=3, seed=0)
+
+    def current_loss():
+        with torch.no_grad():
+            return kd_loss(model(torch.as_tensor(inputs)), torch.as_tensor(targets), 1.0).item()
+
+    before = current_loss()
+    distil(model, inputs, targets, epochs=20, batch_size=8, lr=0.01, temperature=1.0)
+    assert current_loss() < 0.7 * before
+
+
+def test_train_joint_runs_and_learns():
+    data = _separable()
+    rng = np.random.default_rng(6)
+    public = rng.normal(size=(20, 4)).astype(np.float32)
+    targets = np.tile([0.5, 0.5], (20, 1)).astype(np.float32)
+    model = build_model("mlp-small", input_shape=(4,), num_classes=2, seed=0)
+    loss = train_joint(model, data, public, targets, epochs=10, batch_size=16, lr=0.01, kd_weight=0.5)
+    assert math.isfinite(loss)
+    assert accuracy(model, data) >= 0.95
+
+
+def test_zero_epochs_or_no_data_returns_nan_and_leaves_model():
+    data = _separable()
+    model = build_model("mlp-small", input_shape=(4,), num_classes=2, seed=0)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    empty = data.subset(np.array([], dtype=np.int64))
+    assert math.isnan(train_supervised(model, data, epochs=0, batch_size=8, lr=0.1))
+    assert math.isnan(train_supervised(model, empty, epochs=3, batch_size=8, lr=0.1))
+    assert math.isnan(distil(model, data.x[:0], np.zeros((0, 2)), epochs=3, batch_size=8, lr=0.1))
+    for before, after in zip(snapshot, model.parameters()):
+        assert torch.equal(before, after)
+
+
+def test_accuracy_on_empty_dataset_is_nan():
+    model = build_model("mlp-small", input_shape=(4,), num_classes=2, seed=0)
+    empty = ArrayDataset(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert math.isnan(accuracy(model, empty))
+
+
+def test_accuracy_known_answer():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))  # predicts argmax of the input
+    x = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], dtype=np.float32)
+    y = np.array([0, 1, 1, 1], dtype=np.int64)
+    assert accuracy(model, ArrayDataset(x, y, np.arange(4))) == 0.75
+
+
+def test_predict_logits_batches_match_one_pass():
+    model = build_model("mlp-small", input_shape=(4,), num_classes=3, seed=0)
+    x = np.random.default_rng(7).normal(size=(10, 4)).astype(np.float32)
+    np.testing.assert_allclose(predict_logits(model, x, batch_size=3), predict_logits(model, x), rtol=1e-6)
+    assert predict_logits(model, x).shape == (10, 3)

@@ -1,0 +1,386 @@
+"""Tests for fedkd.fusion (DESIGN section 3): known answers worked out by hand, and properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedkd.fusion import (
+    FUSION_METHODS,
+    effectiveness_matrix,
+    entropy,
+    fuse,
+    informative_rows,
+    js_divergence,
+    kl_divergence,
+    neighbour_weights,
+    softmax,
+)
+
+LN2 = math.log(2.0)
+
+
+def confident_rows(rng: np.random.Generator, labels: np.ndarray, num_classes: int, strength: float = 4.0) -> np.ndarray:
+    """Rows of softmax(noise + strength * onehot(label)): low entropy, argmax = label."""
+    logits = rng.normal(0.0, 0.3, size=(len(labels), num_classes))
+    logits[np.arange(len(labels)), labels] += strength
+    return softmax(logits)
+
+
+# ----------------------------------------------------------------- divergences
+
+
+def test_js_of_identical_distributions_is_zero():
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_js_of_disjoint_one_hots_is_ln2():
+    p = np.array([1.0, 0.0, 0.0])
+    q = np.array([0.0, 0.0, 1.0])
+    assert js_divergence(p, q) == pytest.approx(LN2, rel=1e-9)
+
+
+def test_js_is_symmetric_and_bounded():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), size=20)
+    q = rng.dirichlet(np.ones(5), size=20)
+    d_pq, d_qp = js_divergence(p, q), js_divergence(q, p)
+    np.testing.assert_allclose(d_pq, d_qp, rtol=1e-12, atol=1e-15)
+    assert (d_pq > 0).all() and (d_pq <= LN2 + 1e-12).all()
+
+
+def test_js_known_answer_half_overlap():
+    # p = (1, 0), q = (1/2, 1/2): m = (3/4, 1/4);
+    # KL(p||m) = ln(4/3); KL(q||m) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3)... worked out:
+    # KL(q||m) = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.5 ln(4/3)
+    # JS = 0.5 ln(4/3) + 0.25 ln(4/3) = 0.75 ln(4/3)
+    p, q = np.array([1.0, 0.0]), np.array([0.5, 0.5])
+    assert js_divergence(p, q) == pytest.approx(0.75 * math.log(4.0 / 3.0), rel=1e-9)
+
+
+def test_kl_known_answer():
+    # KL((1/2, 1/2) || (1/4, 3/4)) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)
+    p, q = np.array([0.5, 0.5]), np.array([0.25, 0.75])
+    assert kl_divergence(p, q) == pytest.approx(0.5 * math.log(4.0 / 3.0), rel=1e-9)
+    assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
+    # KL is not symmetric: KL(q||p) = 1/4 ln(1/2) + 3/4 ln(3/2)
+    assert kl_divergence(q, p) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-9)
+
+
+def test_entropy_known_answers():
+    assert entropy(np.full(4, 0.25)) == pytest.approx(math.log(4.0), rel=1e-12)
+    assert entropy(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------- identical / disjoint clients
+
+
+@pytest.mark.parametrize("measure", ["epd", "agreement"])
+def test_identical_clients_get_uniform_weights(measure):
+    rng = np.random.default_rng(1)
+    n, p, c = 5, 30, 6
+    one = confident_rows(rng, rng.integers(0, c, size=p), c)
+    knowledge = np.repeat(one[None], n, axis=0)
+    result = fuse(knowledge=knowledge, method="knfu", measure=measure)
+    np.testing.assert_allclose(result.weights, np.full((n, n), 1.0 / n), atol=1e-12)
+    # fusing identical knowledge gives it back to everyone
+    np.testing.assert_allclose(result.fused, knowledge, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", ["js", "kl"])
+def test_disjoint_label_client_gets_zero_weight_under_epd(divergence):
+    rng = np.random.default_rng(2)
+    p, c = 60, 10
+    # clients 0-2: balanced over classes 0..4 (same label mix); client 3: classes 5..9 only
+    labels = [rng.permutation(np.arange(p) % 5) for _ in range(3)] + [5 + rng.permutation(np.arange(p) % 5)]
+    knowledge = np.stack([confident_rows(rng, y, c, strength=6.0) for y in labels])
+    d = effectiveness_matrix(knowledge, measure="epd", divergence=divergence)
+    assert d[:3, :3].max() < 0.05  # the honest three are close ...
+    assert d[:3, 3].min() > 0.3  # ... and the disjoint one is far
+    result = fuse(knowledge=knowledge, method="knfu", measure="epd", divergence=divergence, threshold=0.05)
+    w = result.weights
+    np.testing.assert_array_equal(w[:3, 3], 0.0)
+    np.testing.assert_array_equal(w[3, :3], 0.0)
+    assert w[3, 3] == pytest.approx(1.0)
+    assert (w[:3, :3] > 0).all()
+    # F_0 is a combination of clients 0..2 only
+    expected = np.einsum("j,jpc->pc", w[0, :3], knowledge[:3])
+    np.testing.assert_allclose(result.fused[0], expected, atol=1e-12)
+    np.testing.assert_allclose(result.fused[3], knowledge[3], atol=1e-12)
+
+
+# ----------------------------------------------------------------- baselines by hand
+
+
+def test_mean_equals_arithmetic_mean():
+    rng = np.random.default_rng(3)
+    knowledge = np.stack([confident_rows(rng, rng.integers(0, 4, size=8), 4) for _ in range(3)])
+    result = fuse(knowledge=knowledge, method="mean")
+    by_hand = (knowledge[0] + knowledge[1] + knowledge[2]) / 3.0
+    for i in range(3):
+        np.testing.assert_allclose(result.fused[i], by_hand, atol=1e-12)
+    np.testing.assert_allclose(result.weights, np.full((3, 3), 1 / 3), atol=1e-15)
+
+
+def test_mean_two_clients_hand_numbers():
+    k = np.array([[[0.9, 0.1, 0.0]], [[0.7, 0.0, 0.3]]])
+    result = fuse(knowledge=k, method="mean", uniform_entropy=1.0)
+    np.testing.assert_allclose(result.fused[0, 0], [0.8, 0.05, 0.15], atol=1e-12)
+    np.testing.assert_allclose(result.fused[1, 0], [0.8, 0.05, 0.15], atol=1e-12)
+
+
+def test_era_equals_softmax_of_mean_over_point_one():
+    k = np.array([[[0.9, 0.1, 0.0]], [[0.7, 0.0, 0.3]]])
+    result = fuse(knowledge=k, method="era", uniform_entropy=1.0)
+    mean = np.array([0.8, 0.05, 0.15])
+    e = np.exp(mean / 0.1)
+    by_hand = e / e.sum()  # exp(8), exp(0.5), exp(1.5) normalised
+    np.testing.assert_allclose(result.fused[0, 0], by_hand, rtol=1e-12)
+    np.testing.assert_allclose(result.fused[1, 0], by_hand, rtol=1e-12)
+    assert by_hand[0] == pytest.approx(math.exp(8) / (math.exp(8) + math.exp(0.5) + math.exp(1.5)))
+
+
+def test_none_returns_identity_and_no_knowledge():
+    rng = np.random.default_rng(4)
+    k = rng.dirichlet(np.ones(3), size=(4, 5))
+    result = fuse(knowledge=k, method="none")
+    assert result.fused is None
+    np.testing.assert_array_equal(result.weights, np.eye(4))
+
+
+def test_sharpen_option_applies_softmax_over_temperature():
+    k = np.array([[[0.9, 0.1, 0.0]], [[0.7, 0.0, 0.3]]])
+    result = fuse(knowledge=k, method="mean", uniform_entropy=1.0, sharpen_temperature=0.5)
+    e = np.exp(np.array([0.8, 0.05, 0.15]) / 0.5)
+    np.testing.assert_allclose(result.fused[0, 0], e / e.sum(), rtol=1e-12)
+
+
+# ----------------------------------------------------------------- entropy mask
+
+
+def test_near_uniform_rows_are_masked():
+    k = np.array([[[0.25, 0.25, 0.25, 0.25], [0.97, 0.01, 0.01, 0.01], [0.26, 0.25, 0.25, 0.24]]])
+    np.testing.assert_array_equal(informative_rows(k, 0.95), [[False, True, False]])
+
+
+def test_uniform_adversary_row_does_not_change_mean_fusion():
+    rng = np.random.default_rng(5)
+    p, c = 12, 5
+    honest = np.stack([confident_rows(rng, rng.integers(0, c, size=p), c) for _ in range(2)])
+    adversary = np.full((1, p, c), 1.0 / c)
+    result = fuse(knowledge=np.concatenate([honest, adversary]), method="mean")
+    expected = honest.mean(axis=0)
+    for i in range(3):
+        np.testing.assert_allclose(result.fused[i], expected, atol=1e-12)
+
+
+def test_uniform_adversary_row_does_not_change_knfu_fusion():
+    rng = np.random.default_rng(6)
+    p, c = 40, 5
+    honest = np.stack([confident_rows(rng, rng.integers(0, c, size=p), c) for _ in range(3)])
+    adversary = confident_rows(rng, rng.integers(0, c, size=p), c)
+    flat = np.arange(p) % 2 == 0  # the adversary sends uniform rows on half of P
+    adversary[flat] = 1.0 / c
+    knowledge = np.concatenate([honest, adversary[None]])
+    # threshold large: everyone is a neighbour, so the adversary has weight > 0
+    result = fuse(knowledge=knowledge, method="knfu", measure="epd", threshold=10.0)
+    w = result.weights
+    assert (w[:3, 3] > 0).all()
+    for i in range(3):
+        honest_w = w[i, :3] / w[i, :3].sum()
+        expected = np.einsum("j,jpc->pc", honest_w, honest[:, flat])
+        np.testing.assert_allclose(result.fused[i][flat], expected, atol=1e-12)
+        # where the adversary's rows are informative they count as usual
+        expected_all = np.einsum("j,jpc->pc", w[i], knowledge[:, ~flat])
+        np.testing.assert_allclose(result.fused[i][~flat], expected_all, atol=1e-12)
+
+
+def test_all_rows_uniform_falls_back_to_unmasked_mean():
+    k = np.full((2, 3, 4), 0.25)
+    result = fuse(knowledge=k, method="mean")
+    np.testing.assert_allclose(result.fused, k, atol=1e-15)
+
+
+# ----------------------------------------------------------------- neighbour weights
+
+
+D3 = np.array([[0.0, 0.1, 0.3], [0.1, 0.0, 0.2], [0.3, 0.2, 0.0]])
+
+
+def test_neighbour_weights_exp_minus_beta_d_all_neighbours():
+    w = neighbour_weights(D3, beta=10.0, threshold=1.0, max_neighbours=10)
+    # row 0: exp(0), exp(-1), exp(-3)
+    r0 = np.array([1.0, math.exp(-1), math.exp(-3)])
+    r1 = np.array([math.exp(-1), 1.0, math.exp(-2)])
+    r2 = np.array([math.exp(-3), math.exp(-2), 1.0])
+    np.testing.assert_allclose(w[0], r0 / r0.sum(), rtol=1e-12)
+    np.testing.assert_allclose(w[1], r1 / r1.sum(), rtol=1e-12)
+    np.testing.assert_allclose(w[2], r2 / r2.sum(), rtol=1e-12)
+
+
+def test_neighbour_weights_median_threshold():
+    # row 0: others' d = (0.1, 0.3), median 0.2 -> N(0) = {0, 1}
+    # row 1: others' d = (0.1, 0.2), median 0.15 -> N(1) = {1, 0}
+    # row 2: others' d = (0.3, 0.2), median 0.25 -> N(2) = {2, 1}
+    w = neighbour_weights(D3, beta=10.0)
+    e1, e2 = math.exp(-1), math.exp(-2)
+    expected = np.array(
+        [
+            [1 / (1 + e1), e1 / (1 + e1), 0.0],
+            [e1 / (1 + e1), 1 / (1 + e1), 0.0],
+            [0.0, e2 / (1 + e2), 1 / (1 + e2)],
+        ]
+    )
+    np.testing.assert_allclose(w, expected, rtol=1e-12, atol=0)
+
+
+def test_neighbour_weights_beta_zero_is_uniform_over_neighbours():
+    w = neighbour_weights(D3, beta=0.0, threshold=1.0)
+    np.testing.assert_allclose(w, np.full((3, 3), 1 / 3), rtol=1e-12)
+
+
+def test_neighbour_weights_cap_keeps_smallest():
+    w = neighbour_weights(D3, beta=10.0, threshold=1.0, max_neighbours=2)
+    # each row keeps itself and its nearest other client
+    assert set(np.flatnonzero(w[0])) == {0, 1}
+    assert set(np.flatnonzero(w[1])) == {0, 1}
+    assert set(np.flatnonzero(w[2])) == {1, 2}
+    only_self = neighbour_weights(D3, threshold=1.0, max_neighbours=1)
+    np.testing.assert_array_equal(only_self, np.eye(3))
+
+
+def test_neighbour_weights_rejects_bad_input():
+    with pytest.raises(ValueError, match="square"):
+        neighbour_weights(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="max_neighbours"):
+        neighbour_weights(D3, max_neighbours=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 12),
+    cap=st.integers(1, 6),
+    threshold=st.one_of(st.just("median"), st.floats(0.0, 1.0)),
+)
+def test_top_k_cap_respected_and_self_included(seed, n, cap, threshold):
+    rng = np.random.default_rng(seed)
+    d = rng.uniform(0.0, 0.7, size=(n, n))
+    np.fill_diagonal(d, 0.0)
+    w = neighbour_weights(d, beta=10.0, threshold=threshold, max_neighbours=cap)
+    assert ((w > 0).sum(axis=1) <= cap).all()
+    assert (np.diag(w) > 0).all()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+    assert (w >= 0).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 14), cap=st.integers(1, 5))
+def test_knfu_cap_respected_on_knowledge(seed, n, cap):
+    rng = np.random.default_rng(seed)
+    k = rng.dirichlet(np.full(4, 0.3), size=(n, 10))
+    for measure in ("epd", "agreement"):
+        w = fuse(knowledge=k, method="knfu", measure=measure, threshold=10.0, max_neighbours=cap).weights
+        assert ((w > 0).sum(axis=1) <= cap).all()
+        assert (np.diag(w) > 0).all()
+
+
+# ----------------------------------------------------------------- simplex property
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 6),
+    p=st.integers(1, 15),
+    c=st.integers(2, 7),
+    concentration=st.sampled_from([0.05, 0.3, 1.0, 20.0]),
+    sharpen=st.sampled_from([0.0, 0.1, 0.5, 2.0]),
+)
+def test_fused_rows_stay_on_the_simplex(seed, n, p, c, concentration, sharpen):
+    rng = np.random.default_rng(seed)
+    k = rng.dirichlet(np.full(c, concentration), size=(n, p))
+    for method in ("none", "mean", "era", "knfu"):
+        for measure in ("epd", "agreement"):
+            result = fuse(knowledge=k, method=method, measure=measure, sharpen_temperature=sharpen)
+            w = result.weights
+            assert w.shape == (n, n)
+            assert (w >= 0).all()
+            np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-9)
+            if method == "none":
+                assert result.fused is None
+                continue
+            f = result.fused
+            assert f.shape == (n, p, c)
+            assert np.isfinite(f).all()
+            assert (f >= 0).all()
+            np.testing.assert_allclose(f.sum(axis=-1), 1.0, atol=1e-9)
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_unknown_method_lists_valid_names():
+    k = np.full((2, 3, 4), 0.25)
+    with pytest.raises(ValueError, match="bogus") as err:
+        fuse(knowledge=k, method="bogus")
+    for name in ("none", "mean", "era", "knfu"):
+        assert name in str(err.value)
+    assert set(FUSION_METHODS.names()) == {"none", "mean", "era", "knfu"}
+
+
+def test_unknown_measure_lists_valid_names():
+    k = np.full((2, 3, 4), 0.25)
+    with pytest.raises(ValueError, match="bogus") as err:
+        fuse(knowledge=k, method="knfu", measure="bogus")
+    assert "agreement" in str(err.value) and "epd" in str(err.value)
+
+
+def test_unknown_divergence_lists_valid_names():
+    k = np.full((2, 3, 4), 0.25)
+    with pytest.raises(ValueError, match="bogus") as err:
+        fuse(knowledge=k, method="knfu", measure="epd", divergence="bogus")
+    assert "js" in str(err.value) and "kl" in str(err.value)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (0, 3, 4), (2, 3, 4, 1)])
+def test_bad_knowledge_shape_raises(shape):
+    with pytest.raises(ValueError, match="shape"):
+        fuse(knowledge=np.full(shape, 0.25), method="mean")
+
+
+# ----------------------------------------------------------------- adversaries (measured)
+
+
+def _honest_and_random(seed: int, n_honest: int = 7, n_random: int = 3, p: int = 200, c: int = 10):
+    """Honest clients: skewed (each knows 3 classes well) but consistent (argmax = true label
+    everywhere); random senders: Dirichlet(1) rows (informative enough to pass the mask)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, size=p)
+    rows = []
+    for _ in range(n_honest):
+        known = rng.choice(c, size=3, replace=False)
+        logits = rng.normal(0.0, 0.5, size=(p, c))
+        logits[np.arange(p), y] += np.where(np.isin(y, known), 6.0, 2.0)
+        rows.append(softmax(logits))
+    rows.extend(rng.dirichlet(np.ones(c), size=p) for _ in range(n_random))
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("threshold", ["median", 10.0])
+def test_random_senders_get_small_weight_under_agreement(seed, threshold):
+    knowledge = _honest_and_random(seed)
+    w = fuse(knowledge=knowledge, method="knfu", measure="agreement", threshold=threshold).weights
+    honest = w[:7]
+    to_random = honest[:, 7:].mean()  # mean weight per random sender
+    others = honest[:, :7][~np.eye(7, dtype=bool)].mean()  # mean weight per other honest client
+    # measured: 0 with the median threshold, about 0.07 with everyone admitted
+    assert to_random < 0.25 * others
+    # and in total the random senders carry under 10% of an honest client's fused knowledge
+    assert honest[:, 7:].sum(axis=1).max() < 0.10

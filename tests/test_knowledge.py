@@ -1,0 +1,190 @@
+"""Tests for fedkd.knowledge: the server's checks of every reply (DESIGN section 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedkd.knowledge import (
+    WIRE_DTYPE,
+    InvalidPayload,
+    encode,
+    validate_client_id,
+    validate_knowledge,
+)
+
+ROWS, CLASSES = 6, 4
+RECORDS = ("knowledge", "metrics")
+
+
+def _valid(dtype=np.float32) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.dirichlet(np.ones(CLASSES), size=ROWS).astype(dtype)
+
+
+def _check(k, *, records=RECORDS, extra_arrays=None, **kwargs):
+    arrays = {"knowledge": k, **(extra_arrays or {})}
+    return validate_knowledge(
+        record_names=records, arrays=arrays, expected_rows=ROWS, num_classes=CLASSES, **kwargs
+    )
+
+
+def test_valid_float16_payload_is_accepted_and_renormalised():
+    k = encode(_valid(np.float64))
+    assert k.dtype == WIRE_DTYPE == np.float16
+    # float16 rounding leaves the row sums slightly off 1
+    assert np.abs(k.astype(np.float64).sum(axis=1) - 1).max() > 0
+    out = _check(k)
+    assert out.dtype == np.float64
+    assert out.shape == (ROWS, CLASSES)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(out, k.astype(np.float64), atol=2e-3)
+
+
+def test_valid_payload_with_records_in_any_order():
+    out = _check(_valid(), records=["metrics", "knowledge"])
+    assert out.shape == (ROWS, CLASSES)
+
+
+def _bad(mutate):
+    k = _valid(np.float64)
+    mutate(k)
+    return k
+
+
+@pytest.mark.parametrize(
+    "payload, words",
+    [
+        (_bad(lambda k: k.__setitem__((0, 0), np.nan)), "non-finite"),
+        (_bad(lambda k: k.__setitem__((1, 2), np.inf)), "non-finite"),
+        (_bad(lambda k: k.__setitem__((2, 1), -np.inf)), "non-finite"),
+        (_bad(lambda k: k.__setitem__((0, slice(None)), [1.2, -0.2, 0.0, 0.0])), "negative"),
+        (_bad(lambda k: k.__setitem__((3, slice(None)), [0.5, 0.3, 0.1, 0.0])), "sum to 1"),
+        (_bad(lambda k: k.__setitem__((4, slice(None)), [0.5, 0.5, 0.5, 0.5])), "sum to 1"),
+        (np.zeros((ROWS, CLASSES)), "sum to 1"),
+    ],
+    ids=["nan", "inf", "-inf", "negative", "sum-0.9", "sum-2", "zeros"],
+)
+def test_bad_values_rejected(payload, words):
+    with pytest.raises(InvalidPayload, match=words):
+        _check(payload)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(ROWS - 1, CLASSES), (ROWS, CLASSES + 1), (ROWS * CLASSES,), (1, ROWS, CLASSES)],
+)
+def test_wrong_shape_rejected(shape):
+    k = np.full(shape, 1.0 / shape[-1])
+    with pytest.raises(InvalidPayload, match=r"shape") as err:
+        _check(k)
+    assert str((ROWS, CLASSES)) in str(err.value) and str(shape) in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.uint8, np.bool_, np.complex64])
+def test_non_float_dtype_rejected(dtype):
+    k = np.zeros((ROWS, CLASSES), dtype=dtype)
+    with pytest.raises(InvalidPayload, match="floating-point") as err:
+        _check(k)
+    assert np.dtype(dtype).name in str(err.value)
+
+
+def test_non_array_rejected():
+    with pytest.raises(InvalidPayload, match="floating-point.*list"):
+        _check(_valid().tolist())
+
+
+def test_one_hot_integer_knowledge_rejected_even_if_rows_sum_to_1():
+    k = np.eye(CLASSES, dtype=np.int32)[np.arange(ROWS) % CLASSES]
+    with pytest.raises(InvalidPayload, match="int32"):
+        _check(k)
+
+
+def test_unknown_array_keys_rejected():
+    with pytest.raises(InvalidPayload, match="exactly") as err:
+        _check(_valid(), extra_arrays={"logits": np.zeros((ROWS, CLASSES), np.float32)})
+    assert "logits" in str(err.value)
+
+
+def test_missing_knowledge_array_rejected():
+    with pytest.raises(InvalidPayload, match="knowledge"):
+        validate_knowledge(
+            record_names=RECORDS, arrays={"probs": _valid()}, expected_rows=ROWS, num_classes=CLASSES
+        )
+
+
+@pytest.mark.parametrize(
+    "records",
+    [("knowledge", "metrics", "weights"), ("knowledge",), ("metrics",), ()],
+    ids=["extra", "no-metrics", "no-knowledge", "empty"],
+)
+def test_wrong_record_names_rejected(records):
+    with pytest.raises(InvalidPayload, match="records") as err:
+        _check(_valid(), records=records)
+    for name in records:
+        assert name in str(err.value)
+
+
+def test_oversize_payload_rejected():
+    k = _valid(np.float16)  # 6 x 4 x 2 bytes = 48 bytes
+    assert _check(k, max_bytes=48).shape == (ROWS, CLASSES)
+    with pytest.raises(InvalidPayload, match="48 bytes.*limit is 47"):
+        _check(k, max_bytes=47)
+
+
+def test_oversize_payload_checked_before_shape():
+    huge = np.zeros((1000, 1000), dtype=np.float32)  # 4 MB, wrong shape too
+    with pytest.raises(InvalidPayload, match="limit"):
+        _check(huge, max_bytes=1024)
+
+
+def test_row_sum_within_tolerance_accepted():
+    k = _valid(np.float64)
+    k[0] *= 1.005  # off by 0.5%: float16 rounding territory
+    out = _check(k)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-15)
+
+
+def test_invalid_payload_is_a_value_error():
+    assert issubclass(InvalidPayload, ValueError)
+
+
+# ----------------------------------------------------------------- partition ids
+
+
+@pytest.mark.parametrize("value, expected", [(0, 0), (4, 4), (3.0, 3)])
+def test_valid_partition_ids(value, expected):
+    assert validate_client_id({"partition-id": value}, num_clients=5) == expected
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [{}, {"partition": 1}, {"partition-id": None}],
+    ids=["empty", "other-key", "none"],
+)
+def test_missing_partition_id_rejected(metrics):
+    with pytest.raises(InvalidPayload, match="partition-id"):
+        validate_client_id(metrics, num_clients=5)
+
+
+@pytest.mark.parametrize("value", [1.5, "1", True, False, [1]], ids=["float", "str", "true", "false", "list"])
+def test_non_integer_partition_id_rejected(value):
+    with pytest.raises(InvalidPayload, match="integer 'partition-id'"):
+        validate_client_id({"partition-id": value}, num_clients=5)
+
+
+@pytest.mark.parametrize("value", [-1, 5, 100, -1.0])
+def test_out_of_range_partition_id_rejected(value):
+    with pytest.raises(InvalidPayload, match=r"outside 0\.\.4"):
+        validate_client_id({"partition-id": value}, num_clients=5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: validate_client_id calls int(value) on a float NaN/inf, raising a bare "
+    "ValueError / OverflowError instead of InvalidPayload",
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_partition_id_rejected(value):
+    with pytest.raises(InvalidPayload):
+        validate_client_id({"partition-id": value}, num_clients=5)
