@@ -1,0 +1,392 @@
+"""fedkd.privacy: one (epsilon, delta) budget for the whole run, DP-SGD through Opacus.
+
+Tiny models and data (200 examples x 64 features, ``mlp-small``) keep the file fast; the
+plan below gives q = 1/7, 7 steps per round, 21 planned steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from fedkd.data import ArrayDataset
+from fedkd.distillation import predict_logits, train_supervised
+from fedkd.models import build_model
+from fedkd.privacy import (
+    MAX_NOISE_MULTIPLIER,
+    PrivacyConfigError,
+    PrivacyLedger,
+    PrivacyPlan,
+    PrivacyStateError,
+    calibrate_noise_multiplier,
+    default_delta,
+    epsilon_for,
+    plan_privacy,
+    private_training,
+    train_private,
+)
+
+N, FEATURES, CLASSES = 200, 64, 10
+TARGET = 4.0
+PLAN_ARGS = dict(target_epsilon=TARGET, num_examples=N, batch_size=32, epochs_per_round=1, rounds=3)
+
+
+@pytest.fixture(scope="module")
+def data() -> ArrayDataset:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, CLASSES, N)
+    x = (rng.random((N, FEATURES)) * 0.5 + np.eye(CLASSES, FEATURES)[y]).astype(np.float32)
+    return ArrayDataset(x, y.astype(np.int64), np.arange(N))
+
+
+@pytest.fixture(scope="module")
+def plan() -> PrivacyPlan:
+    return plan_privacy(**PLAN_ARGS)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    return build_model("mlp-small", input_shape=(FEATURES,), num_classes=CLASSES, seed=seed)
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _rdp_epsilon(*, q: float, sigma: float, steps: int, delta: float) -> float:
+    """Independent epsilon: Opacus's RDP analysis functions called directly."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
+@pytest.fixture(scope="module")
+def three_rounds(data, plan):
+    """Three planned rounds of real DP-SGD on one model and one ledger."""
+    model = _model()
+    initial = _weights(model)
+    ledger = PrivacyLedger(plan)
+    results = [train_private(model, data, plan=plan, ledger=ledger, lr=3e-3, seed=r) for r in range(3)]
+    return model, initial, ledger, results
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+def test_plan_fields(plan):
+    assert plan.sample_rate == 1 / 7  # 1 / ceil(200 / 32): Opacus's rate for batch size 32
+    assert plan.steps_per_round == 7 and plan.planned_steps == 21
+    assert plan.delta == default_delta(N) == 1 / 2000
+    eps = _rdp_epsilon(q=plan.sample_rate, sigma=plan.noise_multiplier, steps=21, delta=plan.delta)
+    assert TARGET - 0.01 <= eps <= TARGET  # calibrated once, for all rounds
+    # per-round calibration (the mistake to avoid) would need far less noise
+    per_round = calibrate_noise_multiplier(
+        target_epsilon=TARGET, delta=plan.delta, sample_rate=plan.sample_rate, steps=7
+    )
+    assert per_round < plan.noise_multiplier
+
+
+def test_known_answer_matches_opacus_reference_value():
+    """sigma 1.5, q 0.04, 2250 steps, delta 1e-5: epsilon 7.32911117143 (Opacus's own test)."""
+    plan = PrivacyPlan(
+        target_epsilon=10.0, delta=1e-5, noise_multiplier=1.5, sample_rate=0.04,
+        steps_per_round=25, planned_steps=2250, accountant="rdp", max_grad_norm=1.0,
+        num_examples=50_000, batch_size=2000, epochs_per_round=1.0, rounds=90,
+    )
+    ledger = PrivacyLedger(plan)
+    for _ in range(90):
+        ledger.record(25)
+    assert ledger.steps == 2250
+    assert ledger.epsilon() == pytest.approx(7.32911117143, abs=1e-9)
+
+
+BAD_CONFIGS = [
+    (dict(target_epsilon=0.0), "target_epsilon"),
+    (dict(target_epsilon=-1.0), "target_epsilon"),
+    (dict(target_epsilon=math.inf), "target_epsilon"),
+    (dict(target_epsilon=math.nan), "target_epsilon"),
+    (dict(delta=0.0), "delta must be in (0, 1)"),
+    (dict(delta=1.0), "delta must be in (0, 1)"),
+    (dict(delta=1 / N), "1/(10 n)"),
+    (dict(delta=0.01), "1/(10 n)"),
+    (dict(accountant="moments"), "accountant must be one of rdp, prv, gdp"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(rounds=0), "rounds"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(num_examples=0), "num_examples"),
+    (dict(epochs_per_round=0), "epochs_per_round"),
+    (dict(target_epsilon=0.05, rounds=1000), "unreachable"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_invalid_config_refused(override, message):
+    with pytest.raises(PrivacyConfigError, match=None) as info:
+        plan_privacy(**{**PLAN_ARGS, **override})
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_unreachable_target_names_the_remedy():
+    with pytest.raises(PrivacyConfigError) as info:
+        plan_privacy(**{**PLAN_ARGS, "target_epsilon": 0.05, "rounds": 1000})
+    text = str(info.value)
+    assert "target epsilon 0.05 is unreachable with 7000 steps at sample rate 0.1429" in text
+    assert "lower rounds" in text and "raise epsilon" in text
+
+
+def test_all_config_problems_reported_at_once():
+    with pytest.raises(PrivacyConfigError) as info:
+        plan_privacy(**{**PLAN_ARGS, "target_epsilon": -1.0, "accountant": "x", "max_grad_norm": 0})
+    text = str(info.value)
+    assert "target_epsilon" in text and "accountant" in text and "max_grad_norm" in text
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    target=st.floats(0.5, 10.0),
+    steps=st.integers(1, 2000),
+    q=st.floats(1e-3, 0.3),
+)
+def test_calibrated_noise_never_overshoots(target, steps, q):
+    delta = 1e-5
+    try:
+        sigma = calibrate_noise_multiplier(target_epsilon=target, delta=delta, sample_rate=q, steps=steps)
+    except PrivacyConfigError:  # refused only if even sigma = 50 overshoots
+        assert epsilon_for(noise_multiplier=MAX_NOISE_MULTIPLIER, sample_rate=q, steps=steps, delta=delta) > target
+        return
+    eps = _rdp_epsilon(q=q, sigma=sigma, steps=steps, delta=delta)
+    assert eps <= target
+    assert eps >= target - 0.0101  # and not wastefully noisy (search tolerance 0.01)
+
+
+@settings(max_examples=6, deadline=None)
+@given(chunks=st.lists(st.integers(0, 30), min_size=1, max_size=4))
+def test_epsilon_never_decreases_as_steps_are_recorded(chunks, plan):
+    ledger = PrivacyLedger(plan)
+    previous = ledger.epsilon()
+    assert previous == 0.0
+    for steps in chunks:
+        ledger.record(steps)
+        now = ledger.epsilon()
+        assert now >= previous if steps == 0 else now > previous
+        previous = now
+    assert ledger.steps == sum(chunks)
+
+
+# ---------------------------------------------------------------------------- ledger
+
+
+def test_can_afford_is_hypothetical_and_matches_the_plan(plan):
+    ledger = PrivacyLedger(plan)
+    assert ledger.can_afford(plan.planned_steps)
+    assert not ledger.can_afford(plan.planned_steps + plan.steps_per_round)
+    assert ledger.steps == 0 and ledger.history == []  # asking did not spend
+    ledger.record(plan.planned_steps)
+    assert ledger.can_afford(0) and not ledger.can_afford(1)
+    assert ledger.epsilon() <= TARGET
+
+
+def test_gdp_ledger_merges_segments_like_opacus():
+    """Opacus's GDP accountant reads only the last history segment, so recorded steps must
+    merge into it; appending separate segments would under-report epsilon."""
+    plan = plan_privacy(**{**PLAN_ARGS, "accountant": "gdp"})
+    ledger = PrivacyLedger(plan)
+    ledger.record(7)
+    ledger.record(7)
+    assert ledger.history == [(plan.noise_multiplier, plan.sample_rate, 14)]
+    assert ledger.epsilon() == epsilon_for(
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=14,
+        delta=plan.delta, accountant="gdp",
+    )
+    assert ledger.epsilon_after(7) == pytest.approx(
+        epsilon_for(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=21,
+                    delta=plan.delta, accountant="gdp")
+    )
+
+
+def test_state_round_trips_through_json(plan):
+    ledger = PrivacyLedger(plan)
+    ledger.record(9)
+    text = ledger.to_json()
+    assert json.loads(text) == ledger.state_dict()  # JSON-compatible types only
+    restored = PrivacyLedger.from_json(text)
+    assert restored.plan == plan and restored.history == ledger.history
+    assert restored.epsilon() == ledger.epsilon()
+    again = PrivacyLedger(plan)  # the client's way: plan from config, then load state
+    again.load_state_dict(json.loads(text))
+    assert again.epsilon() == ledger.epsilon()
+    entry = ledger.as_ledger_entry()
+    assert entry == {
+        "target_epsilon": TARGET, "epsilon_spent": ledger.epsilon(), "delta": plan.delta,
+        "noise_multiplier": plan.noise_multiplier, "max_grad_norm": 1.0,
+        "sample_rate": plan.sample_rate, "steps": 9, "planned_steps": 21, "accountant": "rdp",
+        "exhausted": False,
+    }
+
+
+@pytest.mark.parametrize("key", ["format", "plan", "mechanism", "history"])
+def test_bad_state_names_the_missing_key(plan, key):
+    state = PrivacyLedger(plan).state_dict()
+    del state[key]
+    with pytest.raises(PrivacyStateError, match=f"no key '{key}'"):
+        PrivacyLedger(plan).load_state_dict(state)
+    with pytest.raises(PrivacyStateError, match=f"no key '{key}'"):
+        PrivacyLedger.from_state_dict(state)
+
+
+def test_bad_state_details(plan):
+    state = PrivacyLedger(plan).state_dict()
+    del state["plan"]["noise_multiplier"]
+    with pytest.raises(PrivacyStateError, match="no key 'plan.noise_multiplier'"):
+        PrivacyLedger.from_state_dict(state)
+
+    other = plan_privacy(**{**PLAN_ARGS, "rounds": 4})
+    with pytest.raises(PrivacyStateError, match="rounds: stored 4, current 3"):
+        PrivacyLedger(plan).load_state_dict(PrivacyLedger(other).state_dict())
+
+    state = PrivacyLedger(plan).state_dict()
+    state["history"] = [[1.0, 0.5]]
+    with pytest.raises(PrivacyStateError, match=r"history\[0\]"):
+        PrivacyLedger.from_state_dict(state)
+    with pytest.raises(PrivacyStateError, match="not valid JSON"):
+        PrivacyLedger.from_json("{oops")
+
+
+# -------------------------------------------------------------------------- training
+
+
+def test_reported_epsilon_equals_independent_rdp_analysis(three_rounds, plan):
+    """Opacus's step hook wrote to the ledger's accountant with the plan's sigma and q."""
+    _, _, ledger, results = three_rounds
+    assert ledger.history == [(plan.noise_multiplier, plan.sample_rate, 21)]
+    for r, result in enumerate(results, start=1):
+        expected = _rdp_epsilon(
+            q=plan.sample_rate, sigma=plan.noise_multiplier, steps=7 * r, delta=plan.delta
+        )
+        assert abs(result.epsilon - expected) <= 1e-6
+    assert abs(ledger.epsilon() - results[-1].epsilon) <= 1e-12
+
+
+def test_epsilon_accumulates_over_rounds(three_rounds, plan):
+    _, _, ledger, results = three_rounds
+    assert [r.steps for r in results] == [7, 7, 7]
+    assert not any(r.stopped for r in results)
+    eps = [r.epsilon for r in results]
+    assert 0 < eps[0] < eps[1] < eps[2] <= TARGET
+    assert ledger.steps == plan.planned_steps
+    assert all(np.isfinite(r.loss) for r in results)
+
+
+def test_model_holds_weights_and_is_plain_afterwards(three_rounds, data):
+    model, initial, _, _ = three_rounds
+    assert any(not torch.equal(a, b) for a, b in zip(initial, _weights(model)))
+    for module in model.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+        assert not module._forward_pre_hooks and not hasattr(module, "autograd_grad_sample_hooks")
+    for p in model.parameters():
+        for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+            assert not hasattr(p, attr)
+        assert p.grad is None
+    assert predict_logits(model, data.x[:5]).shape == (5, CLASSES)
+    assert np.isfinite(train_supervised(model, data, epochs=1, batch_size=32, lr=1e-3))
+    for p in model.parameters():  # ordinary training left no per-example gradients behind
+        assert not hasattr(p, "grad_sample")
+
+
+def test_never_exceeds_target_when_asked_for_more_rounds(data, plan):
+    model = _model(1)
+    ledger = PrivacyLedger(plan)
+    results = []
+    for r in range(2 * plan.rounds):
+        before = _weights(model)
+        results.append(train_private(model, data, plan=plan, ledger=ledger, lr=3e-3, seed=r))
+        if results[-1].stopped:
+            assert all(torch.equal(a, b) for a, b in zip(before, _weights(model)))  # no training
+    assert [r.stopped for r in results] == [False] * 3 + [True] * 3
+    assert all(r.epsilon <= TARGET for r in results)
+    assert ledger.steps == plan.planned_steps and ledger.epsilon() <= TARGET
+    assert ledger.as_ledger_entry()["exhausted"]
+    assert results[-1].steps == 0
+    assert results[-1].reason.startswith(f"budget exhausted: epsilon {results[2].epsilon:.2f} of 4 spent")
+
+
+def test_restarted_client_continues_its_accountant(data, plan):
+    model = _model(2)
+    ledger = PrivacyLedger(plan)
+    first = train_private(model, data, plan=plan, ledger=ledger, lr=3e-3, seed=0)
+    stored = ledger.to_json()  # what the client keeps in context.state
+
+    restarted = PrivacyLedger(plan)  # new process: ledger from config, then the stored state
+    restarted.load_state_dict(json.loads(stored))
+    assert restarted.epsilon() == first.epsilon and restarted.steps == 7
+
+    second = train_private(model, data, plan=plan, ledger=restarted, lr=3e-3, seed=1)
+    assert restarted.steps == 14
+    assert second.epsilon > first.epsilon
+    expected = _rdp_epsilon(q=plan.sample_rate, sigma=plan.noise_multiplier, steps=14, delta=plan.delta)
+    assert abs(second.epsilon - expected) <= 1e-6  # from 7 steps on, not from zero
+    assert ledger.steps == 7  # the old object was not touched
+
+
+def test_per_example_clipping_is_active(data, plan):
+    """Per-example clipping, checked on one step of the same Opacus objects train_private uses.
+
+    A plan cannot have zero noise, so this test replaces sigma by 0 in a copy of the plan
+    (with a throwaway ledger) so the privatised gradient can be compared exactly. Inputs
+    are scaled up so that raw per-example gradients are far above C = 0.05. After the step,
+    ``p.grad`` must equal sum_i min(1, C / ||g_i||) g_i / (q n) computed here from the
+    per-example gradients, its norm must be <= C |B| / (q n), and the unclipped mean
+    gradient must violate that bound (else the test could not tell clipping happened).
+    """
+    clip = 0.05
+    test_plan = dataclasses.replace(plan, noise_multiplier=0.0, max_grad_norm=clip)
+    big = ArrayDataset(data.x * 50.0, data.y, data.ids)
+    model = _model(3)
+    with private_training(model, big, plan=test_plan, ledger=PrivacyLedger(test_plan), lr=1e-3, seed=0) as dp:
+        xb, yb = next(x for x in dp.data_loader if len(x[1]) > 0)
+        dp.optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(dp.module(xb), yb).backward()
+        params = [p for p in model.parameters()]
+        per_example = torch.cat([p.grad_sample.reshape(len(yb), -1) for p in params], dim=1)
+        norms = per_example.norm(dim=1)
+        assert norms.max() > 20 * clip  # clipping has work to do
+        factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+        denominator = plan.sample_rate * plan.num_examples  # Opacus: int(q n) expected batch
+        denominator = int(denominator)
+        expected = (factors[:, None] * per_example).sum(0) / denominator
+        unclipped = per_example.sum(0) / denominator
+        dp.optimizer.step()
+        privatised = torch.cat([p.grad.reshape(-1) for p in params])
+    assert torch.allclose(privatised, expected, atol=1e-6, rtol=1e-4)
+    bound = clip * len(yb) / denominator
+    assert privatised.norm() <= bound * (1 + 1e-5)
+    assert unclipped.norm() > bound
+
+
+def test_training_is_seeded(data, plan):
+    """Same seed and state: identical weights; another seed: different Poisson batches and noise."""
+    runs = []
+    for seed in (5, 5, 6):
+        model = _model(4)
+        train_private(model, data, plan=plan, ledger=PrivacyLedger(plan), lr=3e-3, epochs=1 / 7, seed=seed)
+        runs.append(_weights(model))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+def test_plan_must_match_data_and_ledger(data, plan):
+    with pytest.raises(ValueError, match="plan was made for 200 private examples but data has 100"):
+        train_private(_model(), data.subset(np.arange(100)), plan=plan, ledger=PrivacyLedger(plan), lr=1e-3)
+    other = plan_privacy(**{**PLAN_ARGS, "rounds": 4})
+    with pytest.raises(ValueError, match="ledger.plan differs"):
+        train_private(_model(), data, plan=plan, ledger=PrivacyLedger(other), lr=1e-3)
