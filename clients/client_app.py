@@ -44,18 +44,25 @@ def _load_model(context: Context, config: Config, split: FederatedSplit, client:
 def train(msg: Message, context: Context) -> Message:
     config, split, client = _site(context)
     round_config = msg.content["config"]
+    if round_config["config-digest"] != config.digest():
+        raise ValueError(
+            f"site {client} refuses round {round_config['round']}: its run config differs "
+            "from the server's (config digest mismatch)"
+        )
     if round_config["public-fingerprint"] != split.public_fingerprint:
         raise ValueError(
             f"site {client} refuses round {round_config['round']}: its public transfer set "
             f"(fingerprint {split.public_fingerprint[:12]}) differs from the server's "
             f"({str(round_config['public-fingerprint'])[:12]}); check data.* settings"
         )
+    everything = np.arange(len(split.public))  # absent positions mean the whole public set
     plan = msg.content.array_records.get("plan")
-    release = plan["release-positions"].numpy() if plan else np.arange(len(split.public))
+    release = plan["release-positions"].numpy() if plan else everything
     fused = fused_positions = None
     if "fused" in msg.content:
-        fused = msg.content["fused"]["knowledge"].numpy().astype(np.float32)
-        fused_positions = msg.content["fused"]["positions"].numpy()
+        record = msg.content["fused"]
+        fused = record["knowledge"].numpy().astype(np.float32)
+        fused_positions = record["positions"].numpy() if "positions" in record else everything
 
     model = _load_model(context, config, split, client)
     result = run_site_round(

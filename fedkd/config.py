@@ -260,6 +260,13 @@ class Config:
             table[leaf] = value
         return nested
 
+    def digest(self) -> str:
+        """sha256 of the canonical flat config: server and sites check they run the same one."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.to_flat(), sort_keys=True).encode()).hexdigest()
+
     def to_toml(self) -> str:
         """The resolved configuration as TOML (``fedkd simulate --config`` reads it back)."""
         import tomli_w

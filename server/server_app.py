@@ -64,22 +64,27 @@ class Federation:
 
     # ------------------------------------------------------------- messages out
 
-    def _train_message(self, node: int, round_number: int, release: np.ndarray | None) -> Message:
+    def _train_message(self, node: int, round_number: int, release: np.ndarray) -> Message:
         content = RecordDict(
             {
                 "config": ConfigRecord(
-                    {"round": round_number, "public-fingerprint": self.split.public_fingerprint}
+                    {
+                        "round": round_number,
+                        "public-fingerprint": self.split.public_fingerprint,
+                        "config-digest": self.config.digest(),
+                    }
                 )
             }
         )
-        if release is not None:
+        if len(release) < len(self.split.public):  # a subset: say which rows to release
             content["plan"] = ArrayRecord({"release-positions": Array(release)})
         client = self.node_client.get(node)
         if client is not None and client in self.fused:
             positions, knowledge = self.fused[client]
-            content["fused"] = ArrayRecord(
-                {"knowledge": Array(encode(knowledge)), "positions": Array(positions)}
-            )
+            arrays = {"knowledge": Array(encode(knowledge))}
+            if len(positions) < len(self.split.public):
+                arrays["positions"] = Array(positions)
+            content["fused"] = ArrayRecord(arrays)
         sent = sum(a.numpy().nbytes for name in ("plan", "fused") if name in content
                    for a in content[name].values())
         self.bytes_down.append(sent)

@@ -75,6 +75,7 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
             backend_config=backend_config,
             server_app_context=server_context,
             app_dir=app_dir,
+            is_app=True,  # sites read their run config from app_dir, as under `flwr run`
             verbose_logging=verbose,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )

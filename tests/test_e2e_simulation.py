@@ -55,9 +55,9 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(tmp_path):
     for key in ("alma", "alma-weighted", "worst", "global-accuracy"):
         assert 0.0 <= final[key] <= 1.0
     assert final["worst"] <= final["alma"]
-    # knowledge is 540 x 10 float16 = 10,800 bytes up; round 2 also carries F_i down
+    # knowledge is 540 x 10 float16 = 10,800 bytes each way; round 1 sends no F_i
     assert summary["bytes"]["uplink-per-client-round"] == 540 * 10 * 2
-    assert summary["bytes"]["downlink-per-client-round"] > 0
+    assert summary["bytes"]["downlink-per-client-round"] == 540 * 10 * 2 / 2
 
     trains = read_events(run_dir, "client-train")
     assert sorted((e["round"], e["client"]) for e in trains) == [
@@ -94,9 +94,11 @@ def test_bad_payloads_exclude_their_sites_and_the_rounds_complete(tmp_path):
             "data.num-clients": 6,
             "adversary.clients": ",".join(f"{c}:{k}" for c, k in bad.items()),
             "global-student.enabled": False,
+            "knowledge.public-subset": 100,
         },
     )
     summary = read_summary(run_dir)
+    assert summary["bytes"]["uplink-per-client-round"] == 100 * 10 * 2
     assert summary["status"] == "completed"
     assert summary["rounds-completed"] == 2
     for entry in summary["history"]:
@@ -106,7 +108,7 @@ def test_bad_payloads_exclude_their_sites_and_the_rounds_complete(tmp_path):
     assert sorted((e["round"], e["client"]) for e in excluded) == [
         (r, c) for r in (1, 2) for c in sorted(bad)
     ]
-    expected = {"nan": "non-finite", "wrong-shape": "shape (540, 10)", "negative": "negative",
+    expected = {"nan": "non-finite", "wrong-shape": "shape (100, 10)", "negative": "negative",
                 "extra-key": "exactly ['knowledge']"}
     for e in excluded:
         assert expected[bad[e["client"]]] in e["reason"], e
