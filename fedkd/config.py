@@ -356,7 +356,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> tuple[Any, str | None
         if not math.isfinite(value):
             return value, f"{key}: must be finite; got {value!r}"
     elif isinstance(default, str) and meta["check"] is None and not isinstance(value, str):
-        return value, f"{key}: must be a string; got {value!r}"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and meta["choices"] is None:
+            value = str(value)  # `--set run-name=2024` parses as a number; a name was meant
+        else:
+            return value, f"{key}: must be a string; got {value!r}"
 
     if meta["check"] is not None:
         problem = meta["check"](value)
@@ -398,8 +401,7 @@ def build_config(values: Mapping[str, Any]) -> Config:
         else:
             accepted[key] = value
 
-    if not problems:
-        problems.extend(_cross_checks(accepted))
+    problems.extend(_cross_checks(accepted, rejected=set(flat) - set(accepted)))
     if problems:
         raise ConfigError(problems)
 
@@ -417,21 +419,25 @@ def build_config(values: Mapping[str, Any]) -> Config:
     return Config(**top)
 
 
-def _cross_checks(flat: Mapping[str, Any]) -> list[str]:
+def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
+    """Checks across keys, each made only when all the keys it involves are valid."""
     defaults = Config().to_flat()
     get = lambda key: flat.get(key, defaults[key])  # noqa: E731
+    valid = lambda *keys: not rejected.intersection(keys)  # noqa: E731
     problems = []
-    if get("min-clients") > get("data.num-clients"):
+    if valid("min-clients", "data.num-clients") and get("min-clients") > get("data.num-clients"):
         problems.append(
             f"min-clients: must be <= data.num-clients ({get('data.num-clients')}); "
             f"got {get('min-clients')}"
         )
-    if get("data.public-fraction") + get("data.test-fraction") >= 0.95:
+    if (valid("data.public-fraction", "data.test-fraction")
+            and get("data.public-fraction") + get("data.test-fraction") >= 0.95):
         problems.append(
             "data.public-fraction + data.test-fraction: must leave at least 5% of the data "
             f"for clients; got {get('data.public-fraction') + get('data.test-fraction'):.2f}"
         )
-    if get("data.val-fraction") + get("data.local-test-fraction") >= 0.8:
+    if (valid("data.val-fraction", "data.local-test-fraction")
+            and get("data.val-fraction") + get("data.local-test-fraction") >= 0.8):
         problems.append(
             "data.val-fraction + data.local-test-fraction: must leave at least 20% of a "
             "client's data for training"

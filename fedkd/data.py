@@ -166,7 +166,7 @@ def partition_indices(
             num_partitions=num_partitions,
             partition_by="label",
             num_classes_per_partition=classes_per_client,
-            class_assignment_mode="first-deterministic",
+            class_assignment_mode="deterministic",
             seed=seed,
         )
     elif partitioner == "iid":

@@ -129,6 +129,8 @@ def neighbour_weights(
     w_ij = exp(-beta d_ij) / sum_{l in N(i)} exp(-beta d_il) on N(i), 0 elsewhere.
     """
     n = divergences.shape[0]
+    if isinstance(threshold, str) and threshold != "median":
+        raise ValueError(f"threshold must be 'median' or a number; got {threshold!r}")
     if divergences.shape != (n, n):
         raise ValueError(f"divergences must be square; got shape {divergences.shape}")
     if max_neighbours < 1:
@@ -226,6 +228,12 @@ def _fuse_knfu(
     return FusionResult(weighted_fusion(knowledge, weights, mask), weights)
 
 
+FUSION_PARAMETERS = frozenset(
+    {"measure", "divergence", "confident_fraction", "beta", "threshold", "max_neighbours", "era_temperature"}
+)
+"""Method parameters :func:`fuse` passes on (each method reads the ones it uses)."""
+
+
 def fuse(
     *,
     knowledge: np.ndarray,
@@ -238,6 +246,11 @@ def fuse(
 
     Extra keyword arguments go to the method (``beta``, ``threshold``, ``measure``, ...).
     """
+    unknown = set(params) - FUSION_PARAMETERS
+    if unknown:
+        raise TypeError(
+            f"unknown fusion parameter(s) {sorted(unknown)}; known: {sorted(FUSION_PARAMETERS)}"
+        )
     knowledge = np.asarray(knowledge, dtype=np.float64)
     if knowledge.ndim != 3 or knowledge.shape[0] == 0:
         raise ValueError(f"knowledge must have shape [N>0, P, C]; got {knowledge.shape}")

@@ -9,6 +9,7 @@ excludes that client for the round; the round goes on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -79,7 +80,12 @@ def validate_client_id(metrics: Mapping[str, object], *, num_clients: int) -> in
     """The reporting client's partition id from its reply metrics (node ids are random,
     so clients say which partition they hold); must be an integer in 0..num_clients-1."""
     value = metrics.get("partition-id")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or float(value) != int(value):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or float(value) != int(value)
+    ):
         raise InvalidPayload(f"metrics need an integer 'partition-id'; got {value!r}")
     client = int(value)
     if not 0 <= client < num_clients:

@@ -110,7 +110,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 linestyle=":", label="global student (global test)")
     ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy per round")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     written.append(run_dir / "alma.png")
     fig.savefig(written[-1], dpi=110)

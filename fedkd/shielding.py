@@ -92,10 +92,12 @@ def shield(
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape [P, C]; got {logits.shape}")
-    if temperature <= 0 or gamma < 0 or noise_std < 0:
+    if not (temperature > 0 and gamma >= 0 and noise_std >= 0):  # also refuses NaN
         raise ValueError(
             f"need temperature > 0, gamma >= 0, noise_std >= 0; got {temperature}, {gamma}, {noise_std}"
         )
+    if reference is not None and np.shape(reference) != logits.shape:
+        raise ValueError(f"reference must have the logits' shape {logits.shape}; got {np.shape(reference)}")
     sensitivity = SENSITIVITY_SCORERS.get(scorer)(softmax(logits), reference)
     per_example_t = temperature * (1.0 + gamma * sensitivity)
     if noise_std > 0:

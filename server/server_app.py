@@ -206,9 +206,17 @@ class Federation:
                 log(WARNING, "fedkd round %d: evaluation failed on node %d: %s",
                     round_number, reply.metadata.src_node_id, reply.error.reason)
                 continue
-            m = reply.content["metrics"]
-            client = validate_client_id(dict(m), num_clients=self.config.data.num_clients)
-            acc[client], examples[client] = float(m["accuracy"]), float(m["num-examples"])
+            try:
+                m = dict(reply.content["metrics"])
+                client = validate_client_id(m, num_clients=self.config.data.num_clients)
+                accuracy_, examples_ = float(m["accuracy"]), float(m["num-examples"])
+                if not (0.0 <= accuracy_ <= 1.0 or np.isnan(accuracy_)) or not examples_ >= 0:
+                    raise InvalidPayload(f"accuracy {accuracy_} / num-examples {examples_} out of range")
+            except Exception as err:  # noqa: BLE001  a bad evaluation reply is skipped, not fatal
+                log(WARNING, "fedkd round %d: evaluation reply from node %d ignored: %s",
+                    round_number, reply.metadata.src_node_id, err)
+                continue
+            acc[client], examples[client] = accuracy_, examples_
             self.recorder.record("client-eval", round=round_number, client=client,
                                  accuracy=acc[client], **{"num-examples": examples[client]})
         return alma_summary(acc, examples)

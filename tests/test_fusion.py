@@ -384,3 +384,11 @@ def test_random_senders_get_small_weight_under_agreement(seed, threshold):
     assert to_random < 0.25 * others
     # and in total the random senders carry under 10% of an honest client's fused knowledge
     assert honest[:, 7:].sum(axis=1).max() < 0.10
+
+
+def test_unknown_fusion_parameter_and_threshold_word_are_refused():
+    k = np.full((2, 4, 3), 1 / 3)
+    with pytest.raises(TypeError, match="betta"):
+        fuse(knowledge=k, method="knfu", betta=3.0)
+    with pytest.raises(ValueError, match="median"):
+        neighbour_weights(np.zeros((2, 2)), threshold="mean")

@@ -200,11 +200,6 @@ def test_invalid_parameters_raise(kwargs):
         shield(_logits(), **kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: shield() checks `temperature <= 0`, which is False for NaN, so "
-    "temperature=nan is accepted and every released value is NaN",
-)
 def test_nan_temperature_raises():
     with pytest.raises(ValueError):
         shield(_logits(), temperature=float("nan"))
