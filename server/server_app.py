@@ -226,13 +226,14 @@ class Federation:
     def run(self) -> str:
         """All rounds; returns the run's status line (history and totals stay on self)."""
         cfg = self.config
-        rng = np.random.default_rng(cfg.seed)
         num_public = len(self.split.public)
         self.wait_for_nodes()
         for r in range(1, cfg.num_server_rounds + 1):
             round_start = time.monotonic()
             release = np.arange(num_public)
             if 0 < cfg.knowledge.public_subset < num_public:
+                # seeded per round (no carried RNG state), so a resumed run draws the same subsets
+                rng = np.random.default_rng([cfg.seed, r])
                 release = np.sort(rng.choice(num_public, cfg.knowledge.public_subset, replace=False))
             accepted = {}
             for attempt in range(cfg.round_retries + 1):
