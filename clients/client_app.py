@@ -6,6 +6,8 @@ so each round continues from the last one instead of starting from a fresh model
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -13,9 +15,10 @@ from flwr.clientapp import ClientApp
 
 from fedkd.adversary import corrupt
 from fedkd.config import Config, build_config
-from fedkd.data import FederatedSplit, load_federation
+from fedkd.data import ArrayDataset, FederatedSplit, load_federation
 from fedkd.knowledge import encode
-from fedkd.site import build_site_model, evaluate_site, run_site_round
+from fedkd.privacy import PrivacyLedger
+from fedkd.site import build_site_model, evaluate_site, run_site_round, site_privacy_plan
 
 app = ClientApp()
 
@@ -38,6 +41,15 @@ def _load_model(context: Context, config: Config, split: FederatedSplit, client:
     if "model" in context.state:
         model.load_state_dict(context.state["model"].to_torch_state_dict())
     return model
+
+
+def _load_ledger(context: Context, config: Config, train: ArrayDataset) -> PrivacyLedger | None:
+    if not config.privacy.enabled:
+        return None
+    ledger = PrivacyLedger(site_privacy_plan(config, train))
+    if "privacy" in context.state:
+        ledger.load_state_dict(json.loads(str(context.state["privacy"]["ledger"])))
+    return ledger
 
 
 @app.train()
@@ -65,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
         fused_positions = record["positions"].numpy() if "positions" in record else everything
 
     model = _load_model(context, config, split, client)
+    ledger = _load_ledger(context, config, split.clients[client].train)
     result = run_site_round(
         model=model,
         config=config,
@@ -75,8 +88,11 @@ def train(msg: Message, context: Context) -> Message:
         release_positions=release,
         fused=fused,
         fused_positions=fused_positions,
+        ledger=ledger,
     )
     context.state["model"] = ArrayRecord(model.state_dict())
+    if ledger is not None:  # the run's one accountant history, kept across rounds
+        context.state["privacy"] = ConfigRecord({"ledger": ledger.to_json()})
     rounds_trained = int(context.state["site"]["rounds-trained"]) + 1 if "site" in context.state else 1
     context.state["site"] = ConfigRecord({"rounds-trained": rounds_trained})
 

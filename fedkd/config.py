@@ -187,6 +187,17 @@ class GlobalStudentConfig:
     epochs: int = option(10, low=1, help="distillation epochs per round")
 
 
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = option(False, help="DP-SGD (Opacus) on every site's private training")
+    target_epsilon: float = option(
+        4.0, low=0, low_open=True, help="each site's epsilon for the whole run (not per round)"
+    )
+    delta: float = option(0.0, low=0, high=1, help="delta; 0 = 1/(10 n_i) for a site with n_i examples")
+    max_grad_norm: float = option(1.0, low=0, low_open=True, help="per-example clipping norm C")
+    accountant: str = option("rdp", choices=("rdp", "prv", "gdp"), help="Opacus accountant")
+
+
 ADVERSARY_KINDS = ("random", "flip", "nan", "negative", "wrong-shape", "extra-key", "int-dtype")
 
 
@@ -243,6 +254,7 @@ class Config:
     shield: ShieldConfig = field(default_factory=ShieldConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     global_student: GlobalStudentConfig = field(default_factory=GlobalStudentConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
 
     def to_flat(self) -> dict[str, Any]:
@@ -441,6 +453,12 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
         problems.append(
             "data.val-fraction + data.local-test-fraction: must leave at least 20% of a "
             "client's data for training"
+        )
+    if (valid("privacy.enabled", "train.mode") and get("privacy.enabled")
+            and get("train.mode") == "joint"):
+        problems.append(
+            "train.mode: must be 'sequential' when privacy.enabled is true (the public KD step "
+            "stays outside the DP optimizer); got 'joint'"
         )
     return problems
 

@@ -7,7 +7,8 @@ A run directory holds
                        round summaries),
 * ``weights/round_NNNN.npz``  the fusion weight matrix of each round and its client ids,
 * ``summary.json``     the final figures (ALMA, worst client, global student, bytes),
-* ``alma.png``, ``client_accuracy.png``, ``weights_heatmap.png``.
+* ``alma.png``, ``client_accuracy.png``, ``weights_heatmap.png``, and with DP
+  ``epsilon.png`` (epsilon spent per site per round against the target).
 """
 
 from __future__ import annotations
@@ -131,6 +132,24 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
+    trains = [e for e in read_events(run_dir, "client-train") if "epsilon" in e]
+    if trains:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for client in sorted({e["client"] for e in trains}):
+            own = [e for e in trains if e["client"] == client]
+            ax.plot([e["round"] for e in own], [e["epsilon"] for e in own], marker=".",
+                    label=f"client {client}")
+        target = trains[0]["dp-target-epsilon"]
+        ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target ε = {target:g}")
+        ax.set(xlabel="round", ylabel="ε spent (whole run so far)", ylim=(0, target * 1.1),
+               title="Privacy spent per site")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        fig.tight_layout()
+        written.append(run_dir / "epsilon.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
     weight_files = sorted((run_dir / WEIGHTS_DIR).glob("round_*.npz"))
     if weight_files:
         last = np.load(weight_files[-1])
@@ -157,11 +176,13 @@ def _fmt(value: Any, spec: str) -> str:
 
 def compare_table(run_dirs: Iterable[str | Path]) -> str:
     """A text table over finished runs: method, ALMA mean/worst, global accuracy, bytes."""
-    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "bytes/client/round")
+    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "max ε", "bytes/client/round")
     rows = [header]
     for run_dir in run_dirs:
         s = read_summary(run_dir)
         final = s["final"]
+        ledger = s.get("privacy", {}).get("ledger", {})
+        max_epsilon = max((e["epsilon-spent"] for e in ledger.values()), default=None)
         rows.append(
             (
                 Path(run_dir).name,
@@ -170,6 +191,7 @@ def compare_table(run_dirs: Iterable[str | Path]) -> str:
                 _fmt(final.get("alma"), ".3f"),
                 _fmt(final.get("worst"), ".3f"),
                 _fmt(final.get("global-accuracy"), ".3f"),
+                _fmt(max_epsilon, ".2f"),
                 _fmt(s["bytes"]["total-per-client-round"], ",.0f"),
             )
         )

@@ -27,6 +27,7 @@ from fedkd.fusion import fuse
 from fedkd.knowledge import InvalidPayload, encode, validate_client_id, validate_knowledge
 from fedkd.models import build_model
 from fedkd.reporting import RunRecorder, alma_summary
+from fedkd.site import check_privacy_plans
 
 app = ServerApp()
 
@@ -60,6 +61,7 @@ class Federation:
     bytes_down: list[int] = field(default_factory=list)
     dropouts: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    privacy: dict[int, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     # ------------------------------------------------------------- messages out
@@ -145,11 +147,30 @@ class Federation:
                 continue
             self.bytes_up.append(int(arrays["knowledge"].nbytes))
             accepted[client] = knowledge
-            self.recorder.record("client-train", round=round_number, client=client,
-                                 **{k: v for k, v in content["metrics"].items() if k != "partition-id"})
+            metrics = {k: v for k, v in content["metrics"].items() if k != "partition-id"}
+            self.recorder.record("client-train", round=round_number, client=client, **metrics)
+            if "epsilon" in metrics:
+                self._update_privacy_ledger(round_number, client, metrics)
         for node in set(nodes) - answered:
             self._exclude(round_number, node, f"no reply within {self.config.round_timeout:.0f}s")
         return accepted
+
+    def _update_privacy_ledger(self, round_number: int, client: int, m: dict) -> None:
+        if m.get("dp-stopped") and not self.privacy.get(client, {}).get("stopped"):
+            log(WARNING, "fedkd round %d: site %d stopped private training: epsilon %.3f of %g "
+                "spent, the next round would exceed it; it keeps releasing knowledge",
+                round_number, client, m["epsilon"], m["dp-target-epsilon"])
+        self.privacy[client] = {
+            "target-epsilon": m["dp-target-epsilon"],
+            "epsilon-spent": m["epsilon"],
+            "delta": m["dp-delta"],
+            "noise-multiplier": m["dp-noise-multiplier"],
+            "sample-rate": m["dp-sample-rate"],
+            "steps": int(m["dp-steps"]),
+            "planned-steps": int(m["dp-planned-steps"]),
+            "accountant": self.config.privacy.accountant,
+            "stopped": bool(m.get("dp-stopped")) or self.privacy.get(client, {}).get("stopped", False),
+        }
 
     def _exclude(self, round_number: int, node: int, reason: str) -> None:
         client = self.node_client.get(node)
@@ -279,6 +300,8 @@ class Federation:
             "bytes": {"uplink-per-client-round": up, "downlink-per-client-round": down,
                       "total-per-client-round": up + down},
             "dropouts": self.dropouts,
+            "privacy": {"enabled": self.config.privacy.enabled,
+                        "ledger": {str(c): self.privacy[c] for c in sorted(self.privacy)}},
             "seconds": time.monotonic() - self.started,
             "public-fingerprint": self.split.public_fingerprint,
         }
@@ -296,6 +319,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, config.to_toml())
     log(INFO, "fedkd: run directory %s", run_dir)
     split = load_federation(config.data, config.seed)
+    check_privacy_plans(config, split)  # refuse an unreachable budget before round 1
     federation = Federation(grid=grid, config=config, split=split, recorder=recorder)
     try:
         status = federation.run()

@@ -17,6 +17,7 @@ import tomli_w
 
 from fedkd.config import Config
 from fedkd.data import load_federation
+from fedkd.site import check_privacy_plans
 from fedkd.reporting import read_summary
 
 # Each simulated site gets one CPU so that sites run side by side on small machines.
@@ -54,7 +55,7 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
     from server.server_app import app as server_app, run_directory
 
     # Fail here, with a clear message, rather than inside the engine's threads and actors.
-    load_federation(config.data, config.seed)
+    check_privacy_plans(config, load_federation(config.data, config.seed))
     if not config.run_name:  # fix the name here so the caller knows where the run lands
         config = _with_run_name(config, run_directory(config).name)
     run_dir = Path(config.output_dir).resolve() / config.run_name

@@ -143,7 +143,8 @@ def test_compare_table_lists_each_run(tmp_path):
     assert mean_row[:5] == ["run-mean", "mean", "3", "0.812", "0.550"]
     assert knfu_row[:5] == ["run-knfu", "knfu", "3", "0.900", "0.550"]
     assert mean_row[5] == "-"  # no global student
-    assert mean_row[6] == "12,345"
+    assert mean_row[6] == "-"  # no DP ledger
+    assert mean_row[7] == "12,345"
 
 
 def test_compare_table_unfinished_run_is_a_clear_error(tmp_path):
