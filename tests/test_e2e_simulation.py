@@ -130,3 +130,39 @@ def test_cli_simulate_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "era" in out and "ALMA" in out
     assert json.loads((tmp_path / "cli-runs" / "cli" / "summary.json").read_text())["method"] == "era"
+
+
+def test_dp_sites_accumulate_epsilon_within_target(tmp_path):
+    _, run_dir = _simulate(
+        tmp_path,
+        **{"privacy.enabled": True, "privacy.target-epsilon": 2.0, "num-server-rounds": 3,
+           "global-student.enabled": False},
+    )
+    trains = read_events(run_dir, "client-train")
+    for client in range(3):
+        eps = [e["epsilon"] for e in sorted(trains, key=lambda e: e["round"]) if e["client"] == client]
+        assert len(eps) == 3
+        assert eps[0] < eps[1] < eps[2] <= 2.0  # accumulates over the run, never past the target
+    ledger = read_summary(run_dir)["privacy"]["ledger"]
+    assert sorted(ledger) == ["0", "1", "2"]
+    for entry in ledger.values():
+        assert entry["steps"] == entry["planned-steps"]
+        assert entry["noise-multiplier"] > 0 and entry["accountant"] == "rdp"
+        assert not entry["stopped"]
+    assert (run_dir / "epsilon.png").stat().st_size > 1000
+
+
+def test_unreachable_privacy_target_is_refused_before_the_run(tmp_path, capsys):
+    code = cli_main(
+        [
+            "simulate",
+            "--set", f"output-dir={tmp_path / 'never'}",
+            "--set", "data.num-clients=2",
+            "--set", "privacy.enabled=true",
+            "--set", "privacy.target-epsilon=0.001",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fedkd: error: privacy (site 0" in err and "unreachable" in err
+    assert not (tmp_path / "never").exists()
