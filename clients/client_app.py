@@ -18,6 +18,7 @@ from fedkd.config import Config, build_config
 from fedkd.data import ArrayDataset, FederatedSplit, load_federation
 from fedkd.knowledge import encode
 from fedkd.privacy import PrivacyLedger
+from fedkd.site import build_site_teacher
 from fedkd.site import build_site_model, evaluate_site, run_site_round, site_privacy_plan
 
 app = ClientApp()
@@ -43,10 +44,17 @@ def _load_model(context: Context, config: Config, split: FederatedSplit, client:
     return model
 
 
-def _load_ledger(context: Context, config: Config, train: ArrayDataset) -> PrivacyLedger | None:
+def _load_teacher(context: Context, config: Config, split: FederatedSplit, client: int) -> torch.nn.Module | None:
+    teacher = build_site_teacher(config, split, client)  # None: a site without a teacher
+    if teacher is not None and "teacher" in context.state:
+        teacher.load_state_dict(context.state["teacher"].to_torch_state_dict())
+    return teacher
+
+
+def _load_ledger(context: Context, config: Config, train: ArrayDataset, client: int) -> PrivacyLedger | None:
     if not config.privacy.enabled:
         return None
-    ledger = PrivacyLedger(site_privacy_plan(config, train))
+    ledger = PrivacyLedger(site_privacy_plan(config, train, client))
     if "privacy" in context.state:
         ledger.load_state_dict(json.loads(str(context.state["privacy"]["ledger"])))
     return ledger
@@ -77,7 +85,8 @@ def train(msg: Message, context: Context) -> Message:
         fused_positions = record["positions"].numpy() if "positions" in record else everything
 
     model = _load_model(context, config, split, client)
-    ledger = _load_ledger(context, config, split.clients[client].train)
+    teacher = _load_teacher(context, config, split, client)
+    ledger = _load_ledger(context, config, split.clients[client].train, client)
     result = run_site_round(
         model=model,
         config=config,
@@ -89,8 +98,11 @@ def train(msg: Message, context: Context) -> Message:
         fused=fused,
         fused_positions=fused_positions,
         ledger=ledger,
+        teacher=teacher,
     )
     context.state["model"] = ArrayRecord(model.state_dict())
+    if teacher is not None:
+        context.state["teacher"] = ArrayRecord(teacher.state_dict())
     if ledger is not None:  # the run's one accountant history, kept across rounds
         context.state["privacy"] = ConfigRecord({"ledger": ledger.to_json()})
     rounds_trained = int(context.state["site"]["rounds-trained"]) + 1 if "site" in context.state else 1
@@ -112,5 +124,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     config, split, client = _site(context)
     model = _load_model(context, config, split, client)
-    metrics = MetricRecord({"partition-id": client, **evaluate_site(model, split.clients[client])})
+    teacher = _load_teacher(context, config, split, client)
+    scores = evaluate_site(model, split.clients[client], teacher=teacher, release=config.teacher.release)
+    metrics = MetricRecord({"partition-id": client, **scores})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

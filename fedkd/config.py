@@ -75,15 +75,44 @@ def _scorer_names() -> list[str]:
 
 
 def _check_architectures(value: str) -> str | None:
+    from fedkd.models import is_model_name
+
     names = [n.strip() for n in value.split(",")]
-    known = _model_names()
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if not is_model_name(n)]
     if not value.strip() or unknown:
         return (
             "must be a comma-separated list of model names from "
-            f"{', '.join(known)}; got '{value}'"
+            f"{', '.join(_model_names())} (or hf:/path/to/a/local/model); got '{value}'"
         )
     return None
+
+
+def _parse_teachers(value: str) -> dict[int, str]:
+    """``"0:minilm, 3:hf:/models/x"`` -> ``{0: "minilm", 3: "hf:/models/x"}``."""
+    teachers: dict[int, str] = {}
+    for entry in value.split(","):
+        if entry.strip():
+            site, sep, name = entry.partition(":")
+            if not sep or int(site) < 0 or int(site) in teachers:
+                raise ValueError(entry)
+            teachers[int(site)] = name.strip()
+    return teachers
+
+
+def _check_teachers(value: Any) -> str | None:
+    from fedkd.models import is_model_name
+
+    problem = (
+        "must be a comma-separated list of site:model entries, each site once, such as "
+        f"'0:minilm,3:minilm' (models: {', '.join(_model_names())}, or hf:/path); got {value!r}"
+    )
+    if not isinstance(value, str):
+        return problem
+    try:
+        names = _parse_teachers(value).values()
+    except ValueError:
+        return problem
+    return problem if not all(is_model_name(n) for n in names) else None
 
 
 def _check_threshold(value: Any) -> str | None:
@@ -98,7 +127,8 @@ def _check_threshold(value: Any) -> str | None:
 class DataConfig:
     dataset: str = option(
         "digits",
-        help="'digits' (embedded, offline) or a Hugging Face dataset name such as 'mnist' or 'cifar10'",
+        help="'digits' (embedded, offline), 'topics' (embedded text corpus, offline) or a Hugging "
+        "Face dataset name such as 'mnist', 'cifar10', 'ag_news' or 'text:<hub id>' (text)",
     )
     path: str = option("", help="local copy of a named dataset (datasets.save_to_disk folder)")
     num_clients: int = option(10, low=1, help="number of sites (clients)")
@@ -118,6 +148,13 @@ class DataConfig:
     local_test_fraction: float = option(
         0.2, low=0, high=0.5, low_open=True, help="share of a client's data for its local test"
     )
+    max_length: int = option(32, low=4, high=512, help="text: tokens per example (truncated, padded)")
+    tokenizer: str = option(
+        "", help="text: local tokenizer folder shared by every site ('' = the packaged MiniLM's)"
+    )
+    text_examples: int = option(
+        3000, low=6, help="text: corpus size ('topics'), or most examples drawn from a named text dataset"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +163,31 @@ class ModelConfig:
         "mlp-small,mlp-large,cnn-small",
         check=_check_architectures,
         help="models given to clients in turn: client i gets entry i mod len",
+    )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    sites: str = option(
+        "",
+        check=_check_teachers,
+        help="sites that also run a (large, pretrained) teacher, as site:model, e.g. '0:minilm'; "
+        "the teacher alone trains on the site's private data and distils into the site's model",
+    )
+    release: str = option(
+        "student",
+        choices=("student", "teacher"),
+        help="on a teacher site, the model that takes the fused knowledge, releases knowledge "
+        "and is evaluated (ALMA)",
+    )
+    epochs: int = option(
+        1, low=0, help="teacher epochs per round over private data (and over the public set "
+        "when the teacher is released)"
+    )
+    lr: float = option(1e-4, low=0, low_open=True, help="teacher Adam learning rate (fine-tuning)")
+    weight: float = option(
+        0.5, low=0, high=1,
+        help="student KD target on a teacher site: weight * teacher + (1 - weight) * fused knowledge",
     )
 
 
@@ -196,6 +258,17 @@ class PrivacyConfig:
     delta: float = option(0.0, low=0, high=1, help="delta; 0 = 1/(10 n_i) for a site with n_i examples")
     max_grad_norm: float = option(1.0, low=0, low_open=True, help="per-example clipping norm C")
     accountant: str = option("rdp", choices=("rdp", "prv", "gdp"), help="Opacus accountant")
+    grad_sample_mode: str = option(
+        "auto",
+        choices=("auto", "hooks", "ghost"),
+        help="Opacus per-example gradients: 'hooks' (materialised), 'ghost' (ghost clipping: "
+        "norms only, far less memory); 'auto' = ghost for text models, hooks otherwise",
+    )
+    freeze_embeddings: bool = option(
+        True,
+        help="text models: embedding tables skip DP-SGD steps (smaller noise dimension and "
+        "memory); they still train in the public distillation steps",
+    )
 
 
 ADVERSARY_KINDS = ("random", "flip", "nan", "negative", "wrong-shape", "extra-key", "int-dtype")
@@ -249,6 +322,7 @@ class Config:
     run_name: str = option("", help="run directory name (default: method and a timestamp)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     shield: ShieldConfig = field(default_factory=ShieldConfig)
@@ -294,6 +368,10 @@ class Config:
         """Model name of client ``client`` (architectures are assigned in turn)."""
         names = [n.strip() for n in self.model.architectures.split(",")]
         return names[client % len(names)]
+
+    def teacher_for(self, client: int) -> str:
+        """Teacher model name of site ``client`` ('' for a site without a teacher)."""
+        return _parse_teachers(self.teacher.sites).get(client, "")
 
 
 def _kebab(name: str) -> str:
@@ -454,12 +532,55 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
             "data.val-fraction + data.local-test-fraction: must leave at least 20% of a "
             "client's data for training"
         )
+    if valid("teacher.sites", "data.num-clients"):
+        outside = [s for s in _parse_teachers(get("teacher.sites")) if s >= get("data.num-clients")]
+        if outside:
+            problems.append(
+                f"teacher.sites: site ids must be < data.num-clients ({get('data.num-clients')}); "
+                f"got {', '.join(map(str, outside))}"
+            )
+    problems.extend(_modality_checks(get, valid))
     if (valid("privacy.enabled", "train.mode") and get("privacy.enabled")
             and get("train.mode") == "joint"):
         problems.append(
             "train.mode: must be 'sequential' when privacy.enabled is true (the public KD step "
             "stays outside the DP optimizer); got 'joint'"
         )
+    return problems
+
+
+def _modality_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[str]:
+    """Text data needs text models (token ids in), other data needs vector/image models."""
+    if not valid("data.dataset"):
+        return []
+    from fedkd.models import model_modality
+    from fedkd.text import is_text_dataset
+
+    dataset = get("data.dataset")
+    wanted = "text" if is_text_dataset(dataset) else "vector"
+    uses = {}
+    if valid("model.architectures"):
+        uses["model.architectures"] = [n.strip() for n in get("model.architectures").split(",")]
+    if valid("teacher.sites"):
+        uses["teacher.sites"] = list(_parse_teachers(get("teacher.sites")).values())
+    if valid("global-student.enabled", "global-student.model") and get("global-student.enabled"):
+        uses["global-student.model"] = [get("global-student.model")]
+    problems = []
+    for key, names in uses.items():
+        wrong = [n for n in names if model_modality(n) != wanted]
+        if wrong:
+            if wanted == "text":
+                from fedkd.models import MODELS
+
+                fit = [n for n in MODELS.names() if model_modality(n) == "text"] + ["hf:/path"]
+                why = f"data.dataset '{dataset}' is text (token ids)"
+            else:
+                fit = [n for n in _model_names() if model_modality(n) == "vector"]
+                why = f"data.dataset '{dataset}' is not text; these models read token ids"
+            problems.append(
+                f"{key}: {', '.join(repr(n) for n in wrong)} cannot read this data: {why}; "
+                f"use {', '.join(fit)}"
+            )
     return problems
 
 

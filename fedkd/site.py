@@ -10,6 +10,12 @@ b. *local train*: cross-entropy on the private train split, with DP-SGD through 
 c. *extract*: logits on this round's public positions;
 d. *shield*: per-example temperature and logit noise -> released knowledge K_i.
 
+A *teacher site* (``teacher.sites``) also runs a larger teacher, such as a pretrained
+MiniLM next to a tiny BERT student (:func:`teacher_steps`): only the teacher reads the
+private data (fine-tuning, DP-SGD under privacy); the student learns from the teacher's
+predictions and the fused knowledge on the public set; ``teacher.release`` names the
+model that takes F_i, releases knowledge and is evaluated. See docs/text.md.
+
 The Flower ClientApp in ``clients/`` only unpacks messages, calls these functions and
 packs the replies.
 """
@@ -20,6 +26,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedkd.config import Config, ConfigError, PrivacyConfig
@@ -28,6 +35,7 @@ from fedkd.distillation import accuracy, distil, predict_logits, train_joint, tr
 from fedkd.models import build_model
 from fedkd.privacy import PrivacyConfigError, PrivacyLedger, PrivacyPlan, plan_privacy, train_private
 from fedkd.shielding import shield
+from fedkd.text import TextClassifier, frozen_embeddings
 
 
 def site_seed(config: Config, client: int, round_number: int = 0) -> int:
@@ -41,14 +49,34 @@ def build_site_model(config: Config, split: FederatedSplit, client: int) -> nn.M
         input_shape=split.input_shape,
         num_classes=split.num_classes,
         seed=site_seed(config, client),
+        **split.model_options,
     )
 
 
-def site_privacy_plan(config: Config, train: ArrayDataset) -> PrivacyPlan:
+def build_site_teacher(config: Config, split: FederatedSplit, client: int) -> nn.Module | None:
+    """Site ``client``'s teacher (``teacher.sites``), or None for a site without one."""
+    name = config.teacher_for(client)
+    if not name:
+        return None
+    return build_model(
+        name,
+        input_shape=split.input_shape,
+        num_classes=split.num_classes,
+        seed=(site_seed(config, client) + 1) % 2**31,
+        **split.model_options,
+    )
+
+
+def site_privacy_plan(config: Config, train: ArrayDataset, client: int | None = None) -> PrivacyPlan:
     """The site's whole-run DP plan: (epsilon, delta) over ``num-server-rounds`` rounds of
-    ``train.local-epochs`` epochs, noise multiplier calibrated once (fedkd.privacy)."""
+    ``train.local-epochs`` epochs (``teacher.epochs`` on a teacher site, where the teacher
+    is the only model that reads private data), noise multiplier calibrated once
+    (fedkd.privacy)."""
+    epochs = config.train.local_epochs
+    if client is not None and config.teacher_for(client):
+        epochs = config.teacher.epochs
     return _cached_plan(config.privacy, len(train), config.train.batch_size,
-                        config.train.local_epochs, config.num_server_rounds)
+                        epochs, config.num_server_rounds)
 
 
 @functools.lru_cache(maxsize=256)
@@ -74,7 +102,7 @@ def check_privacy_plans(config: Config, split: FederatedSplit) -> list[PrivacyPl
     plans, problems = [], []
     for client, data in enumerate(split.clients):
         try:
-            plans.append(site_privacy_plan(config, data.train))
+            plans.append(site_privacy_plan(config, data.train, client))
         except PrivacyConfigError as err:
             problems.append(f"privacy (site {client}, {len(data.train)} private examples): {err}")
     if problems:
@@ -90,6 +118,92 @@ class SiteRound:
     metrics: dict[str, float]
 
 
+def _seeded(round_fn):  # noqa: ANN001, ANN202
+    """Run a site's round under torch's global RNG seeded from (seed, site, round), so
+    dropout and the like are reproducible; the caller's RNG state is left untouched."""
+
+    @functools.wraps(round_fn)
+    def wrapper(**kwargs):  # noqa: ANN003, ANN202
+        with torch.random.fork_rng():
+            torch.manual_seed(site_seed(kwargs["config"], kwargs["client"], kwargs["round_number"]))
+            return round_fn(**kwargs)
+
+    return wrapper
+
+
+def train_private_site(
+    model: nn.Module, data: ArrayDataset, *, config: Config, ledger: PrivacyLedger, lr: float,
+    seed: int,
+):  # noqa: ANN201 (PrivateTrainResult)
+    """DP-SGD on the site's private data with the config's Opacus settings: per-example
+    gradients by ``privacy.grad-sample-mode`` ('auto': ghost clipping for text models),
+    text embeddings frozen in the DP step when ``privacy.freeze-embeddings``."""
+    p = config.privacy
+    mode = p.grad_sample_mode
+    if mode == "auto":
+        mode = "ghost" if isinstance(model, TextClassifier) else "hooks"
+    with frozen_embeddings(model, enabled=p.freeze_embeddings):
+        return train_private(model, data, plan=ledger.plan, ledger=ledger, lr=lr, seed=seed,
+                             grad_sample_mode=mode)
+
+
+def teacher_steps(
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    config: Config,
+    seed: int,
+    data: ClientData,
+    public_x: np.ndarray,
+    fused: np.ndarray | None,
+    fused_positions: np.ndarray | None,
+    ledger: PrivacyLedger | None,
+    metrics: dict[str, float],
+) -> nn.Module:
+    """A teacher site's training; returns the released model (``teacher.release``).
+
+    1. release = teacher only: the teacher distils F_i on the public set (free).
+    2. The teacher trains on the private data: ``teacher.epochs`` epochs at ``teacher.lr``,
+       DP-SGD through the site's ledger when privacy is on. It is the only model on the
+       site that reads private data, so the site's one budget is the teacher's.
+    3. The student distils on the whole public set towards
+       p(x) = softmax(z_teacher(x) / T), mixed with F_i where the student is released:
+       p(x) = w p_teacher(x) + (1 - w) F_i(x) (w = ``teacher.weight``) on the positions F_i
+       covers. Public inputs and the DP-trained teacher only: post-processing, no privacy cost.
+    """
+    t, tc = config.train, config.teacher
+    has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
+    release_teacher = tc.release == "teacher"
+    if release_teacher and has_fused:
+        metrics["distil-loss"] = distil(
+            teacher, public_x[fused_positions], fused, epochs=tc.epochs, batch_size=t.batch_size,
+            lr=tc.lr, temperature=t.kd_temperature, seed=seed,
+        )
+    if ledger is None:
+        metrics["train-loss"] = train_supervised(
+            teacher, data.train, epochs=tc.epochs, batch_size=t.batch_size, lr=tc.lr, seed=seed
+        )
+    else:
+        private = train_private_site(teacher, data.train, config=config, ledger=ledger, lr=tc.lr, seed=seed)
+        metrics.update(privacy_metrics(ledger))
+        metrics["train-loss"] = private.loss
+        metrics["dp-stopped"] = float(private.stopped)
+        metrics["dp-round-steps"] = float(private.steps)
+    logits = torch.as_tensor(predict_logits(teacher, public_x))
+    target = torch.softmax(logits / t.kd_temperature, dim=-1).numpy()
+    mixed = has_fused and not release_teacher
+    if mixed:
+        target[fused_positions] = tc.weight * target[fused_positions] + (1 - tc.weight) * fused
+    metrics["distil-loss" if mixed else "teacher-kd-loss"] = distil(
+        student, public_x, target, epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
+        temperature=t.kd_temperature, seed=seed,
+    )
+    metrics["teacher-val-accuracy"] = accuracy(teacher, data.val)
+    metrics["student-val-accuracy"] = accuracy(student, data.val)
+    return teacher if release_teacher else student
+
+
+@_seeded
 def run_site_round(
     *,
     model: nn.Module,
@@ -102,9 +216,12 @@ def run_site_round(
     fused: np.ndarray | None = None,
     fused_positions: np.ndarray | None = None,
     ledger: PrivacyLedger | None = None,
+    teacher: nn.Module | None = None,
 ) -> SiteRound:
     """Steps a-d above; ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
     under fusion method ``none``). ``model`` (and ``ledger``) are updated in place.
+    With a ``teacher`` (a teacher site) steps a-b are :func:`teacher_steps`, and c-d use
+    the released model (``teacher.release``).
 
     With a ``ledger`` (privacy on) local training is DP-SGD and the metrics carry the
     run's epsilon so far; once the next round would exceed the target, the site stops
@@ -115,7 +232,13 @@ def run_site_round(
     has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
     if ledger is not None and t.mode == "joint":
         raise ValueError("train.mode 'joint' mixes public KD into the DP step; use 'sequential'")
-    if has_fused and t.mode == "joint":
+    if teacher is not None:
+        model = teacher_steps(
+            student=model, teacher=teacher, config=config, seed=seed, data=data,
+            public_x=public_x, fused=fused, fused_positions=fused_positions, ledger=ledger,
+            metrics=metrics,
+        )
+    elif has_fused and t.mode == "joint":
         metrics["train-loss"] = train_joint(
             model, data.train, public_x[fused_positions], fused,
             epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
@@ -133,7 +256,7 @@ def run_site_round(
                 model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
             )
         else:
-            private = train_private(model, data.train, plan=ledger.plan, ledger=ledger, lr=t.lr, seed=seed)
+            private = train_private_site(model, data.train, config=config, ledger=ledger, lr=t.lr, seed=seed)
             metrics.update(privacy_metrics(ledger))
             metrics["train-loss"] = private.loss
             metrics["dp-stopped"] = float(private.stopped)
@@ -180,6 +303,17 @@ def privacy_metrics(ledger: PrivacyLedger) -> dict[str, float]:
     }
 
 
-def evaluate_site(model: nn.Module, data: ClientData) -> dict[str, float]:
-    """Accuracy on the site's own local test split."""
-    return {"accuracy": accuracy(model, data.test), "num-examples": float(len(data.test))}
+def evaluate_site(
+    model: nn.Module, data: ClientData, *, teacher: nn.Module | None = None, release: str = "student"
+) -> dict[str, float]:
+    """Accuracy on the site's own local test split; on a teacher site the released model's
+    (``release``), with ``student-accuracy`` and ``teacher-accuracy`` beside it."""
+    if teacher is None:
+        return {"accuracy": accuracy(model, data.test), "num-examples": float(len(data.test))}
+    student_acc, teacher_acc = accuracy(model, data.test), accuracy(teacher, data.test)
+    return {
+        "accuracy": teacher_acc if release == "teacher" else student_acc,
+        "num-examples": float(len(data.test)),
+        "student-accuracy": student_acc,
+        "teacher-accuracy": teacher_acc,
+    }

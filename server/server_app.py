@@ -209,7 +209,8 @@ class Federation:
         t = self.config.train
         if self.student is None:
             self.student = build_model(g.model, input_shape=self.split.input_shape,
-                                       num_classes=self.split.num_classes, seed=self.config.seed)
+                                       num_classes=self.split.num_classes, seed=self.config.seed,
+                                       **self.split.model_options)
         distil(self.student, self.split.public.x[release], targets, epochs=g.epochs,
                batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature,
                seed=self.config.seed + round_number)

