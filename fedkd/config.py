@@ -311,6 +311,20 @@ class AdversaryConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    resume: bool = option(
+        False,
+        help="continue the run in output-dir/run-name from its last checkpoint "
+        "(same settings and seeds; num-server-rounds may grow)",
+    )
+    site_state_dir: str = option(
+        "",
+        help="where sites without a node-config 'state-dir' keep their state after each "
+        "round ('' = in memory only; fedkd simulate uses <run dir>/site-state)",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     num_server_rounds: int = option(20, low=1, help="federated rounds")
     eval_every: int = option(1, low=1, help="evaluate clients every N rounds (and the last)")
@@ -330,6 +344,7 @@ class Config:
     global_student: GlobalStudentConfig = field(default_factory=GlobalStudentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """Flat ``{"fusion.method": "knfu", ...}`` mapping, as Flower's run config."""
@@ -531,6 +546,11 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
         problems.append(
             "data.val-fraction + data.local-test-fraction: must leave at least 20% of a "
             "client's data for training"
+        )
+    if valid("checkpoint.resume", "run-name") and get("checkpoint.resume") and not get("run-name"):
+        problems.append(
+            "checkpoint.resume: needs the run-name of the stopped run (its run directory "
+            "under output-dir); got an empty run-name"
         )
     if valid("teacher.sites", "data.num-clients"):
         outside = [s for s in _parse_teachers(get("teacher.sites")) if s >= get("data.num-clients")]

@@ -1,0 +1,194 @@
+"""Checkpoints: the server's state after every round, and each site's state after its rounds.
+
+A checkpoint is one ``.npz`` file: named arrays plus a JSON document (stored as the
+``__meta__`` byte array), written to a temporary name and renamed into place, so a crash
+mid-write leaves the previous checkpoint intact and a reader never sees half a file.
+Floats survive exactly (arrays bit for bit; JSON floats through ``repr``).
+
+* **Server** (:func:`write_server_checkpoint` / :func:`read_server_checkpoint`): one file
+  per run, ``<run_dir>/checkpoint.npz``, replaced after every round. What goes in is the
+  ServerApp's business (round, fused knowledge per partition id, global student, history,
+  bytes, dropouts); Flower node ids are not stable across restarts and are not kept.
+* **Site** (:class:`SiteStateStore`): ``<state_dir>/<run-name>/site-<id>/round-NNNN.npz``,
+  one file per trained round, the latest ``keep`` (2) kept: the server's checkpoint
+  is at most one round behind a site's latest state. A site asked to train round r
+  continues from its latest state before r, whether it comes from memory, from disk after
+  its SuperNode restarted (rejoin), or from disk in a new Flower run that resumes a
+  stopped one.
+
+No Flower imports: the apps translate their records to arrays and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_KEY = "__meta__"
+SERVER_CHECKPOINT = "checkpoint.npz"
+CHECKPOINT_FORMAT = 1
+_ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or belongs to a different run."""
+
+
+def save_checkpoint(path: str | Path, *, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """Write ``arrays`` and the JSON-able ``meta`` to ``path`` atomically."""
+    path = Path(path)
+    if META_KEY in arrays:
+        raise ValueError(f"array name {META_KEY!r} is reserved")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {name: np.asarray(a) for name, a in arrays.items()}
+    payload[META_KEY] = np.frombuffer(json.dumps(dict(meta)).encode(), dtype=np.uint8)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as handle:
+            np.savez(handle, **payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, meta)`` from a file written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+        meta = json.loads(arrays.pop(META_KEY).tobytes().decode())
+    except Exception as err:  # noqa: BLE001  truncated / foreign file: one clear message
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err})") from None
+    return arrays, meta
+
+
+# ---------------------------------------------------------------------------- server
+
+
+def write_server_checkpoint(
+    run_dir: str | Path, *, round_number: int, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any]
+) -> Path:
+    """The server's state after ``round_number`` (replaces the previous checkpoint)."""
+    meta = {"format": CHECKPOINT_FORMAT, "round": int(round_number), "state": dict(state)}
+    return save_checkpoint(Path(run_dir) / SERVER_CHECKPOINT, arrays=arrays, meta=meta)
+
+
+def read_server_checkpoint(run_dir: str | Path) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """``(round, arrays, state)`` of the run's last checkpoint."""
+    arrays, meta = load_checkpoint(Path(run_dir) / SERVER_CHECKPOINT)
+    if meta.get("format") != CHECKPOINT_FORMAT or "round" not in meta:
+        raise CheckpointError(
+            f"{Path(run_dir) / SERVER_CHECKPOINT} has format {meta.get('format')!r}; "
+            f"this fedkd reads format {CHECKPOINT_FORMAT}"
+        )
+    return int(meta["round"]), arrays, meta["state"]
+
+
+# ---------------------------------------------------------------------------- sites
+
+
+class SiteStateStore:
+    """One site's per-round states for one run (see the module doc).
+
+    >>> import tempfile
+    >>> store = SiteStateStore(tempfile.mkdtemp(), run_key="demo", client=0)
+    >>> _ = store.save(1, arrays={"w": np.ones(2)}, meta={"rounds-trained": 1})
+    >>> _ = store.save(2, arrays={"w": np.zeros(2)}, meta={"rounds-trained": 2})
+    >>> store.latest(before=2), store.latest(before=9), store.latest(before=1)
+    (1, 2, None)
+    """
+
+    def __init__(self, state_dir: str | Path, *, run_key: str, client: int, keep: int = 2) -> None:
+        parts = Path(run_key).parts
+        if not parts or Path(run_key).is_absolute() or ".." in parts:
+            raise ValueError(f"run key must be a relative name such as the run-name; got {run_key!r}")
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1; got {keep}")
+        self.directory = Path(state_dir).expanduser() / run_key / f"site-{int(client)}"
+        self.keep = keep
+
+    def path(self, round_number: int) -> Path:
+        return self.directory / f"round-{int(round_number):04d}.npz"
+
+    def rounds(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        found = (_ROUND_FILE.match(p.name) for p in self.directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def latest(self, *, before: int) -> int | None:
+        """The latest saved round strictly before ``before``, or None."""
+        earlier = [r for r in self.rounds() if r < before]
+        return earlier[-1] if earlier else None
+
+    def save(self, round_number: int, *, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+        """Save the state after ``round_number``; drop states beyond the ``keep`` latest
+        and any state of a later round (a retried or resumed round supersedes them)."""
+        path = save_checkpoint(self.path(round_number), arrays=arrays,
+                               meta={"format": CHECKPOINT_FORMAT, "round": int(round_number), **meta})
+        rounds = self.rounds()
+        stale = [r for r in rounds if r > round_number] + [r for r in rounds if r <= round_number][: -self.keep]
+        for r in stale:
+            self.path(r).unlink(missing_ok=True)
+        return path
+
+    def load(self, round_number: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        return load_checkpoint(self.path(round_number))
+
+
+# ---------------------------------------------------------------------------- resuming
+
+RESUME_MAY_CHANGE = ("checkpoint.resume", "round-timeout", "num-server-rounds")
+"""Settings a resumed run may change; every other one must equal the stopped run's."""
+
+
+def resume_problems(saved: Mapping[str, Any], new: Mapping[str, Any], *, checkpoint_round: int) -> list[str]:
+    """Why the flat config ``new`` cannot continue a run configured as ``saved`` (empty: it can)."""
+    problems = [
+        f"{key}: the stopped run had {saved.get(key)!r}, this one has {new.get(key)!r}"
+        for key in sorted(set(saved) | set(new))
+        if key not in RESUME_MAY_CHANGE and saved.get(key) != new.get(key)
+    ]
+    if int(new.get("num-server-rounds", 0)) < checkpoint_round:
+        problems.append(
+            f"num-server-rounds: {new.get('num-server-rounds')} is below the {checkpoint_round} "
+            "rounds already completed"
+        )
+    return problems
+
+
+def trim_events(run_dir: str | Path, *, through_round: int) -> int:
+    """Drop ``metrics.jsonl`` events of rounds after ``through_round`` (what a stopped run
+    recorded past its last checkpoint, which the resumed run records again); returns how
+    many were dropped."""
+    from fedkd.reporting import METRICS_FILE
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if isinstance(event.get("round"), int) and event["round"] > through_round:
+            dropped += 1
+        else:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped

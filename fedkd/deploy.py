@@ -1,0 +1,558 @@
+"""Deployment helpers: TLS certificates, SuperNode keys, site files and the exact commands.
+
+Flower's deployment engine runs the same ServerApp/ClientApp as the simulation, under
+long-running processes: one ``flower-superlink`` (server host) and one
+``flower-supernode`` per site. fedkd turns on, by default, the two protections Flower
+offers (docs/deployment.md explains every step):
+
+* **TLS** on the SuperLink's single HTTPS port (Fleet, Control and Runtime APIs).
+  :func:`write_certificates` makes a private CA and a server certificate whose
+  subjectAltName lists every host name / IP address the sites and the operator use to
+  reach the SuperLink (a name missing from the SAN makes the TLS handshake fail).
+* **SuperNode authentication** (``flower-superlink --enable-supernode-auth``): each site
+  holds an EC P-384 key pair (:func:`write_supernode_keys`, OpenSSH encoding, as
+  ``ssh-keygen -t ecdsa -b 384`` writes and as ``flower-supernode
+  --auth-supernode-private-key`` and ``flwr supernode register`` read); the operator
+  registers each public key with the SuperLink through the Control API; a SuperNode
+  whose key is not registered is refused.
+
+Nothing here imports Flower: these are file and command builders, unit-testable anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shlex
+import socket
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+PUBLIC_FILE = "public.npz"
+DEFAULT_PORT = 9091
+DEFAULT_CONNECTION = "fedkd"
+SECRET_MODE = 0o600
+PUBLIC_MODE = 0o644
+
+
+# ------------------------------------------------------------------------ file writing
+
+
+def write_file(path: str | Path, data: bytes | str, *, mode: int = PUBLIC_MODE) -> Path:
+    """Write ``data`` to ``path`` atomically with permissions ``mode``.
+
+    Secrets (private keys) use ``0o600``: the file is created with that mode (never
+    world-readable, not even for a moment) and then renamed into place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.chmod(tmp, mode)  # the umask may have narrowed or the file existed before
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _refuse_overwrite(paths: Iterable[Path], overwrite: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); pass --force to replace "
+            "(sites and the SuperLink holding the old files must then be updated too)"
+        )
+
+
+# ------------------------------------------------------------------------ certificates
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_hosts(hosts: Sequence[str]) -> list[str]:
+    """The SAN entries, cleaned: each a DNS name or an IP address; at least one."""
+    cleaned = [h.strip() for h in hosts if h.strip()]
+    if not cleaned:
+        raise ValueError("give at least one host name or IP address for the server certificate")
+    bad = [h for h in cleaned if not _is_ip(h) and not all(
+        part and len(part) <= 63 and part.replace("-", "").replace("_", "").isalnum()
+        for part in h.rstrip(".").split(".")
+    ) and not h.startswith("*.")]
+    if bad:
+        raise ValueError(f"not a host name or IP address: {', '.join(bad)}")
+    return cleaned
+
+
+@dataclass(frozen=True)
+class CertificatePaths:
+    ca_cert: Path
+    ca_key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def write_certificates(
+    directory: str | Path,
+    *,
+    hosts: Sequence[str],
+    days: int = 365,
+    overwrite: bool = False,
+    organization: str = "fedkd",
+) -> CertificatePaths:
+    """Create a private CA and a server certificate signed by it, for ``hosts``.
+
+    Writes ``ca.crt`` (give to every site and to the operator's ``flwr`` CLI), ``ca.key``
+    (keep offline; 0600), ``server.pem`` and ``server.key`` (SuperLink host only; 0600).
+    Keys are EC P-384; the server certificate carries ``subjectAltName`` = ``hosts``
+    (DNS names and IP addresses), ``serverAuth`` extended key usage, and is valid for
+    ``days`` days.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    hosts = check_hosts(hosts)
+    if days < 1:
+        raise ValueError(f"days must be >= 1; got {days}")
+    directory = Path(directory)
+    paths = CertificatePaths(directory / CA_CERT, directory / CA_KEY,
+                             directory / SERVER_CERT, directory / SERVER_KEY)
+    _refuse_overwrite(vars(paths).values(), overwrite)
+
+    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    until = now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"{organization} federation CA"),
+    ])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    san = [x509.IPAddress(ipaddress.ip_address(h)) if _is_ip(h) else x509.DNSName(h) for h in hosts]
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+            x509.NameAttribute(NameOID.COMMON_NAME, hosts[0]),
+        ]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_encipherment=False, key_agreement=True,
+                          key_cert_sign=False, crl_sign=False, content_commitment=False,
+                          data_encipherment=False, encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    write_file(paths.ca_key, key_pem(ca_key), mode=SECRET_MODE)
+    write_file(paths.server_key, key_pem(server_key), mode=SECRET_MODE)
+    write_file(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_file(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def certificate_hosts(path: str | Path) -> list[str]:
+    """The subjectAltName entries of the certificate at ``path`` (for checks and docs)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+# ------------------------------------------------------------------------ SuperNode keys
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    name: str
+    private: Path
+    public: Path
+
+
+def write_supernode_keys(
+    directory: str | Path, names: Sequence[str], *, overwrite: bool = False
+) -> list[KeyPair]:
+    """One EC P-384 key pair per SuperNode: ``<name>`` (private, OpenSSH PEM, 0600) and
+    ``<name>.pub`` (``ecdsa-sha2-nistp384 ...`` line).
+
+    The private key stays on the site's host (``flower-supernode
+    --auth-supernode-private-key``); the ``.pub`` file goes to the operator, who registers
+    it (``flwr supernode register <name>.pub <connection>``).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("give at least one SuperNode name")
+    bad = [n for n in names if not n.replace("-", "").replace("_", "").isalnum()]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(
+            "SuperNode names must be distinct and use letters, digits, '-' or '_' only; "
+            f"got {', '.join(names)}"
+        )
+    directory = Path(directory)
+    pairs = [KeyPair(n, directory / n, directory / f"{n}.pub") for n in names]
+    _refuse_overwrite([p for pair in pairs for p in (pair.private, pair.public)], overwrite)
+    for pair in pairs:
+        key = ec.generate_private_key(ec.SECP384R1())
+        private = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                               serialization.PublicFormat.OpenSSH)
+        write_file(pair.private, private, mode=SECRET_MODE)
+        write_file(pair.public, public + f" fedkd-{pair.name}\n".encode())
+    return pairs
+
+
+# ------------------------------------------------------------------------ commands
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where the SuperLink listens and where the TLS / key files are on each host.
+
+    ``insecure`` turns TLS and SuperNode authentication off (only for a closed test
+    network; Flower refuses authentication without TLS).
+    """
+
+    address: str = f"127.0.0.1:{DEFAULT_PORT}"
+    certs_dir: Path = Path("certs")
+    keys_dir: Path = Path("keys")
+    insecure: bool = False
+    connection: str = DEFAULT_CONNECTION
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+def superlink_command(
+    deployment: Deployment,
+    *,
+    bind_host: str = "0.0.0.0",
+    database: str | None = None,
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode authentication (unless insecure).
+
+    Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
+    (``--host``/``--port``). ``--disable-runtime-dependency-installation`` keeps the
+    SuperLink from re-installing the app's dependencies (torch) for every run.
+    """
+    cmd = ["flower-superlink", "--host", bind_host, "--port", str(deployment.port),
+           "--disable-runtime-dependency-installation"]
+    if deployment.insecure:
+        cmd.append("--insecure")
+    else:
+        certs = deployment.certs_dir
+        cmd += ["--ssl-ca-certfile", str(certs / CA_CERT), "--ssl-certfile", str(certs / SERVER_CERT),
+                "--ssl-keyfile", str(certs / SERVER_KEY), "--enable-supernode-auth"]
+    if database:
+        cmd += ["--database", database]
+    return cmd
+
+
+def node_config_string(values: Mapping[str, Any]) -> str:
+    """Flower's ``--node-config`` syntax: space-separated ``key=value`` with TOML values
+    (strings quoted), e.g. ``partition-id=0 data-path="/srv/site-0.npz"``."""
+    import tomli_w
+
+    parts = []
+    for key, value in values.items():
+        text = tomli_w.dumps({"v": value}).strip()[len("v = "):]
+        if " " in text and not isinstance(value, str):
+            raise ValueError(f"node config value for {key!r} cannot contain spaces: {value!r}")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    node_config: Mapping[str, Any],
+    root_certificates: str | Path | None = None,
+    private_key: str | Path | None = None,
+    insecure: bool = False,
+    runtime_port: int = 9094,
+    max_wait_time: float | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one site: its node config (partition id, data files,
+    state directory, model), the CA certificate that verifies the SuperLink, and the
+    site's private key. ``runtime_port`` is the SuperNode's local Runtime API port
+    (127.0.0.1 only); SuperNodes sharing one host need distinct ports."""
+    cmd = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port),
+           "--node-config", node_config_string(node_config)]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        if root_certificates is None or private_key is None:
+            raise ValueError("a TLS SuperNode needs the CA certificate and its private key (or --insecure)")
+        cmd += ["--root-certificates", str(root_certificates),
+                "--auth-supernode-private-key", str(private_key)]
+    if max_wait_time is not None:
+        cmd += ["--max-wait-time", f"{max_wait_time:g}"]
+    return cmd
+
+
+def connection_toml(
+    deployment: Deployment, *, root_certificates: str | Path | None = None, existing: str = ""
+) -> str:
+    """The operator's Flower configuration (``$FLWR_HOME/config.toml``) with a SuperLink
+    connection named ``deployment.connection`` (TLS verified with ``root_certificates``,
+    default ``<certs_dir>/ca.crt``, an absolute path as Flower requires); other
+    connections in ``existing`` stay."""
+    import tomli_w
+
+    config: dict[str, Any] = tomllib.loads(existing) if existing.strip() else {}
+    superlink = config.setdefault("superlink", {})
+    entry: dict[str, Any] = {"address": deployment.address}
+    if deployment.insecure:
+        entry["insecure"] = True
+    else:
+        ca = Path(root_certificates) if root_certificates else deployment.certs_dir / CA_CERT
+        entry["root-certificates"] = str(ca.resolve())
+    superlink[deployment.connection] = entry
+    superlink.setdefault("default", deployment.connection)
+    return tomli_w.dumps(config)
+
+
+def register_command(deployment: Deployment, public_key: str | Path) -> list[str]:
+    return ["flwr", "supernode", "register", str(public_key), deployment.connection]
+
+
+def run_command(deployment: Deployment, app_dir: str | Path, run_config: Mapping[str, Any]) -> list[str]:
+    """``flwr run APP CONNECTION --run-config '...'`` (run-config values as TOML)."""
+    cmd = ["flwr", "run", str(app_dir), deployment.connection]
+    if run_config:
+        cmd += ["--run-config", node_config_string(run_config)]
+    return cmd
+
+
+def shell_line(cmd: Sequence[str]) -> str:
+    return " ".join(shlex.quote(part) for part in cmd)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (tests and local demos)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------ site files
+
+
+def site_file_name(client: int) -> str:
+    return f"site-{client}.npz"
+
+
+def public_file_name() -> str:
+    return PUBLIC_FILE
+
+
+def sha256_file(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    path: Path
+    examples: int
+    sha256: str
+
+
+def export_partitions(config, out_dir: str | Path, *, overwrite: bool = False) -> list[ExportedFile]:  # noqa: ANN001
+    """Write the federation's public set and every site's private share as files.
+
+    ``public.npz`` (public inputs and ids, for every host) and ``site-<i>.npz`` (site i's
+    train / validation / local test split, for site i's host only), taken from the split
+    the run config defines (``data.*``, ``seed``). A SuperNode started with
+    ``public-path`` and ``data-path`` pointing at them reproduces exactly the data the
+    simulation gives that site.
+    """
+    from fedkd.data import load_federation, save_public_file, save_site_file
+
+    out = Path(out_dir)
+    targets = [out / PUBLIC_FILE] + [out / site_file_name(i) for i in range(config.data.num_clients)]
+    _refuse_overwrite(targets, overwrite)
+    split = load_federation(config.data, config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for target in targets:
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.npz")
+        if target.name == PUBLIC_FILE:
+            save_public_file(tmp, split.public, num_classes=split.num_classes)
+            examples = len(split.public)
+        else:
+            client = int(target.stem.split("-")[1])
+            data = split.clients[client]
+            save_site_file(tmp, data, partition_id=client)
+            examples = len(data.train) + len(data.val) + len(data.test)
+        os.chmod(tmp, PUBLIC_MODE if target.name == PUBLIC_FILE else SECRET_MODE)
+        os.replace(tmp, target)
+        written.append(ExportedFile(target, examples, sha256_file(target)))
+    return written
+
+
+def app_pyproject(config) -> str:  # noqa: ANN001
+    """A minimal Flower app (``pyproject.toml``) running fedkd's ServerApp/ClientApp with
+    ``config`` as its run config: ``flwr run`` on it submits exactly that configuration.
+    The code comes from the fedkd installed on each host."""
+    import tomli_w
+
+    return tomli_w.dumps({
+        "project": {"name": "fedkd-deployment", "version": "0.0.0"},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedkd",
+            "components": {"serverapp": "server.server_app:app",
+                           "clientapp": "clients.client_app:app"},
+            "config": config.to_nested(),
+        }}},
+    })
+
+
+def flower_env(flwr_home: str | Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: no telemetry, no update check, no per-run
+    dependency installation (sites and server use the fedkd already installed)."""
+    env = dict(os.environ if base is None else base)
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def flwr_home() -> Path:
+    """Flower's configuration folder: ``$FLWR_HOME``, else ``~/.flwr`` (as Flower reads it)."""
+    return Path(os.environ["FLWR_HOME"]) if os.environ.get("FLWR_HOME") else Path.home() / ".flwr"
+
+
+def wait_for_summary(run_dir: str | Path, *, newer_than: float, timeout: float, poll: float = 1.0) -> Path:
+    """Wait until the run directory holds a ``summary.json`` written after ``newer_than``
+    (a Unix time); raise ``TimeoutError`` after ``timeout`` seconds."""
+    import time
+
+    path = Path(run_dir) / "summary.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.stat().st_mtime >= newer_than:
+            return path
+        time.sleep(poll)
+    raise TimeoutError(f"no summary in {run_dir} after {timeout:.0f}s (see `flwr log RUN_ID`)")
+
+
+def deployment_plan(
+    deployment: Deployment,
+    *,
+    sites: Sequence[str],
+    server_host: str,
+    data_dir: str = "/srv/fedkd/data",
+    state_dir: str = "/srv/fedkd/state",
+) -> str:
+    """Every command of a deployment, host by host, as text (``fedkd deploy plan``)."""
+    secure = not deployment.insecure
+    lines = [f"# fedkd deployment: SuperLink at {deployment.address}, {len(sites)} site(s)", ""]
+    lines += ["## 1. Operator / server host (once)"]
+    if secure:
+        lines += [f"fedkd deploy certs --out {deployment.certs_dir} --host {server_host}",
+                  f"fedkd deploy keys --out {deployment.keys_dir} {' '.join(sites)}"]
+    lines += [f"fedkd deploy export-partitions --config RUN.toml --out {data_dir}",
+              "#   copy to each site: ca.crt, its private key, public.npz and its site-<i>.npz", ""]
+    lines += ["## 2. Server host: start the SuperLink (keep it running)",
+              shell_line(superlink_command(deployment)), ""]
+    lines += ["## 3. Operator: point the flwr CLI at it and register the sites' public keys",
+              shell_line(["fedkd", "deploy", "connect", "--superlink", deployment.address]
+                         + (["--ca", str(deployment.certs_dir / CA_CERT)] if secure else ["--insecure"]))]
+    if secure:
+        lines += [shell_line(register_command(deployment, deployment.keys_dir / f"{name}.pub")) for name in sites]
+    lines += [""]
+    for client, name in enumerate(sites):
+        node = {"partition-id": client, "public-path": f"{data_dir}/{PUBLIC_FILE}",
+                "data-path": f"{data_dir}/{site_file_name(client)}", "state-dir": state_dir}
+        command = supernode_command(
+            superlink=deployment.address, node_config=node, insecure=deployment.insecure,
+            root_certificates=f"/etc/fedkd/{CA_CERT}", private_key=f"/etc/fedkd/{name}",
+        )
+        lines += [f"## 4.{client + 1} Site host '{name}' (partition {client}): start its SuperNode",
+                  shell_line(command), ""]
+    lines += ["## 5. Operator: submit the run, follow it, collect the outputs",
+              "fedkd deploy run --config RUN.toml --set run-name=NAME --wait",
+              "flwr ls " + deployment.connection + "          # runs and their status",
+              "flwr log RUN_ID " + deployment.connection + " --stream",
+              "fedkd compare OUTPUT_DIR/NAME   # on the server host",
+              "## resume a stopped run (same settings):",
+              "fedkd deploy run --config RUN.toml --set run-name=NAME --resume --wait"]
+    return "\n".join(lines)
