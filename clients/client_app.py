@@ -1,7 +1,12 @@
 """fedkd ClientApp: unpack the server's message, run the site's round, pack the reply.
 
 The site's model lives in ``context.state`` between rounds (persistent client state),
-so each round continues from the last one instead of starting from a fresh model.
+so each round continues from the last one instead of starting from a fresh model; with a
+state directory the ``persist_site_state`` mod also keeps it on the site's disk, so it
+survives a SuperNode restart and a resumed run (clients/site_state.py).
+
+Under the deployment engine each SuperNode's node config says which partition it holds,
+where its data is and which model it runs (fedkd.site.NODE_CONFIG_KEYS).
 """
 
 from __future__ import annotations
@@ -15,30 +20,34 @@ from flwr.clientapp import ClientApp
 
 from fedkd.adversary import corrupt
 from fedkd.config import Config, build_config
-from fedkd.data import ArrayDataset, FederatedSplit, load_federation
+from fedkd.data import ArrayDataset, FederatedSplit
 from fedkd.knowledge import encode
 from fedkd.privacy import PrivacyLedger
 from fedkd.site import build_site_teacher
-from fedkd.site import build_site_model, evaluate_site, run_site_round, site_privacy_plan
+from fedkd.site import (
+    build_site_model,
+    evaluate_site,
+    load_site_split,
+    run_site_round,
+    site_privacy_plan,
+    site_settings,
+)
 
-app = ClientApp()
+from clients.site_state import persist_site_state
+
+app = ClientApp(mods=[persist_site_state])
 
 
 def _site(context: Context) -> tuple[Config, FederatedSplit, int]:
     config = build_config(context.run_config)
-    if "partition-id" not in context.node_config:
-        raise ValueError("node config needs 'partition-id' (which data partition this site holds)")
-    client = int(context.node_config["partition-id"])
-    if not 0 <= client < config.data.num_clients:
-        raise ValueError(
-            f"partition-id {client} is outside 0..{config.data.num_clients - 1} (data.num-clients)"
-        )
+    settings = site_settings(context.node_config, num_clients=config.data.num_clients)
     torch.set_num_threads(1)
-    return config, load_federation(config.data, config.seed), client
+    return config, load_site_split(config, settings), settings.partition_id
 
 
 def _load_model(context: Context, config: Config, split: FederatedSplit, client: int) -> torch.nn.Module:
-    model = build_site_model(config, split, client)
+    architecture = str(context.node_config.get("model", ""))  # a site may run its own model
+    model = build_site_model(config, split, client, architecture=architecture)
     if "model" in context.state:
         model.load_state_dict(context.state["model"].to_torch_state_dict())
     return model
@@ -128,3 +137,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores = evaluate_site(model, split.clients[client], teacher=teacher, release=config.teacher.release)
     metrics = MetricRecord({"partition-id": client, **scores})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which partition this SuperNode holds: the server asks nodes it does not know yet
+    (a resumed run, a site that rejoined under a new node id) before sending fused knowledge."""
+    config = build_config(context.run_config)
+    settings = site_settings(context.node_config, num_clients=config.data.num_clients)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": settings.partition_id})}),
+                   reply_to=msg)

@@ -5,6 +5,8 @@
                                                           one run per fusion method + table
     fedkd compare  RUN_DIR [RUN_DIR ...]                  table over finished runs
     fedkd options                                         every config key, default, meaning
+    fedkd deploy   certs|keys|export-partitions|connect|superlink|register|supernode|run|plan
+                                                          multi-host deployment (docs/deployment.md)
 
 Bad input ends with a one-line ``fedkd: error: ...`` per problem and exit status 2.
 """
@@ -44,8 +46,25 @@ def _simulate(config: Config, verbose: bool) -> Path:
     return simulate(config, verbose=verbose)
 
 
+def _resumable(config: Config) -> Config:
+    """Name the run now and keep the simulated sites' state in its directory, so that
+    ``--resume`` can continue it exactly after an interruption."""
+    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    state_dir = config.checkpoint.site_state_dir or str(Path(config.output_dir).resolve() / name / "site-state")
+    return dataclasses.replace(
+        config, run_name=name, checkpoint=dataclasses.replace(config.checkpoint, site_state_dir=state_dir)
+    )
+
+
+def _config_with_resume(args: argparse.Namespace) -> Config:
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        overrides["checkpoint.resume"] = True
+    return load_config(args.config, overrides=overrides)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = _resumable(_config_with_resume(args))
     run_dir = _simulate(config, args.verbose)
     print(compare_table([run_dir]))
     print(f"\nrun directory: {run_dir}")
@@ -85,12 +104,279 @@ def cmd_options(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ fedkd deploy ...
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from fedkd.deploy import certificate_hosts, write_certificates
+
+    paths = write_certificates(args.out, hosts=args.host, days=args.days, overwrite=args.force)
+    print(f"CA certificate      {paths.ca_cert}   -> every site and the operator's flwr CLI")
+    print(f"CA private key      {paths.ca_key}   -> keep offline (0600)")
+    print(f"server certificate  {paths.server_cert}  -> SuperLink host")
+    print(f"server private key  {paths.server_key}  -> SuperLink host only (0600)")
+    print(f"valid {args.days} days for: {', '.join(certificate_hosts(paths.server_cert))}")
+    return 0
+
+
+def cmd_deploy_keys(args: argparse.Namespace) -> int:
+    from fedkd.deploy import write_supernode_keys
+
+    for pair in write_supernode_keys(args.out, args.names, overwrite=args.force):
+        print(f"{pair.name}: private {pair.private} (site host only, 0600); "
+              f"public {pair.public} (register it: fedkd deploy register {pair.public})")
+    return 0
+
+
+def cmd_deploy_export(args: argparse.Namespace) -> int:
+    from fedkd.deploy import export_partitions
+
+    config = _config(args)
+    files = export_partitions(config, args.out, overwrite=args.force)
+    width = max(len(str(f.path)) for f in files)
+    print(f"{'file'.ljust(width)}  examples  sha256")
+    for f in files:
+        print(f"{str(f.path).ljust(width)}  {f.examples:8d}  {f.sha256}")
+    print(f"\npublic set fingerprint (ordered ids): {_public_fingerprint(files[0].path)}")
+    print("copy public.npz to every site and site-<i>.npz to site i only; check the sha256 there")
+    return 0
+
+
+def _public_fingerprint(path: Path) -> str:
+    from fedkd.data import load_public_file, public_fingerprint
+
+    return public_fingerprint(load_public_file(path)[0].ids)
+
+
+def cmd_deploy_connect(args: argparse.Namespace) -> int:
+    from fedkd.deploy import Deployment, connection_toml, flwr_home, write_file
+
+    if not args.insecure:
+        if args.ca is None:
+            raise ConfigError(["--ca: give the CA certificate (ca.crt), or --insecure"])
+        if not args.ca.is_file():
+            raise FileNotFoundError(f"CA certificate not found: {args.ca}")
+    path = flwr_home() / "config.toml"
+    existing = path.read_text() if path.is_file() else ""
+    deployment = Deployment(address=args.superlink, insecure=args.insecure, connection=args.name)
+    write_file(path, connection_toml(deployment, root_certificates=args.ca, existing=existing))
+    print(f"SuperLink connection '{args.name}' -> {args.superlink} written to {path}")
+    return 0
+
+
+def _run_or_print(cmd: list[str], dry_run: bool, *, exec_: bool = False) -> int:
+    import os
+    import subprocess
+
+    from fedkd.deploy import flower_env, shell_line
+
+    print(shell_line(cmd), flush=True)
+    if dry_run:
+        return 0
+    if exec_:  # hand the process over to Flower (signals, exit status: as if run directly)
+        os.execvpe(cmd[0], cmd, flower_env())
+    return subprocess.run(cmd, env=flower_env(), check=False).returncode
+
+
+def _need_files(**paths: Path | None) -> None:
+    missing = [f"{name.replace('_', '-')} {path}" for name, path in paths.items()
+               if path is not None and not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError("not found: " + "; ".join(missing))
+
+
+def cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    from fedkd.deploy import CA_CERT, SERVER_CERT, SERVER_KEY, Deployment, superlink_command
+
+    deployment = Deployment(address=f"{args.host}:{args.port}", certs_dir=args.certs, insecure=args.insecure)
+    if not args.insecure and not args.dry_run:
+        _need_files(ca=args.certs / CA_CERT, certificate=args.certs / SERVER_CERT, key=args.certs / SERVER_KEY)
+    return _run_or_print(superlink_command(deployment, bind_host=args.host, database=args.database),
+                         args.dry_run, exec_=True)
+
+
+def cmd_deploy_register(args: argparse.Namespace) -> int:
+    from fedkd.deploy import Deployment, register_command
+
+    deployment = Deployment(connection=args.connection)
+    if not args.dry_run:
+        _need_files(**{f"key_{i}": key for i, key in enumerate(args.keys)})
+    codes = [_run_or_print(register_command(deployment, key), args.dry_run) for key in args.keys]
+    return max(codes)
+
+
+def cmd_deploy_supernode(args: argparse.Namespace) -> int:
+    from fedkd.data import load_public_file, load_site_file
+    from fedkd.deploy import supernode_command
+
+    node: dict[str, object] = {"partition-id": args.partition_id}
+    for key, value in (("public-path", args.public), ("data-path", args.data), ("state-dir", args.state_dir),
+                       ("model", args.model), ("dataset", args.dataset), ("dataset-path", args.dataset_path)):
+        if value:
+            node[key] = str(Path(value).resolve()) if key.endswith(("path", "dir")) else str(value)
+    if not args.dry_run:
+        if not args.insecure:
+            _need_files(ca=args.ca, key=args.key)
+        if args.public:  # fail here, not in round 1, on a missing or foreign data file
+            public, num_classes = load_public_file(args.public)
+            if args.data:
+                load_site_file(args.data, partition_id=args.partition_id, num_classes=num_classes,
+                               input_shape=tuple(public.x.shape[1:]))
+        if args.state_dir:
+            Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(superlink=args.superlink, node_config=node, root_certificates=args.ca,
+                            private_key=args.key, insecure=args.insecure, runtime_port=args.runtime_port)
+    return _run_or_print(cmd, args.dry_run, exec_=True)
+
+
+def cmd_deploy_run(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+    import tempfile
+    import time
+
+    from fedkd.deploy import Deployment, app_pyproject, flower_env, run_command, shell_line, wait_for_summary
+
+    config = _config_with_resume(args)
+    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    config = dataclasses.replace(config, run_name=name, output_dir=str(Path(config.output_dir).resolve()))
+    run_dir = Path(config.output_dir) / name
+    with tempfile.TemporaryDirectory(prefix="fedkd-deploy-app-") as app_dir:
+        (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(config))
+        cmd = run_command(Deployment(connection=args.connection), app_dir, {}) + ["--format", "json"]
+        print(shell_line(cmd), flush=True)
+        if args.dry_run:
+            return 0
+        submitted = time.time()
+        done = subprocess.run(cmd, env=flower_env(), capture_output=True, text=True, check=False)
+    try:
+        run_id = json.loads(done.stdout)["run-id"]
+    except (ValueError, KeyError, TypeError):
+        print(f"fedkd: error: flwr run failed (exit {done.returncode}):\n{done.stdout}{done.stderr}",
+              file=sys.stderr)
+        return 1
+    print(f"run {run_id} submitted ({'resuming ' if config.checkpoint.resume else ''}{name}); "
+          f"outputs on the server host in {run_dir}")
+    print(f"follow it: flwr log {run_id} {args.connection} --stream;  stop it: flwr stop {run_id} {args.connection}")
+    if args.wait:
+        wait_for_summary(run_dir, newer_than=submitted, timeout=args.timeout)
+        print(compare_table([run_dir]))
+        from fedkd.reporting import read_summary
+
+        status = read_summary(run_dir)["status"]
+        print(f"\nstatus: {status}\nrun directory: {run_dir}")
+        return 0 if status == "completed" else 1
+    return 0
+
+
+def cmd_deploy_plan(args: argparse.Namespace) -> int:
+    from fedkd.deploy import Deployment, deployment_plan
+
+    names = args.sites or [f"site-{i}" for i in range(args.num_sites)]
+    deployment = Deployment(address=args.superlink, certs_dir=args.certs, keys_dir=args.keys,
+                            insecure=args.insecure)
+    print(deployment_plan(deployment, sites=names, server_host=args.superlink.rsplit(":", 1)[0],
+                          data_dir=args.data_dir, state_dir=args.state_dir))
+    return 0
+
+
+def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    from fedkd.deploy import DEFAULT_CONNECTION, DEFAULT_PORT
+
+    deploy = sub.add_parser("deploy", help="run on Flower's deployment engine: one SuperLink, "
+                            "one SuperNode per site host (docs/deployment.md)")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True)
+
+    p = dsub.add_parser("certs", help="create a CA and the SuperLink's TLS certificate")
+    p.add_argument("--out", type=Path, default=Path("certs"), help="output folder (default: %(default)s)")
+    p.add_argument("--host", action="append", required=True,
+                   help="a name or IP address sites use to reach the SuperLink (repeat for each)")
+    p.add_argument("--days", type=int, default=365, help="validity (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_deploy_certs)
+
+    p = dsub.add_parser("keys", help="create SuperNode authentication key pairs")
+    p.add_argument("names", nargs="+", help="one name per site, e.g. site-a site-b")
+    p.add_argument("--out", type=Path, default=Path("keys"), help="output folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_deploy_keys)
+
+    p = dsub.add_parser("export-partitions",
+                        help="write public.npz and one site-<i>.npz per site from the run config's split")
+    _add_config_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_deploy_export)
+
+    p = dsub.add_parser("connect", help="add the SuperLink to the flwr CLI's configuration ($FLWR_HOME)")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--ca", type=Path, help="CA certificate (ca.crt) that signed the SuperLink's")
+    p.add_argument("--name", default=DEFAULT_CONNECTION, help="connection name (default: %(default)s)")
+    p.add_argument("--insecure", action="store_true", help="plaintext connection (test networks only)")
+    p.set_defaults(func=cmd_deploy_connect)
+
+    p = dsub.add_parser("superlink", help="start the SuperLink: TLS + SuperNode authentication")
+    p.add_argument("--certs", type=Path, default=Path("certs"),
+                   help="folder with ca.crt, server.pem, server.key (default: %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTPS port (default: %(default)s)")
+    p.add_argument("--database", help="SQLite file to keep registered nodes and runs across restarts")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (test networks only)")
+    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.set_defaults(func=cmd_deploy_superlink)
+
+    p = dsub.add_parser("register", help="register SuperNode public keys with the SuperLink")
+    p.add_argument("keys", nargs="+", type=Path, help="<name>.pub files")
+    p.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr connection (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.set_defaults(func=cmd_deploy_register)
+
+    p = dsub.add_parser("supernode", help="start this site's SuperNode")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--partition-id", type=int, required=True, help="this site's id (0-based)")
+    p.add_argument("--ca", type=Path, help="CA certificate (ca.crt)")
+    p.add_argument("--key", type=Path, help="this site's private key")
+    p.add_argument("--public", type=Path, help="public set file (public.npz)")
+    p.add_argument("--data", type=Path, help="this site's private data (.npz)")
+    p.add_argument("--state-dir", type=Path, help="folder for the site's state after each round")
+    p.add_argument("--model", help="this site's architecture (default: the run config's)")
+    p.add_argument("--dataset", help="rebuild the split from this dataset name instead")
+    p.add_argument("--dataset-path", type=Path, help="this host's copy of that dataset")
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="local Runtime API port; distinct per SuperNode on one host (default: %(default)s)")
+    p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (test networks only)")
+    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.set_defaults(func=cmd_deploy_supernode)
+
+    p = dsub.add_parser("run", help="submit a run (the resolved config) to the SuperLink")
+    _add_config_arguments(p)
+    p.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr connection (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the stopped run named by run-name")
+    p.add_argument("--wait", action="store_true", help="wait for the summary (on the server host)")
+    p.add_argument("--timeout", type=float, default=24 * 3600, help="--wait limit in seconds")
+    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.set_defaults(func=cmd_deploy_run)
+
+    p = dsub.add_parser("plan", help="print every command of a deployment, host by host")
+    p.add_argument("--superlink", required=True, help="HOST:PORT the sites will use")
+    p.add_argument("--sites", nargs="*", help="site names (default: site-0 ... site-N-1)")
+    p.add_argument("--num-sites", type=int, default=2, help="number of sites without --sites")
+    p.add_argument("--certs", type=Path, default=Path("certs"))
+    p.add_argument("--keys", type=Path, default=Path("keys"))
+    p.add_argument("--data-dir", default="/srv/fedkd/data", help="data folder on the site hosts")
+    p.add_argument("--state-dir", default="/srv/fedkd/state", help="state folder on the site hosts")
+    p.add_argument("--insecure", action="store_true")
+    p.set_defaults(func=cmd_deploy_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run one federation on Flower's simulation engine")
     _add_config_arguments(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run named by run-name from its last checkpoint")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("study", help="run one federation per fusion method and compare them")
@@ -105,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("options", help="list every config key with its default and meaning")
     p.set_defaults(func=cmd_options)
+
+    _add_deploy_parsers(sub)
     return parser
 
 
@@ -115,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         for problem in err.problems:
             print(f"fedkd: error: {problem}", file=sys.stderr)
-    except (DataUnavailableError, FileNotFoundError, FileExistsError) as err:
+    except (DataUnavailableError, FileNotFoundError, FileExistsError, ValueError, TimeoutError) as err:
         print(f"fedkd: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("fedkd: interrupted; the run directory keeps what was recorded", file=sys.stderr)

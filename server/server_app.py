@@ -4,10 +4,16 @@ Per round: send each site its own fused knowledge F_i (``send_and_receive``), va
 every reply, fuse the accepted knowledge (``fedkd.fusion.fuse``), distil the global
 student, evaluate every ``eval-every`` rounds, and record everything in the run
 directory. The algorithms live in ``fedkd``; this module only moves messages.
+
+After every round the server checkpoints its state (``<run dir>/checkpoint.npz``);
+``checkpoint.resume = true`` continues a stopped run from there. Node ids are not kept
+(they change when a SuperNode re-registers): the server asks nodes it does not know which
+partition they hold (a ``query`` message) before sending anyone fused knowledge.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +26,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd.checkpoint import (
+    CheckpointError,
+    read_server_checkpoint,
+    resume_problems,
+    trim_events,
+    write_server_checkpoint,
+)
 from fedkd.config import Config, build_config
 from fedkd.data import FederatedSplit, load_federation
 from fedkd.distillation import accuracy, distil
@@ -41,6 +54,13 @@ class RoundFailed(RuntimeError):
 def run_directory(config: Config) -> Path:
     name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(config.output_dir).resolve() / name
+    if config.checkpoint.resume:  # continue the stopped run there
+        if not (run_dir / "checkpoint.npz").is_file():
+            raise FileNotFoundError(
+                f"checkpoint.resume: no checkpoint in {run_dir}; is run-name / output-dir the "
+                "stopped run's, and did it complete a round?"
+            )
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"run directory {run_dir} is not empty; choose another run-name")
     return run_dir
@@ -62,6 +82,8 @@ class Federation:
     dropouts: list[dict] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     privacy: dict[int, dict] = field(default_factory=dict)
+    completed_round: int = 0
+    resumed_from: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     # ------------------------------------------------------------- messages out
@@ -90,7 +112,8 @@ class Federation:
         sent = sum(a.numpy().nbytes for name in ("plan", "fused") if name in content
                    for a in content[name].values())
         self.bytes_down.append(sent)
-        return Message(content=content, dst_node_id=node, message_type="train")
+        return Message(content=content, dst_node_id=node, message_type="train",
+                       ttl=self.config.round_timeout)  # undelivered by then: dropped, not queued
 
     # ------------------------------------------------------------- one round
 
@@ -110,15 +133,41 @@ class Federation:
             log(WARNING, "fedkd: %d of %d sites connected; going on", len(nodes), wanted)
         return nodes
 
+    def exchange(self, messages: list[Message]) -> list[tuple[int, Message]]:
+        """``send_and_receive`` with the round timeout; each reply with the node it answers
+        for (an error reply made by the SuperLink, e.g. "node unavailable", comes from the
+        SuperLink's own id, so it is matched through the message it replies to)."""
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return [(sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
+
+    def identify(self, nodes: list[int]) -> None:
+        """Ask ``nodes`` which partition they hold (``query`` message); unanswered ones stay
+        unknown and get no fused knowledge until their train reply says who they are."""
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({"question": "partition-id"})}),
+                    dst_node_id=node, message_type="query", ttl=self.config.round_timeout)
+            for node in nodes
+        ]
+        for node, reply in self.exchange(messages):
+            try:
+                if reply.has_error():
+                    raise InvalidPayload(reply.error.reason)
+                metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
+                self.node_client[node] = validate_client_id(metrics, num_clients=self.config.data.num_clients)
+            except Exception as err:  # noqa: BLE001  an unknown node just gets no fused knowledge
+                log(WARNING, "fedkd: node %d did not say which site it is: %s", node, err)
+
     def collect_knowledge(self, round_number: int, release: np.ndarray) -> dict[int, np.ndarray]:
         """One train exchange; returns validated knowledge per client id."""
         nodes = list(self.grid.get_node_ids())
+        unknown = [node for node in nodes if node not in self.node_client]
+        if self.fused and unknown:  # someone may be owed fused knowledge: learn who is who
+            self.identify(unknown)
         messages = [self._train_message(node, round_number, release) for node in nodes]
-        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
         accepted: dict[int, np.ndarray] = {}
         answered = set()
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in self.exchange(messages):
             answered.add(node)
             if reply.has_error():
                 self._exclude(round_number, node, f"site failed: {reply.error.reason}")
@@ -219,14 +268,14 @@ class Federation:
     def evaluate(self, round_number: int) -> dict[str, float]:
         messages = [
             Message(RecordDict({"config": ConfigRecord({"round": round_number})}),
-                    dst_node_id=node, message_type="evaluate")
+                    dst_node_id=node, message_type="evaluate", ttl=self.config.round_timeout)
             for node in self.grid.get_node_ids()
         ]
         acc, examples = {}, {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.config.round_timeout):
+        for node, reply in self.exchange(messages):
             if reply.has_error():
                 log(WARNING, "fedkd round %d: evaluation failed on node %d: %s",
-                    round_number, reply.metadata.src_node_id, reply.error.reason)
+                    round_number, node, reply.error.reason)
                 continue
             try:
                 m = dict(reply.content["metrics"])
@@ -236,12 +285,65 @@ class Federation:
                     raise InvalidPayload(f"accuracy {accuracy_} / num-examples {examples_} out of range")
             except Exception as err:  # noqa: BLE001  a bad evaluation reply is skipped, not fatal
                 log(WARNING, "fedkd round %d: evaluation reply from node %d ignored: %s",
-                    round_number, reply.metadata.src_node_id, err)
+                    round_number, node, err)
                 continue
             acc[client], examples[client] = accuracy_, examples_
             self.recorder.record("client-eval", round=round_number, client=client,
                                  accuracy=acc[client], **{"num-examples": examples[client]})
         return alma_summary(acc, examples)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays and JSON-able state: everything a resumed run needs to continue exactly
+        (fused knowledge keyed by partition id; node ids are not kept)."""
+        arrays: dict[str, np.ndarray] = {}
+        for client, (positions, knowledge) in self.fused.items():
+            arrays[f"fused/{client}/positions"] = positions
+            arrays[f"fused/{client}/knowledge"] = knowledge
+        if self.student is not None:
+            for name, tensor in self.student.state_dict().items():
+                arrays[f"student/{name}"] = tensor.detach().cpu().numpy()
+        state = {
+            "config": self.config.to_flat(),
+            "public-fingerprint": self.split.public_fingerprint,
+            "fused-clients": sorted(self.fused),
+            "student": self.student is not None,
+            "bytes-up": self.bytes_up,
+            "bytes-down": self.bytes_down,
+            "dropouts": self.dropouts,
+            "history": self.history,
+            "privacy": {str(c): v for c, v in self.privacy.items()},
+            "resumed-from": self.resumed_from,
+        }
+        return arrays, state
+
+    def load_state_dict(self, round_number: int, arrays: dict[str, np.ndarray], state: dict) -> None:
+        if state["public-fingerprint"] != self.split.public_fingerprint:
+            raise CheckpointError("the checkpoint's public transfer set differs from this run's")
+        self.fused = {
+            int(c): (arrays[f"fused/{c}/positions"], arrays[f"fused/{c}/knowledge"])
+            for c in state["fused-clients"]
+        }
+        if state["student"]:
+            g = self.config.global_student
+            self.student = build_model(g.model, input_shape=self.split.input_shape,
+                                       num_classes=self.split.num_classes, seed=self.config.seed,
+                                       **self.split.model_options)
+            prefix = "student/"
+            self.student.load_state_dict(
+                {k[len(prefix):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
+            )
+        self.bytes_up, self.bytes_down = list(state["bytes-up"]), list(state["bytes-down"])
+        self.dropouts, self.history = list(state["dropouts"]), list(state["history"])
+        self.privacy = {int(c): v for c, v in state["privacy"].items()}
+        self.resumed_from = [*state["resumed-from"], round_number]
+        self.completed_round = round_number
+
+    def checkpoint(self, round_number: int) -> None:
+        arrays, state = self.state_dict()
+        write_server_checkpoint(self.recorder.run_dir, round_number=round_number, arrays=arrays, state=state)
+        self.completed_round = round_number
 
     # ------------------------------------------------------------- the run
 
@@ -250,7 +352,7 @@ class Federation:
         cfg = self.config
         num_public = len(self.split.public)
         self.wait_for_nodes()
-        for r in range(1, cfg.num_server_rounds + 1):
+        for r in range(self.completed_round + 1, cfg.num_server_rounds + 1):
             round_start = time.monotonic()
             release = np.arange(num_public)
             if 0 < cfg.knowledge.public_subset < num_public:
@@ -278,6 +380,7 @@ class Federation:
             entry["seconds"] = time.monotonic() - round_start
             self.recorder.record("round", **entry)
             self.history.append(entry)
+            self.checkpoint(r)
             log(INFO, "fedkd round %d/%d: %d sites | ALMA %s | worst %s | global %s | %.1fs",
                 r, cfg.num_server_rounds, len(accepted), _pct(entry.get("alma")),
                 _pct(entry.get("worst")), _pct(entry.get("global-accuracy")), entry["seconds"])
@@ -301,6 +404,7 @@ class Federation:
             "bytes": {"uplink-per-client-round": up, "downlink-per-client-round": down,
                       "total-per-client-round": up + down},
             "dropouts": self.dropouts,
+            "resumed-from": self.resumed_from,
             "privacy": {"enabled": self.config.privacy.enabled,
                         "ledger": {str(c): self.privacy[c] for c in sorted(self.privacy)}},
             "seconds": time.monotonic() - self.started,
@@ -317,11 +421,17 @@ def main(grid: Grid, context: Context) -> None:
     config = build_config(context.run_config)
     torch.manual_seed(config.seed)
     run_dir = run_directory(config)
-    recorder = RunRecorder(run_dir, config.to_toml())
+    resume = _read_checkpoint(config, run_dir) if config.checkpoint.resume else None
+    recorded = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, resume=False))
+    recorder = RunRecorder(run_dir, recorded.to_toml())
     log(INFO, "fedkd: run directory %s", run_dir)
     split = load_federation(config.data, config.seed)
     check_privacy_plans(config, split)  # refuse an unreachable budget before round 1
     federation = Federation(grid=grid, config=config, split=split, recorder=recorder)
+    if resume is not None:
+        federation.load_state_dict(*resume)
+        recorder.record("resumed", **{"after-round": resume[0]})
+        log(INFO, "fedkd: resuming after round %d of %d", resume[0], config.num_server_rounds)
     try:
         status = federation.run()
     except Exception as err:
@@ -330,3 +440,19 @@ def main(grid: Grid, context: Context) -> None:
     summary = federation.summary(status)
     recorder.finish(summary)
     log(INFO, "fedkd: %s; summary in %s", summary["status"], run_dir / "summary.json")
+
+
+def _read_checkpoint(config: Config, run_dir: Path) -> tuple[int, dict, dict]:
+    """The stopped run's checkpoint, after checking this run may continue it; trims the
+    events the stopped run recorded past it."""
+    round_number, arrays, state = read_server_checkpoint(run_dir)
+    problems = resume_problems(state["config"], config.to_flat(), checkpoint_round=round_number)
+    if problems:
+        raise CheckpointError(
+            f"cannot resume {run_dir} with a different configuration:\n  " + "\n  ".join(problems)
+        )
+    dropped = trim_events(run_dir, through_round=round_number)
+    if dropped:
+        log(INFO, "fedkd: dropped %d events recorded after the checkpoint of round %d",
+            dropped, round_number)
+    return round_number, arrays, state
