@@ -62,20 +62,43 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.data import ArrayDataset
 from fedkd.distillation import as_input_tensor
+
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+    from opacus.optimizers import DPOptimizer
+
+
+# Opacus is imported on first use: a site without DP (and every Flower ClientApp process,
+# started once per message in a deployment) does not pay its ~2 s import.
+
+
+def create_accountant(mechanism: str) -> IAccountant:
+    from opacus.accountants import create_accountant as _create_accountant
+
+    return _create_accountant(mechanism=mechanism)
+
+
+def get_noise_multiplier(**kwargs: Any) -> float:
+    from opacus.accountants.utils import get_noise_multiplier as _get_noise_multiplier
+
+    return _get_noise_multiplier(**kwargs)
+
+
+def PrivacyEngine(*args: Any, **kwargs: Any):  # noqa: ANN201, N802  (opacus.PrivacyEngine)
+    from opacus import PrivacyEngine as _PrivacyEngine
+
+    return _PrivacyEngine(*args, **kwargs)
+
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 """Accountant names accepted by :func:`plan_privacy` (Opacus's registry names)."""
