@@ -1,7 +1,7 @@
 """Accuracy against privacy: the default study at several whole-run epsilons versus no DP.
 
     python -m simulations.privacy_study --config simulations/digits.toml \
-        --epsilons 1,4,8 --methods mean,knfu --out runs/privacy-study
+        --epsilons none,1,4,8 --methods mean,knfu --out runs/privacy-study
 
 Runs one federation per (method, epsilon) on Flower's simulation engine, then prints and
 writes (``OUT/table.md``) a Markdown table of ALMA, worst-site accuracy, global-student
@@ -21,7 +21,7 @@ from fedkd.reporting import read_summary
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=None)
-    parser.add_argument("--epsilons", default="1,4,8", help="comma list; 'none' = no DP is always added")
+    parser.add_argument("--epsilons", default="none,1,4,8", help="comma list; 'none' = without DP")
     parser.add_argument("--methods", default="mean,knfu")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy-study"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from simulations.runner import simulate
 
-    epsilons = [None] + [float(e) for e in args.epsilons.split(",") if e.strip()]
+    epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",") if e.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
     for method in methods:
