@@ -235,6 +235,44 @@ _TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# what a ticket is about: the topic's signal inside a frame that every topic shares
+_SUBJECTS: dict[str, tuple[str, ...]] = {
+    "billing": ("my invoice", "a double charge", "the refund", "my monthly bill", "the late fee",
+                "my last payment", "the receipt", "a charge on my card", "the new pricing",
+                "my direct debit", "an overcharge", "the credit note", "the tax on my bill",
+                "my statement", "the cancellation fee"),
+    "outage": ("the network outage", "the service being down", "the dropped connection",
+               "the dropped calls", "the server error", "the downtime", "the slow internet",
+               "the website outage", "the signal loss", "the vpn disconnects", "the timeouts",
+               "the maintenance window", "the status page", "the packet loss", "the dead link"),
+    "account": ("my login", "my password", "the locked account", "my username",
+                "two factor authentication", "my profile", "the security question",
+                "my account settings", "the verification email", "a suspicious sign in",
+                "account recovery", "my user id", "the password reset", "my sign up",
+                "the single sign on"),
+    "shipping": ("my parcel", "the delivery", "the tracking number", "a missing package",
+                 "the courier", "the shipping cost", "a late order", "the return label",
+                 "customs fees", "the delivery slot", "a damaged box", "the dispatch date",
+                 "the collection point", "the lost shipment", "the delivery note"),
+    "clinical": ("the blood test", "my prescription", "the x ray results", "the referral",
+                 "the dosage", "the side effects", "the follow up appointment", "the vaccination",
+                 "the allergy", "the discharge notes", "the blood pressure reading",
+                 "the lab results", "the biopsy", "the physiotherapy plan", "the inhaler"),
+    "device": ("my laptop", "the cracked screen", "the battery", "the printer", "the keyboard",
+               "my phone charger", "the router", "the overheating tablet", "the warranty repair",
+               "the broken hinge", "the headphones", "the monitor", "the webcam", "the touchpad",
+               "the firmware update"),
+}
+
+_FRAMES = (
+    "i have a problem with {subject}", "can someone look at {subject}",
+    "question about {subject}", "something is wrong with {subject}",
+    "still waiting for an answer about {subject}", "please help with {subject} asap",
+    "second message about {subject}", "who do i contact about {subject}",
+    "any update on {subject}", "i am not happy with {subject}",
+    "need advice regarding {subject}", "following up on {subject} from {date}",
+)
+
 # clauses that mention another topic's words without changing the ticket's topic
 _DISTRACTORS: dict[str, tuple[str, ...]] = {
     "billing": ("even though i paid on time", "and i was still billed for it",
@@ -263,15 +301,24 @@ def _fill(template: str, rng: np.random.Generator) -> str:
 
 
 def topic_corpus(
-    *, num_examples: int, seed: int = 0, distractor_rate: float = 0.3, label_noise: float = 0.03
+    *,
+    num_examples: int,
+    seed: int = 0,
+    frame_rate: float = 0.5,
+    distractor_rate: float = 0.3,
+    label_noise: float = 0.03,
 ) -> tuple[list[str], np.ndarray]:
     """``num_examples`` seeded sentences with labels ``int64`` in ``0..len(TOPICS)-1``.
 
-    Labels are balanced (round-robin, then shuffled). Each sentence is
-    [opener] + a filled template of its topic + [with probability ``distractor_rate`` a
-    clause worded like another topic] + [closer]; a share ``label_noise`` of labels is
-    then replaced by a uniformly drawn topic, so even a perfect model stays below 100%.
-    The same seed gives the same corpus on every machine.
+    Labels are balanced (round-robin, then shuffled). Each sentence is [opener] + body +
+    [with probability ``distractor_rate`` a clause worded like another topic] + [closer].
+    The body is, with probability ``frame_rate``, a frame shared by every topic ("any
+    update on ...") around one of the topic's 15 subjects ("the return label"), else one of
+    the topic's own templates with its slots filled. A site that holds a few examples of a
+    topic sees only some of its subjects and templates: the rest has to come from
+    pretrained knowledge or from the federation. A share ``label_noise`` of labels is then
+    replaced by a uniformly drawn topic, so even a perfect model stays below 100%. The
+    same seed gives the same corpus on every machine.
     """
     if num_examples < len(TOPICS):
         raise ValueError(f"topic corpus needs at least {len(TOPICS)} examples; got {num_examples}")
@@ -281,7 +328,12 @@ def topic_corpus(
     for label in labels:
         topic = TOPICS[label]
         parts = [_fill(_OPENERS[rng.integers(len(_OPENERS))], rng)]
-        parts.append(_fill(_TEMPLATES[topic][rng.integers(len(_TEMPLATES[topic]))], rng))
+        if rng.random() < frame_rate:
+            subject = _SUBJECTS[topic][rng.integers(len(_SUBJECTS[topic]))]
+            frame = _FRAMES[rng.integers(len(_FRAMES))].replace("{subject}", subject)
+            parts.append(_fill(frame, rng))
+        else:
+            parts.append(_fill(_TEMPLATES[topic][rng.integers(len(_TEMPLATES[topic]))], rng))
         if rng.random() < distractor_rate:
             other = TOPICS[(label + 1 + rng.integers(len(TOPICS) - 1)) % len(TOPICS)]
             parts.append(",")
