@@ -235,7 +235,16 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from fedkd.deploy import Deployment, app_pyproject, flower_env, run_command, shell_line, wait_for_summary
+    from fedkd.deploy import (
+        Deployment,
+        RunEnded,
+        app_pyproject,
+        flower_env,
+        run_command,
+        run_status,
+        shell_line,
+        wait_for_summary,
+    )
 
     config = _config_with_resume(args)
     name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -259,7 +268,16 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
           f"outputs on the server host in {run_dir}")
     print(f"follow it: flwr log {run_id} {args.connection} --stream;  stop it: flwr stop {run_id} {args.connection}")
     if args.wait:
-        wait_for_summary(run_dir, newer_than=submitted, timeout=args.timeout)
+        def ended() -> str | None:
+            status, details = run_status(int(run_id), args.connection)
+            return f"{status}: {details}" if status.startswith("finished") else None
+
+        try:
+            wait_for_summary(run_dir, newer_than=submitted, timeout=args.timeout, ended=ended)
+        except RunEnded as err:
+            print(f"fedkd: error: run {run_id} ended without a summary ({err}); "
+                  f"see flwr log {run_id} {args.connection}", file=sys.stderr)
+            return 1
         print(compare_table([run_dir]))
         from fedkd.reporting import read_summary
 

@@ -500,16 +500,55 @@ def flwr_home() -> Path:
     return Path(os.environ["FLWR_HOME"]) if os.environ.get("FLWR_HOME") else Path.home() / ".flwr"
 
 
-def wait_for_summary(run_dir: str | Path, *, newer_than: float, timeout: float, poll: float = 1.0) -> Path:
+class RunEnded(RuntimeError):
+    """The run ended (failed, stopped) without writing its summary."""
+
+
+def run_status(run_id: int, connection: str, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """``(status, details)`` of a run as the SuperLink reports it (``flwr ls --run-id``),
+    e.g. ``("finished:failed", "ServerApp failed with exception: ...")``; empty when unknown."""
+    import json
+    import subprocess
+
+    done = subprocess.run(["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
+                          env=flower_env(base=env), capture_output=True, text=True, timeout=120, check=False)
+    try:
+        run = json.loads(done.stdout[done.stdout.index("{"):])["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "", ""
+    return str(run.get("status", "")), str(run.get("status-details", ""))
+
+
+def wait_for_summary(
+    run_dir: str | Path,
+    *,
+    newer_than: float,
+    timeout: float,
+    poll: float = 1.0,
+    ended=None,  # noqa: ANN001  Callable[[], str | None]
+    check_every: float = 10.0,
+) -> Path:
     """Wait until the run directory holds a ``summary.json`` written after ``newer_than``
-    (a Unix time); raise ``TimeoutError`` after ``timeout`` seconds."""
+    (a Unix time). ``ended()`` (asked every ``check_every`` seconds) returns why the run
+    is over, or None while it runs: a run over without a summary raises
+    :class:`RunEnded`; ``TimeoutError`` after ``timeout`` seconds."""
     import time
 
     path = Path(run_dir) / "summary.json"
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline, next_check = start + timeout, start + check_every
+
+    def written() -> bool:
+        return path.is_file() and path.stat().st_mtime >= newer_than
+
     while time.monotonic() < deadline:
-        if path.is_file() and path.stat().st_mtime >= newer_than:
+        if written():
             return path
+        if ended is not None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + check_every
+            why = ended()
+            if why is not None and not written():
+                raise RunEnded(why)
         time.sleep(poll)
     raise TimeoutError(f"no summary in {run_dir} after {timeout:.0f}s (see `flwr log RUN_ID`)")
 

@@ -30,7 +30,7 @@ WEIGHTS_DIR = "weights"
 def alma_summary(accuracy: Mapping[int, float], examples: Mapping[int, float]) -> dict[str, float]:
     """ALMA (unweighted mean of local accuracies, KnFu's headline metric), the
     example-weighted mean and the worst client, over clients with a finite accuracy."""
-    valid = [c for c, a in accuracy.items() if math.isfinite(a)]
+    valid = sorted(c for c, a in accuracy.items() if math.isfinite(a))  # sums in a fixed order
     if not valid:
         return {"alma": float("nan"), "alma-weighted": float("nan"), "worst": float("nan")}
     acc = np.array([accuracy[c] for c in valid])

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -45,6 +46,7 @@ from fedkd.site import check_privacy_plans
 app = ServerApp()
 
 NODE_WAIT_SECONDS = 120.0
+REPLY_POLL_SECONDS = 0.5
 
 
 class RoundFailed(RuntimeError):
@@ -134,11 +136,24 @@ class Federation:
         return nodes
 
     def exchange(self, messages: list[Message]) -> list[tuple[int, Message]]:
-        """``send_and_receive`` with the round timeout; each reply with the node it answers
-        for (an error reply made by the SuperLink, e.g. "node unavailable", comes from the
-        SuperLink's own id, so it is matched through the message it replies to)."""
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        """Send ``messages`` and collect the replies that arrive within the round timeout,
+        each with the node it answers for (an error reply made by the SuperLink, such as
+        "node unavailable", comes from the SuperLink's own id, so it is matched through the
+        message it replies to). Like ``Grid.send_and_receive``, but polling every
+        ``REPLY_POLL_SECONDS`` instead of every 3 s: a round ends soon after its last reply."""
+        if not messages:
+            return []
+        message_ids = list(self.grid.push_messages(messages))
+        sent = {mid: m.metadata.dst_node_id for mid, m in zip(message_ids, messages, strict=True) if mid}
+        pending, replies = set(sent), []
+        deadline = time.monotonic() + self.config.round_timeout
+        while pending:
+            for reply in self.grid.pull_messages(pending):
+                replies.append(reply)
+                pending.discard(reply.metadata.reply_to_message_id)
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(REPLY_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         return [(sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
     def identify(self, nodes: list[int]) -> None:
@@ -170,7 +185,7 @@ class Federation:
         for node, reply in self.exchange(messages):
             answered.add(node)
             if reply.has_error():
-                self._exclude(round_number, node, f"site failed: {reply.error.reason}")
+                self._exclude(round_number, node, self._failure(reply))
                 continue
             try:
                 content = reply.content
@@ -202,6 +217,11 @@ class Federation:
                 self._update_privacy_ledger(round_number, client, metrics)
         for node in set(nodes) - answered:
             self._exclude(round_number, node, f"no reply within {self.config.round_timeout:.0f}s")
+        present = {self.node_client.get(node) for node in nodes}
+        for node, client in sorted(self.node_client.items(), key=lambda item: item[1]):
+            if node not in nodes and client not in present:  # a known site, gone from the federation
+                self._exclude(round_number, node, "not connected")
+                present.add(client)
         return accepted
 
     def _update_privacy_ledger(self, round_number: int, client: int, m: dict) -> None:
@@ -220,6 +240,15 @@ class Federation:
             "accountant": self.config.privacy.accountant,
             "stopped": bool(m.get("dp-stopped")) or self.privacy.get(client, {}).get("stopped", False),
         }
+
+    def _failure(self, reply: Message) -> str:
+        """Why an error reply came back: the message expired undelivered (a site that is
+        down or hung when the round ends), the node is known to be gone, or the site failed."""
+        if reply.error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+            return f"no reply within {self.config.round_timeout:.0f}s (message expired)"
+        if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+            return f"node unavailable: {reply.error.reason}"
+        return f"site failed: {reply.error.reason}"
 
     def _exclude(self, round_number: int, node: int, reason: str) -> None:
         client = self.node_client.get(node)

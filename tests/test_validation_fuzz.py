@@ -10,6 +10,7 @@ and every honest site in the same round must be accepted, its knowledge unchange
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -208,14 +209,19 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.answer)
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001
-        replies = []
+    def push_messages(self, messages):  # noqa: ANN001
+        self.replies = []
         for i, msg in enumerate(messages):
             msg.metadata.__dict__["_message_id"] = f"msg-{i}"
             reply = self.answer[msg.metadata.dst_node_id](msg)
             if reply is not None:  # None: the site never answers (timed out)
-                replies.append(reply)
-        return replies
+                self.replies.append(reply)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):  # noqa: ANN001
+        ready = [r for r in self.replies if r.metadata.reply_to_message_id in set(message_ids)]
+        self.replies = [r for r in self.replies if r not in ready]
+        return ready
 
 
 def _reply(msg, arrays: dict, metrics: dict, records=RECORDS):  # noqa: ANN001
@@ -310,6 +316,7 @@ def test_timeouts_errors_and_duplicates_do_not_cost_honest_sites(tmp_path, task_
     answers[203] = lambda msg: _reply(msg, {"knowledge": good[1]}, {})  # who is it?
     answers[204] = lambda msg: _reply(msg, {"knowledge": good[1]}, {"partition-id": 99})
     recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    config = dataclasses.replace(config, round_timeout=1.0)  # the silent site is waited for 1 s
     federation = Federation(grid=FakeGrid(answers), config=config, split=split, recorder=recorder)
     accepted = federation.collect_knowledge(1, release)
     assert sorted(accepted) == [0, 1, 2]
