@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import tomli_w
@@ -59,6 +60,9 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
     if not config.run_name:  # fix the name here so the caller knows where the run lands
         config = _with_run_name(config, run_directory(config).name)
     run_dir = Path(config.output_dir).resolve() / config.run_name
+    if config.checkpoint.resume:  # a resume the checkpoint refuses: say why before starting
+        _check_resume(config, run_directory(config))
+    started = time.time()
     flat = config.to_flat()
     backend_config = {
         "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
@@ -81,7 +85,19 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
     read_summary(run_dir)  # fails clearly if the server did not finish the run
+    if (run_dir / "summary.json").stat().st_mtime < started:  # left by an earlier run there
+        raise RuntimeError(f"the run in {run_dir} did not finish; see the log above")
     return run_dir
+
+
+def _check_resume(config: Config, run_dir: Path) -> None:
+    from fedkd.checkpoint import read_server_checkpoint, resume_problems
+    from fedkd.config import ConfigError
+
+    round_number, _, state = read_server_checkpoint(run_dir)
+    problems = resume_problems(state["config"], config.to_flat(), checkpoint_round=round_number)
+    if problems:
+        raise ConfigError([f"cannot resume {run_dir.name}: {p}" for p in problems])
 
 
 def _with_run_name(config: Config, name: str) -> Config:

@@ -348,3 +348,35 @@ def test_site_state_mod_restores_the_state_before_the_round_asked_for(tmp_path):
 
 def held_round_of(context, record: str) -> int:  # noqa: ANN001
     return int(context.state[record]["round"])
+
+
+# ------------------------------------------------------------------ a site's own choices
+
+
+def test_a_site_can_run_its_own_model():
+    from flwr.app import Context, RecordDict
+
+    from clients.client_app import _load_model, _site
+
+    config = load_config(overrides={"data.num-clients": 3, "model.architectures": "mlp-small"})
+
+    def site_model(node_config: dict):  # noqa: ANN202
+        context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                          run_config=config.to_flat())
+        cfg, split, client = _site(context)
+        return _load_model(context, cfg, split, client)
+
+    default, own = site_model({"partition-id": 0}), site_model({"partition-id": 0, "model": "mlp-large"})
+    widths = lambda m: [p.shape[0] for n, p in m.named_parameters() if n.endswith("bias")]  # noqa: E731
+    assert widths(default) == [32, 10] and widths(own) == [256, 128, 10]
+
+
+def test_a_site_naming_the_dataset_rebuilds_the_same_partition():
+    config = load_config(overrides={"data.num-clients": 3})
+    split = load_federation(config.data, config.seed)
+    view = load_site_split(config, site_settings({"partition-id": 2, "dataset": "digits"}, num_clients=3))
+    assert view.public_fingerprint == split.public_fingerprint
+    np.testing.assert_array_equal(view.clients[2].train.ids, split.clients[2].train.ids)
+    other = load_site_split(config.__class__(data=config.data.__class__(num_clients=3, public_fraction=0.2)),
+                            site_settings({"partition-id": 2, "dataset": "digits"}, num_clients=3))
+    assert other.public_fingerprint != split.public_fingerprint  # a different copy: refused in round 1
