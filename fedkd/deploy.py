@@ -28,7 +28,7 @@ import shlex
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -272,22 +272,16 @@ def write_supernode_keys(
 
 @dataclass(frozen=True)
 class Deployment:
-    """Where the SuperLink listens and where the TLS / key files are on each host.
-
-    ``insecure`` turns TLS and SuperNode authentication off (only for a closed test
-    network; Flower refuses authentication without TLS).
-    """
+    """Where the SuperLink listens (``address`` = HOST:PORT as sites reach it), where the
+    TLS and key files are, and the operator's connection name. ``insecure`` turns TLS and
+    SuperNode authentication off (closed test networks only; Flower refuses
+    authentication without TLS)."""
 
     address: str = f"127.0.0.1:{DEFAULT_PORT}"
     certs_dir: Path = Path("certs")
     keys_dir: Path = Path("keys")
     insecure: bool = False
     connection: str = DEFAULT_CONNECTION
-    extra_env: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def host(self) -> str:
-        return self.address.rsplit(":", 1)[0].strip("[]")
 
     @property
     def port(self) -> int:

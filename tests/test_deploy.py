@@ -380,3 +380,27 @@ def test_a_site_naming_the_dataset_rebuilds_the_same_partition():
     other = load_site_split(config.__class__(data=config.data.__class__(num_clients=3, public_fraction=0.2)),
                             site_settings({"partition-id": 2, "dataset": "digits"}, num_clients=3))
     assert other.public_fingerprint != split.public_fingerprint  # a different copy: refused in round 1
+
+
+def test_a_site_whose_public_set_differs_refuses_to_train(tmp_path, exported):
+    """The ClientApp's train handler, given a node config whose public.npz is not the
+    server's, refuses the round with a message naming both fingerprints."""
+    from flwr.app import ConfigRecord, Context, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+
+    from clients.client_app import train
+
+    config, out, _ = exported
+    other = load_config(overrides={"data.num-clients": 3, "seed": 5})
+    export_partitions(other, tmp_path)
+    server_fingerprint = load_federation(config.data, config.seed).public_fingerprint
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=config.to_flat(),
+                      node_config={"partition-id": 0, "public-path": str(tmp_path / "public.npz"),
+                                   "data-path": str(out / "site-0.npz")})
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                        group_id="", ttl=60.0, message_type="train", created_at=0.0)
+    message = make_message(metadata, RecordDict({"config": ConfigRecord(
+        {"round": 1, "public-fingerprint": server_fingerprint, "config-digest": config.digest()})}))
+    with pytest.raises(ValueError, match=f"site 0 refuses round 1: its public transfer set .* differs "
+                                         f"from the server's \\({server_fingerprint[:12]}\\)"):
+        train(message, context)
