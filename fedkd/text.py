@@ -5,7 +5,8 @@ DP-SGD, fusion), as plain Python + torch; ``transformers`` is imported lazily, s
 runs never pay for it.
 
 * **Corpus** (:func:`topic_corpus`): a seeded, templated corpus of short support-ticket
-  and clinical-note sentences in :data:`TOPICS` classes, generated offline. Slot fillers,
+  and clinical-note sentences in :data:`TOPICS` classes, generated offline. Frames shared
+  by every topic around topic-specific subjects, topic templates with slot fillers,
   openers, closers, distractor clauses borrowed from other topics and a little label
   noise keep it from being a keyword lookup. Named corpora (``ag_news``, or any Hugging
   Face text-classification dataset as ``text:<hub id>``) load through ``datasets``.
@@ -19,7 +20,8 @@ runs never pay for it.
   tokens, dropout and a linear head. The pretrained teacher (``minilm``, or any local
   model directory as ``hf:/path``) is loaded with ``AutoModel.from_pretrained`` from a
   local path; students (``bert-tiny``, ``bert-mini``) are built from a ``BertConfig`` on
-  the same vocabulary, with no download.
+  the same vocabulary, with no download. Models and tokenizers are read from local
+  folders only (``local_files_only=True``): nothing is fetched at run time.
 
 DP-SGD on these models (Opacus): the forward pass builds ``position_ids`` [B, L]
 (contiguous) and ``token_type_ids`` [B, L] explicitly, since the encoders' own
@@ -34,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,12 +91,6 @@ def _local_dir(path: str | Path, what: str) -> str:
     return str(folder)
 
 
-def _offline() -> None:
-    # models and tokenizers come from local folders only; never reach the hub at run time
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
 # ---------------------------------------------------------------------- tokenizer
 
 
@@ -111,7 +106,6 @@ class TextVocab:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str = ""):  # noqa: ANN201 (a transformers tokenizer)
     """The federation's tokenizer from a local folder (default: the packaged MiniLM's)."""
-    _offline()
     from transformers import AutoTokenizer
 
     folder = _local_dir(path, "data.tokenizer") if path else str(packaged_model_path())
@@ -304,7 +298,7 @@ def topic_corpus(
     *,
     num_examples: int,
     seed: int = 0,
-    frame_rate: float = 0.5,
+    frame_rate: float = 0.8,
     distractor_rate: float = 0.3,
     label_noise: float = 0.03,
 ) -> tuple[list[str], np.ndarray]:
@@ -503,7 +497,6 @@ def pretrained_classifier(
     vocab_size: int | None = None, pad_id: int = 0,
 ) -> TextClassifier:
     """A pretrained encoder from a local Hugging Face folder + a fresh linear head."""
-    _offline()
     from transformers import AutoModel
 
     folder = _local_dir(path, "model folder")
