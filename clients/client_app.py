@@ -23,9 +23,9 @@ from fedkd.config import Config, build_config
 from fedkd.data import ArrayDataset, FederatedSplit
 from fedkd.knowledge import encode
 from fedkd.privacy import PrivacyLedger
-from fedkd.site import build_site_teacher
 from fedkd.site import (
     build_site_model,
+    build_site_teacher,
     evaluate_site,
     load_site_split,
     run_site_round,
