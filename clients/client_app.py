@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedkd.adversary import corrupt
 from fedkd.config import Config, build_config
 from fedkd.data import ArrayDataset, FederatedSplit
-from fedkd.knowledge import encode
+from fedkd.knowledge import decode, encode
 from fedkd.privacy import PrivacyLedger
 from fedkd.site import (
     build_site_model,
@@ -90,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     fused = fused_positions = None
     if "fused" in msg.content:
         record = msg.content["fused"]
-        fused = record["knowledge"].numpy().astype(np.float32)
+        fused = decode(record["knowledge"].numpy()).astype(np.float32)
         fused_positions = record["positions"].numpy() if "positions" in record else everything
 
     model = _load_model(context, config, split, client)
@@ -121,7 +121,8 @@ def train(msg: Message, context: Context) -> Message:
     if client in config.adversaries:
         arrays = corrupt(result.knowledge, config.adversaries[client], np.random.default_rng(client))
     knowledge = ArrayRecord(
-        {name: Array(encode(a) if a.dtype.kind == "f" else a) for name, a in arrays.items()}
+        {name: Array(encode(a, config.knowledge.wire_format) if a.dtype.kind == "f" else a)
+         for name, a in arrays.items()}
     )
     metrics = MetricRecord(
         {"partition-id": client, "rounds-trained": rounds_trained, **result.metrics}

@@ -209,6 +209,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class KnowledgeConfig:
     public_subset: int = option(0, low=0, help="public examples used per round (0 = all)")
+    wire_format: str = option(
+        "float16", choices=("float16", "uint8"),
+        help="knowledge on the wire, both ways: 'float16' (2 bytes a probability) or 'uint8' "
+             "(8-bit quantisation: rows of integers summing to 255, 1 byte a probability)",
+    )
 
 
 @dataclass(frozen=True)
@@ -578,6 +583,12 @@ def _modality_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> l
 
     dataset = get("data.dataset")
     wanted = "text" if is_text_dataset(dataset) else "vector"
+    problems = []
+    if valid("shield.scorer") and get("shield.scorer") == "pii" and wanted != "text":
+        problems.append(
+            f"shield.scorer: 'pii' reads text inputs and data.dataset '{dataset}' is not text; "
+            "use 'uniform', 'confidence' or 'divergence'"
+        )
     uses = {}
     if valid("model.architectures"):
         uses["model.architectures"] = [n.strip() for n in get("model.architectures").split(",")]
@@ -585,7 +596,6 @@ def _modality_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> l
         uses["teacher.sites"] = list(_parse_teachers(get("teacher.sites")).values())
     if valid("global-student.enabled", "global-student.model") and get("global-student.enabled"):
         uses["global-student.model"] = [get("global-student.model")]
-    problems = []
     for key, names in uses.items():
         wrong = [n for n in names if model_modality(n) != wanted]
         if wrong:

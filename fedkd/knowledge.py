@@ -1,10 +1,17 @@
 """Knowledge on the wire: encoding and the server's checks of every reply.
 
-Released knowledge travels as a float16 array ``[P_round, C]`` (rows are probability
-vectors). The server trusts nothing it receives: :func:`validate_knowledge` checks
-record and array names, dtype, shape, size, finiteness, non-negativity and row sums,
-and raises :class:`InvalidPayload` with a reason a log line can show. A bad payload
-excludes that client for the round; the round goes on.
+Released knowledge travels as an array ``[P_round, C]`` of probability rows in one of
+two wire formats (``knowledge.wire-format``, both directions):
+
+* ``float16`` -- 2 bytes a probability, relative error <= 2^-11;
+* ``uint8``   -- 8-bit quantisation, 1 byte a probability: q = round(255 p) by the
+  largest-remainder method, so every row sums to exactly 255 and decodes to
+  p' = q / 255 with |p' - p| < 1/255 and rows that sum to 1 exactly.
+
+The server trusts nothing it receives: :func:`validate_knowledge` checks record and
+array names, dtype, shape, size, finiteness, non-negativity and row sums, and raises
+:class:`InvalidPayload` with a reason a log line can show. A bad payload excludes that
+client for the round; the round goes on.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-WIRE_DTYPE = np.float16
+WIRE_DTYPE = np.float16  # the default wire format's dtype
+WIRE_FORMATS = {"float16": np.dtype(np.float16), "uint8": np.dtype(np.uint8)}
+QUANT_LEVELS = 255  # uint8 rows sum to exactly this
 REPLY_RECORDS = frozenset({"knowledge", "metrics"})
 KNOWLEDGE_ARRAYS = frozenset({"knowledge"})
 ROW_SUM_TOLERANCE = 1e-2  # float16 rounding of C probabilities stays well inside this
@@ -25,9 +34,44 @@ class InvalidPayload(ValueError):
     """A reply that the server must not fuse; the message says why."""
 
 
-def encode(probs: np.ndarray) -> np.ndarray:
-    """Probability rows -> wire array (float16)."""
-    return np.ascontiguousarray(probs, dtype=WIRE_DTYPE)
+def _wire_dtype(wire_format: str) -> np.dtype:
+    if wire_format not in WIRE_FORMATS:
+        raise ValueError(f"wire format must be one of {sorted(WIRE_FORMATS)}; got {wire_format!r}")
+    return WIRE_FORMATS[wire_format]
+
+
+def quantize(probs: np.ndarray, levels: int = QUANT_LEVELS) -> np.ndarray:
+    """Rows of probabilities -> non-negative integers summing to ``levels`` per row.
+
+    Largest-remainder rounding: floor(levels * p), then the units still missing go to the
+    entries with the largest fractional parts, so the row sum is exact and every entry is
+    within one unit of levels * p."""
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = np.clip(probs, 0.0, None)
+    scaled = probs / probs.sum(axis=-1, keepdims=True) * levels
+    q = np.floor(scaled)
+    missing = (levels - q.sum(axis=-1)).astype(np.int64)
+    order = np.argsort(-(scaled - q), axis=-1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(probs.shape[-1])[None, :].repeat(len(probs), 0), axis=-1)
+    q += ranks < missing[:, None]
+    return q.astype(np.int64)
+
+
+def encode(probs: np.ndarray, wire_format: str = "float16") -> np.ndarray:
+    """Probability rows -> wire array in ``wire_format`` (see the module doc)."""
+    dtype = _wire_dtype(wire_format)
+    if dtype == np.uint8:
+        return np.ascontiguousarray(quantize(np.atleast_2d(probs)), dtype=np.uint8)
+    return np.ascontiguousarray(probs, dtype=dtype)
+
+
+def decode(wire: np.ndarray) -> np.ndarray:
+    """Wire array -> float64 probability rows (uint8 rows are divided by 255)."""
+    wire = np.asarray(wire)
+    if wire.dtype == np.uint8:
+        return wire.astype(np.float64) / QUANT_LEVELS
+    return wire.astype(np.float64)
 
 
 def validate_knowledge(
@@ -37,12 +81,16 @@ def validate_knowledge(
     expected_rows: int,
     num_classes: int,
     max_bytes: int = MAX_PAYLOAD_BYTES,
+    wire_format: str = "float16",
 ) -> np.ndarray:
     """Check one reply and return its knowledge as float64 rows renormalised to sum 1.
 
     ``record_names`` are the reply's record names (``{"knowledge", "metrics"}`` expected),
-    ``arrays`` the arrays of its knowledge record (``{"knowledge"}`` expected).
+    ``arrays`` the arrays of its knowledge record (``{"knowledge"}`` expected),
+    ``wire_format`` the federation's (a float16 reply to a uint8 federation is refused,
+    and the other way round: sites and server must agree on the bytes).
     """
+    expected_dtype = _wire_dtype(wire_format)
     records = set(record_names)
     if records != REPLY_RECORDS:
         raise InvalidPayload(
@@ -53,16 +101,23 @@ def validate_knowledge(
             f"knowledge record must hold exactly {sorted(KNOWLEDGE_ARRAYS)}; got {sorted(arrays)}"
         )
     k = arrays["knowledge"]
-    if not isinstance(k, np.ndarray) or k.dtype.kind != "f":
+    quantized = expected_dtype == np.uint8
+    if not isinstance(k, np.ndarray) or (k.dtype != np.uint8 if quantized else k.dtype.kind != "f"):
         kind = k.dtype if isinstance(k, np.ndarray) else type(k).__name__
-        raise InvalidPayload(f"knowledge must be a floating-point array; got {kind}")
+        want = "a uint8 array (wire format uint8)" if quantized else "a floating-point array"
+        raise InvalidPayload(f"knowledge must be {want}; got {kind}")
     if k.nbytes > max_bytes:
         raise InvalidPayload(f"knowledge is {k.nbytes} bytes; the limit is {max_bytes}")
     if k.shape != (expected_rows, num_classes):
         raise InvalidPayload(
             f"knowledge must have shape ({expected_rows}, {num_classes}); got {k.shape}"
         )
-    k = k.astype(np.float64)
+    if quantized:
+        sums = k.sum(axis=1, dtype=np.int64)
+        if len(k) and (sums != QUANT_LEVELS).any():
+            bad = int((sums != QUANT_LEVELS).sum())
+            raise InvalidPayload(f"uint8 knowledge rows must sum to {QUANT_LEVELS}; {bad} rows do not")
+    k = decode(k)
     if not np.isfinite(k).all():
         raise InvalidPayload(f"knowledge has {int((~np.isfinite(k)).sum())} non-finite values")
     if (k < 0).any():

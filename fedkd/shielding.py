@@ -8,7 +8,9 @@ per-example temperature and Gaussian logit noise:
     K(x) = softmax((z(x) + N(0, sigma^2 I)) / T(x))
 
 so every released row stays a probability vector, and examples whose prediction looks
-private are released flatter. Optionally only the ``top_k`` largest probabilities are
+private are released flatter. Scorers see the predictions p(x), an optional public
+reference r(x) and, for text, the public inputs as strings (``texts``): the ``pii``
+scorer reads the input, not the prediction. Optionally only the ``top_k`` largest probabilities are
 kept (the rest of the mass is spread evenly over the other classes).
 
 Shielding is empirical protection; the formal guarantee comes from DP-SGD, since
@@ -17,7 +19,8 @@ predictions of a DP-trained model on public inputs are post-processing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,18 +28,23 @@ import numpy as np
 from fedkd.fusion import entropy, js_divergence, softmax
 from fedkd.registry import Registry
 
-SensitivityScorer = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+# scorer(probs [P, C], reference [P, C] | None, texts: P strings | None) -> s [P] in [0, 1]
+SensitivityScorer = Callable[[np.ndarray, np.ndarray | None, Sequence[str] | None], np.ndarray]
 SENSITIVITY_SCORERS: Registry[SensitivityScorer] = Registry("sensitivity scorer")
 
 
 @SENSITIVITY_SCORERS.register("uniform")
-def uniform_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+def uniform_sensitivity(
+    probs: np.ndarray, reference: np.ndarray | None, texts: Sequence[str] | None = None
+) -> np.ndarray:
     """s(x) = 0: every example treated alike (temperature T0 everywhere)."""
     return np.zeros(probs.shape[0])
 
 
 @SENSITIVITY_SCORERS.register("confidence")
-def confidence_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+def confidence_sensitivity(
+    probs: np.ndarray, reference: np.ndarray | None, texts: Sequence[str] | None = None
+) -> np.ndarray:
     """s(x) = (max_c p_c(x) - 1/C) / (1 - 1/C): confident predictions are the likeliest to
     reflect memorised private examples."""
     c = probs.shape[-1]
@@ -44,12 +52,47 @@ def confidence_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> n
 
 
 @SENSITIVITY_SCORERS.register("divergence")
-def divergence_sensitivity(probs: np.ndarray, reference: np.ndarray | None) -> np.ndarray:
+def divergence_sensitivity(
+    probs: np.ndarray, reference: np.ndarray | None, texts: Sequence[str] | None = None
+) -> np.ndarray:
     """s(x) = JS(p(x), r(x)) / ln 2, r = a public reference (last round's fused knowledge;
     uniform when there is none): knowledge that departs from what is public is more private."""
     if reference is None:
         reference = np.full_like(probs, 1.0 / probs.shape[-1])
     return np.clip(js_divergence(probs, reference) / np.log(2.0), 0.0, 1.0)
+
+
+# Tokens that look like personal data in (lower-cased, tokenizer-decoded) text: e-mail
+# addresses, phone-like digit runs, numbers of two or more digits (ids, pins, account and
+# reference numbers), single digits spelled apart ("4 8 1 5"), and a word after a
+# self-introduction or title (names: "this is dana", "my name is ...", "dr. lee").
+PII_PATTERNS: dict[str, re.Pattern[str]] = {
+    "email": re.compile(r"[\w.+-]+\s*@\s*[\w-]+(\s*\.\s*[\w-]+)+"),
+    "phone": re.compile(r"\+?\d[\d\s().-]{6,}\d"),
+    "number": re.compile(r"\b\d{2,}\b"),
+    "digit-run": re.compile(r"\b\d(\s+\d\b){2,}"),
+    "name": re.compile(r"\b(this is|my name is|i am|i'm|regards,?|mr\.?|mrs\.?|ms\.?|dr\.?)\s+[a-z]{2,}"),
+}
+
+
+def pii_hits(text: str) -> int:
+    """Number of PII-like matches in ``text`` (see :data:`PII_PATTERNS`)."""
+    return sum(len(pattern.findall(text)) for pattern in PII_PATTERNS.values())
+
+
+@SENSITIVITY_SCORERS.register("pii")
+def pii_sensitivity(
+    probs: np.ndarray, reference: np.ndarray | None, texts: Sequence[str] | None = None
+) -> np.ndarray:
+    """s(x) = 1 - 2^(-h(x)), h(x) = PII-like matches in the input text (:func:`pii_hits`):
+    0 for clean text, 1/2 for one match, 3/4 for two. Text inputs only: the knowledge on a
+    public example that names a person or carries numbers is released flatter."""
+    if texts is None:
+        raise ValueError("the 'pii' sensitivity scorer needs text inputs (a text dataset)")
+    if len(texts) != probs.shape[0]:
+        raise ValueError(f"pii scorer: {len(texts)} texts for {probs.shape[0]} predictions")
+    hits = np.array([pii_hits(t.lower()) for t in texts], dtype=np.float64)
+    return 1.0 - np.exp2(-hits)
 
 
 def top_k_release(probs: np.ndarray, k: int) -> np.ndarray:
@@ -83,11 +126,13 @@ def shield(
     reference: np.ndarray | None = None,
     top_k: int = 0,
     rng: np.random.Generator | None = None,
+    texts: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, ShieldStats]:
     """Released knowledge ``[P, C]`` from logits ``[P, C]`` (formulas in the module doc).
 
-    ``reference`` [P, C] is the public reference for the ``divergence`` scorer;
-    ``rng`` draws the logit noise (required when ``noise_std > 0``).
+    ``reference`` [P, C] is the public reference for the ``divergence`` scorer, ``texts``
+    the P public inputs as text for the ``pii`` scorer; ``rng`` draws the logit noise
+    (required when ``noise_std > 0``).
     """
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2:
@@ -98,7 +143,7 @@ def shield(
         )
     if reference is not None and np.shape(reference) != logits.shape:
         raise ValueError(f"reference must have the logits' shape {logits.shape}; got {np.shape(reference)}")
-    sensitivity = SENSITIVITY_SCORERS.get(scorer)(softmax(logits), reference)
+    sensitivity = SENSITIVITY_SCORERS.get(scorer)(softmax(logits), reference, texts)
     per_example_t = temperature * (1.0 + gamma * sensitivity)
     if noise_std > 0:
         if rng is None:

@@ -273,6 +273,11 @@ def run_site_round(
     if has_fused and np.array_equal(fused_positions, release_positions):
         reference = fused
     s = config.shield
+    texts = None
+    if s.scorer == "pii":  # the scorer reads the public inputs (token ids) as text
+        from fedkd.text import detokenize
+
+        texts = detokenize(public_x[release_positions], tokenizer=config.data.tokenizer)
     knowledge, stats = shield(
         logits,
         temperature=s.temperature,
@@ -282,6 +287,7 @@ def run_site_round(
         reference=reference,
         top_k=s.top_k,
         rng=np.random.default_rng(seed),
+        texts=texts,
     )
     metrics.update(
         {

@@ -134,6 +134,12 @@ def tokenize(texts: list[str], *, max_length: int, tokenizer: str = "") -> np.nd
     return np.asarray(encoded["input_ids"], dtype=np.int64)
 
 
+def detokenize(ids: np.ndarray, *, tokenizer: str = "") -> list[str]:
+    """Token ids ``[N, L]`` back to text (special and pad tokens dropped), e.g. for the
+    ``pii`` shielding scorer, which reads what a public example says."""
+    return load_tokenizer(tokenizer).batch_decode(np.asarray(ids).tolist(), skip_special_tokens=True)
+
+
 # ------------------------------------------------------------------------- corpus
 
 TOPICS = ("billing", "outage", "account", "shipping", "clinical", "device")

@@ -107,7 +107,7 @@ class Federation:
         client = self.node_client.get(node)
         if client is not None and client in self.fused:
             positions, knowledge = self.fused[client]
-            arrays = {"knowledge": Array(encode(knowledge))}
+            arrays = {"knowledge": Array(encode(knowledge, self.config.knowledge.wire_format))}
             if len(positions) < len(self.split.public):
                 arrays["positions"] = Array(positions)
             content["fused"] = ArrayRecord(arrays)
@@ -205,6 +205,7 @@ class Federation:
                     arrays=arrays,
                     expected_rows=len(release),
                     num_classes=self.split.num_classes,
+                    wire_format=self.config.knowledge.wire_format,
                 )
             except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
                 self._exclude(round_number, node, f"invalid reply: {err}")

@@ -124,12 +124,17 @@ def test_cli_simulate_prints_the_table(tmp_path, capsys):
             "--set", "num-server-rounds=1",
             "--set", "fusion.method=era",
             "--set", "global-student.enabled=false",
+            "--set", "knowledge.wire-format=uint8",
         ]
     )
     assert code == 0
     out = capsys.readouterr().out
     assert "era" in out and "ALMA" in out
-    assert json.loads((tmp_path / "cli-runs" / "cli" / "summary.json").read_text())["method"] == "era"
+    summary = json.loads((tmp_path / "cli-runs" / "cli" / "summary.json").read_text())
+    assert summary["method"] == "era"
+    # 8-bit wire format: one byte a probability, and the server accepted every uint8 reply
+    assert summary["bytes"]["uplink-per-client-round"] == 540 * 10
+    assert summary["history"][-1]["accepted"] == [0, 1, 2]
 
 
 def test_dp_sites_accumulate_epsilon_within_target(tmp_path):

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from fedkd.knowledge import (
+    QUANT_LEVELS,
     WIRE_DTYPE,
     InvalidPayload,
+    decode,
     encode,
+    quantize,
     validate_client_id,
     validate_knowledge,
 )
@@ -183,3 +186,44 @@ def test_out_of_range_partition_id_rejected(value):
 def test_non_finite_partition_id_rejected(value):
     with pytest.raises(InvalidPayload):
         validate_client_id({"partition-id": value}, num_clients=5)
+
+
+# ------------------------------------------------------------- 8-bit wire format
+
+
+def test_quantize_hand_example_uses_largest_remainders():
+    # 255 * [0.5, 0.3, 0.2] = [127.5, 76.5, 51]: one unit missing after flooring, and the
+    # tie between the two .5 remainders goes to the first
+    np.testing.assert_array_equal(quantize(np.array([[0.5, 0.3, 0.2]])), [[128, 76, 51]])
+
+
+def test_uint8_rows_sum_to_255_and_decode_within_one_level():
+    rng = np.random.default_rng(3)
+    p = np.concatenate([rng.dirichlet(np.full(10, a), size=200) for a in (0.05, 1.0, 50.0)])
+    wire = encode(p, "uint8")
+    assert wire.dtype == np.uint8 and wire.nbytes == p.size
+    np.testing.assert_array_equal(wire.sum(axis=1, dtype=np.int64), QUANT_LEVELS)
+    assert np.abs(decode(wire) - p).max() < 1 / QUANT_LEVELS
+    np.testing.assert_allclose(decode(wire).sum(axis=1), 1.0, rtol=0, atol=1e-12)
+
+
+def test_uint8_payload_is_accepted_only_in_a_uint8_federation():
+    wire = encode(_valid(np.float64), "uint8")
+    out = _check(wire, wire_format="uint8")
+    np.testing.assert_allclose(out, decode(wire))
+    with pytest.raises(InvalidPayload, match="floating-point"):
+        _check(wire)  # a float16 federation refuses 8-bit replies
+    with pytest.raises(InvalidPayload, match="uint8"):
+        _check(encode(_valid(np.float64)), wire_format="uint8")
+
+
+def test_uint8_rows_that_do_not_sum_to_255_are_refused():
+    wire = encode(_valid(np.float64), "uint8")
+    wire[2, 0] += 1
+    with pytest.raises(InvalidPayload, match="1 rows do not"):
+        _check(wire, wire_format="uint8")
+
+
+def test_unknown_wire_format_is_an_error():
+    with pytest.raises(ValueError, match="float16"):
+        encode(_valid(), "int4")

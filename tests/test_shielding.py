@@ -14,6 +14,8 @@ from fedkd.shielding import (
     SENSITIVITY_SCORERS,
     confidence_sensitivity,
     divergence_sensitivity,
+    pii_hits,
+    pii_sensitivity,
     shield,
     top_k_release,
     uniform_sensitivity,
@@ -31,7 +33,7 @@ def _effective_temperature(logits_row: np.ndarray, released_row: np.ndarray) -> 
 
 
 def test_scorer_registry_names():
-    assert set(SENSITIVITY_SCORERS.names()) >= {"uniform", "confidence", "divergence"}
+    assert set(SENSITIVITY_SCORERS.names()) >= {"uniform", "confidence", "divergence", "pii"}
     with pytest.raises(ValueError, match="confidence"):
         SENSITIVITY_SCORERS.get("nope")
 
@@ -70,6 +72,7 @@ def test_release_rows_are_distributions(seed, p, c, scale, temperature, gamma, n
     rng = np.random.default_rng(seed)
     z = rng.normal(0.0, 1.0, size=(p, c)) * scale
     reference = rng.dirichlet(np.ones(c), size=p) if with_reference else None
+    texts = [("my pin is 4 8 1 5" if i % 2 else "hello") for i in range(p)] if scorer == "pii" else None
     released, stats = shield(
         z,
         temperature=temperature,
@@ -79,6 +82,7 @@ def test_release_rows_are_distributions(seed, p, c, scale, temperature, gamma, n
         reference=reference,
         top_k=top_k,
         rng=rng,
+        texts=texts,
     )
     assert released.shape == (p, c)
     assert np.isfinite(released).all()
@@ -112,8 +116,9 @@ def test_confidence_scorer_gives_confident_rows_higher_temperature():
 def test_gamma_zero_ignores_the_scorer():
     z = _logits(2)
     base, _ = shield(z, temperature=1.3)
+    texts = ["my pin is 4 8 1 5"] * len(z)
     for scorer in SENSITIVITY_SCORERS.names():
-        released, stats = shield(z, temperature=1.3, gamma=0.0, scorer=scorer)
+        released, stats = shield(z, temperature=1.3, gamma=0.0, scorer=scorer, texts=texts)
         np.testing.assert_allclose(released, base, rtol=1e-12)
         assert stats.mean_temperature == pytest.approx(1.3)
 
@@ -213,3 +218,41 @@ def test_bad_logits_shape_raises():
 def test_unknown_scorer_lists_names():
     with pytest.raises(ValueError, match="uniform"):
         shield(_logits(), scorer="nope")
+
+
+# ----------------------------------------------------------------------- pii scorer
+
+
+@pytest.mark.parametrize(
+    ("text", "hits"),
+    [
+        ("i have a problem with the router", 0),
+        ("my pin is 4 8 1 5", 1),
+        ("ref 88123.", 1),
+        ("hi, this is dana.", 1),
+        ("mail me at jo.doe@example.org", 1),
+        ("regards, sam. account 0042", 2),
+    ],
+)
+def test_pii_hits_known_answers(text, hits):
+    assert pii_hits(text) == hits
+
+
+def test_pii_sensitivity_is_one_minus_half_per_hit_and_raises_temperature():
+    texts = ["the router is down", "my pin is 4 8 1 5", "this is dana, ref 88123"]
+    probs = softmax(_logits(p=3))
+    s = pii_sensitivity(probs, None, texts)
+    np.testing.assert_allclose(s, [0.0, 0.5, 0.75])
+    z = _logits(p=3)
+    released, stats = shield(z, temperature=1.0, gamma=2.0, scorer="pii", texts=texts)
+    assert stats.mean_temperature == pytest.approx(1.0 + 2.0 * s.mean())
+    # the clean row keeps T0; rows with personal data are flatter
+    np.testing.assert_allclose(released[0], softmax(z[:1])[0], rtol=1e-12)
+    assert _effective_temperature(z[2], released[2]) == pytest.approx(2.5)
+
+
+def test_pii_scorer_needs_texts():
+    with pytest.raises(ValueError, match="text inputs"):
+        shield(_logits(p=3), gamma=1.0, scorer="pii")
+    with pytest.raises(ValueError, match="2 texts for 3"):
+        shield(_logits(p=3), gamma=1.0, scorer="pii", texts=["a", "b"])

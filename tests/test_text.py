@@ -391,3 +391,27 @@ def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, priv
         assert ledger.steps == ledger.plan.steps_per_round
     scores = site.evaluate_site(student, split.clients[0], teacher=teacher, release="teacher")
     assert scores["accuracy"] == scores["teacher-accuracy"]
+
+
+@needs_extra  # the default tokenizer
+def test_pii_scorer_flattens_the_knowledge_on_public_texts_with_personal_data():
+    import fedkd.site as site
+    from fedkd.shielding import pii_sensitivity
+    from fedkd.text import detokenize
+
+    config = _site_config(**{"teacher.sites": "", "shield.scorer": "pii", "shield.gamma": 3.0})
+    split = load_federation(config.data, config.seed)
+    texts = detokenize(split.public.x, tokenizer=config.data.tokenizer)
+    s = pii_sensitivity(np.zeros((len(texts), 1)), None, texts)
+    # the embedded corpus signs some tickets with a name or a reference number
+    assert 0 < (s > 0).sum() < len(s)
+    flagged = np.flatnonzero(s > 0)[:5]
+    clean = np.flatnonzero(s == 0)[:5]
+    release = np.concatenate([flagged, clean])
+    result = site.run_site_round(
+        model=site.build_site_model(config, split, 1), config=config, client=1, round_number=1,
+        data=split.clients[1], public_x=split.public.x, release_positions=release,
+    )
+    expected_t = 1.0 + 3.0 * s[release].mean()
+    assert result.metrics["shield-temperature"] == pytest.approx(expected_t)
+    assert result.metrics["shield-sensitivity"] == pytest.approx(s[release].mean())
