@@ -329,6 +329,61 @@ class CheckpointConfig:
     )
 
 
+def _check_secret_format(value: Any) -> str | None:
+    problem = (
+        "must be a sentence with 1 to 8 digit slots '{}' and no other braces, such as "
+        f"'my pin is {{}} {{}} {{}} {{}}'; got {value!r}"
+    )
+    if not isinstance(value, str):
+        return problem
+    slots = value.count("{}")
+    rest = value.replace("{}", "")
+    return problem if not 1 <= slots <= 8 or "{" in rest or "}" in rest else None
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = option(
+        False,
+        help="record what a privacy audit needs (fedkd audit RUN_DIR): the target site's "
+        "candidate examples and which were members, its released knowledge per round; "
+        "changes the target site's private data (docs/audit.md)",
+    )
+    site: int = option(0, low=0, help="the audited site (its private training examples are the targets)")
+    canaries: int = option(
+        0, low=0,
+        help="candidate examples drawn from the site's train split, each trained on with "
+        "probability 1/2 (0 = all of them)",
+    )
+    canary_labels: str = option(
+        "natural", choices=("natural", "mislabeled"),
+        help="candidates keep their label ('natural') or get a random wrong one ('mislabeled', "
+        "crafted canaries: the strongest test of DP)",
+    )
+    secret_format: str = option(
+        "my pin is {} {} {} {}", check=_check_secret_format,
+        help="text: Secret Sharer canary format, each {} a random digit",
+    )
+    secret_repeats: int = option(
+        0, low=0, help="text: times the secret is inserted into the site's private text (0 = none)"
+    )
+    secret_label: int = option(0, low=0, help="text: class label the secret sentence carries")
+    reference_models: int = option(
+        4, low=0, help="LiRA reference models, each trained on a random half of the candidates "
+        "(0 = LOSS attack only)"
+    )
+    reference_epochs: int = option(
+        0, low=0, help="epochs of each reference model (0 = num-server-rounds * train.local-epochs)"
+    )
+    exposure_candidates: int = option(
+        10000, low=10, help="text: random secret fillings the secret is ranked against"
+    )
+    bootstrap: int = option(200, low=0, help="bootstrap replicates of the metric intervals")
+    confidence: float = option(
+        0.95, low=0.5, high=0.999, help="confidence of intervals and of the epsilon lower bound"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     num_server_rounds: int = option(20, low=1, help="federated rounds")
@@ -350,6 +405,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_flat(self) -> dict[str, Any]:
         """Flat ``{"fusion.method": "knfu", ...}`` mapping, as Flower's run config."""
@@ -564,6 +620,11 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
                 f"teacher.sites: site ids must be < data.num-clients ({get('data.num-clients')}); "
                 f"got {', '.join(map(str, outside))}"
             )
+    if valid("audit.enabled", "audit.site", "data.num-clients") and get("audit.enabled") \
+            and get("audit.site") >= get("data.num-clients"):
+        problems.append(
+            f"audit.site: must be < data.num-clients ({get('data.num-clients')}); got {get('audit.site')}"
+        )
     problems.extend(_modality_checks(get, valid))
     if (valid("privacy.enabled", "train.mode") and get("privacy.enabled")
             and get("train.mode") == "joint"):

@@ -1,0 +1,81 @@
+"""Canary exposure (Carlini et al. 2019, "The Secret Sharer", Sec. 4).
+
+A canary s[r] is a fixed format ("my pin is {} {} {} {}") filled with a random r from a
+space R (here: digits, |R| = 10^slots), inserted k times into a site's private text. A
+model's score of a filling is its loss on it (for a classifier: CE of the filled sentence
+against the canary's label; lower = the model finds it more familiar). With
+rank(s[r]) = 1 + #{r' in R : loss(s[r']) < loss(s[r])},
+
+    exposure = log2 |R| - log2 rank(s[r])
+
+so a canary ranked first among all fillings has exposure log2 |R| (fully extractable by
+enumeration) and a typical one ~1.
+
+* :func:`exposure_by_rank` counts the rank among ``candidate_losses`` (all of R when it is
+  small enough, else a uniform sample, whose share below the canary estimates rank/|R|).
+* :func:`exposure_by_skewnorm` (Secret Sharer Sec. 4.3): fit a skew-normal distribution to
+  the candidates' losses and read exposure = -log2 CDF(loss(canary)), which extrapolates
+  beyond the sample's resolution of log2(n) bits.
+
+>>> import numpy as np
+>>> round(exposure_by_rank(canary_loss=0.0, candidate_losses=np.arange(1.0, 1024.0),
+...                        space_size=1024), 3)
+10.0
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import skewnorm
+
+
+def exposure_by_rank(*, canary_loss: float, candidate_losses: np.ndarray, space_size: int) -> float:
+    """log2 |R| - log2 rank, rank estimated as 1 + |R| * share of candidates with a lower
+    loss (exact when ``candidate_losses`` are all other fillings of R); ties count half."""
+    losses = np.asarray(candidate_losses, dtype=np.float64)
+    if losses.size == 0 or space_size < 1:
+        raise ValueError("need at least one candidate and a space of at least one filling")
+    below = float(np.sum(losses < canary_loss) + 0.5 * np.sum(losses == canary_loss))
+    exhaustive = losses.size >= space_size - 1
+    rank = 1.0 + (below if exhaustive else below / losses.size * (space_size - 1))
+    return float(math.log2(space_size) - math.log2(rank))
+
+
+def exposure_by_skewnorm(*, canary_loss: float, candidate_losses: np.ndarray) -> float:
+    """-log2 F(loss(canary)), F the skew-normal CDF fitted to the candidates' losses."""
+    losses = np.asarray(candidate_losses, dtype=np.float64)
+    if losses.size < 3 or np.ptp(losses) == 0:
+        return 0.0
+    a, loc, scale = skewnorm.fit(losses)
+    return float(-skewnorm.logcdf(canary_loss, a, loc, scale) / math.log(2))
+
+
+def format_slots(fmt: str) -> int:
+    """Number of digit slots ``{}`` in a canary format."""
+    return fmt.count("{}")
+
+
+def fill(fmt: str, digits: tuple[int, ...] | np.ndarray) -> str:
+    """``fill("my pin is {} {} {} {}", (4, 8, 1, 5))`` -> ``"my pin is 4 8 1 5"``."""
+    return fmt.format(*[int(d) for d in digits])
+
+
+def candidate_fillings(*, fmt: str, exclude: list[tuple[int, ...]], max_candidates: int,
+                       seed: int) -> tuple[list[tuple[int, ...]], int]:
+    """Fillings of R to rank a canary against, and |R|: every filling except ``exclude``
+    when |R| - 1 <= ``max_candidates``, else ``max_candidates`` distinct random ones."""
+    slots = format_slots(fmt)
+    space = 10**slots
+    excluded = {tuple(int(d) for d in e) for e in exclude}
+    if space - len(excluded) <= max_candidates:
+        codes = range(space)
+    else:
+        codes = np.random.default_rng([seed, 31337]).choice(space, max_candidates + len(excluded), replace=False)
+    out = []
+    for code in codes:
+        digits = tuple(int(c) for c in str(int(code)).zfill(slots))
+        if digits not in excluded:
+            out.append(digits)
+    return out[:max_candidates], space
