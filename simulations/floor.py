@@ -42,7 +42,7 @@ from fedkd.data import FederatedSplit, load_federation
 from fedkd.distillation import accuracy, distil
 from fedkd.fedavg import average_weights, weight_bytes
 from fedkd.fusion import fuse
-from fedkd.knowledge import encode, validate_knowledge
+from fedkd.knowledge import decode, encode, validate_knowledge
 from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger
 from fedkd.reporting import RunRecorder, alma_summary
@@ -145,6 +145,9 @@ def run_floor(config: Config) -> Path:
 
 
 def _run_floor(config: Config, started: float) -> Path:
+    if getattr(getattr(config, "audit", None), "enabled", False):
+        raise ValueError("the floor runner does not run privacy audits (audit.enabled); use fedkd simulate")
+    wire_format = config.knowledge.wire_format
     split = load_federation(config.data, config.seed)
     check_privacy_plans(config, split)
     recorder = _recorder(config)
@@ -173,9 +176,9 @@ def _run_floor(config: Config, started: float) -> Path:
             fused_in = fused_positions = None
             if c in fused:
                 positions, knowledge = fused[c]
-                wire = encode(knowledge)
+                wire = encode(knowledge, wire_format)
                 sent += wire.nbytes + (positions.nbytes if len(positions) < num_public else 0)
-                fused_in, fused_positions = wire.astype(np.float32), positions
+                fused_in, fused_positions = decode(wire).astype(np.float32), positions
             bytes_down.append(sent)
             ledgers[c] = _ledger_round_trip(ledgers[c], config, split, c)
             result = run_site_round(
@@ -186,10 +189,12 @@ def _run_floor(config: Config, started: float) -> Path:
             arrays = {"knowledge": result.knowledge}
             if c in adversaries:
                 arrays = corrupt(result.knowledge, adversaries[c], np.random.default_rng(c))
-            wire_arrays = {name: (encode(a) if a.dtype.kind == "f" else a) for name, a in arrays.items()}
+            wire_arrays = {name: (encode(a, wire_format) if a.dtype.kind == "f" else a)
+                           for name, a in arrays.items()}
             try:
                 knowledge = validate_knowledge(record_names={"knowledge", "metrics"}, arrays=wire_arrays,
-                                               expected_rows=len(release), num_classes=split.num_classes)
+                                               expected_rows=len(release), num_classes=split.num_classes,
+                                               wire_format=wire_format)
             except ValueError as err:
                 recorder.record("excluded", round=r, node=c, client=c, reason=f"invalid reply: {err}")
                 continue
