@@ -5,6 +5,9 @@
                                                           one run per fusion method + table
     fedkd compare  RUN_DIR [RUN_DIR ...]                  table over finished runs
     fedkd options                                         every config key, default, meaning
+    fedkd audit    RUN_DIR | --sweep [--config FILE] [--set ...]
+                                                          privacy-leakage audit of a run, or the
+                                                          shielding / DP trade-off study (docs/audit.md)
     fedkd deploy   certs|keys|export-partitions|connect|superlink|register|supernode|run|plan
                                                           multi-host deployment (docs/deployment.md)
 
@@ -101,6 +104,60 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_options(args: argparse.Namespace) -> int:
     print(describe_options())
+    return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError([f"{what}: expected comma-separated numbers; got {text!r}"]) from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedkd.audit.report import write_audit_report
+
+    if args.sweep == bool(args.run_dir):
+        raise ConfigError(["fedkd audit: give either a RUN_DIR to audit or --sweep"])
+    if not args.sweep:
+        from fedkd.audit.run import audit_run
+
+        result, scores = audit_run(args.run_dir, overrides=parse_overrides(args.overrides),
+                                   progress=not args.quiet)
+        written = write_audit_report(args.run_dir / "audit", result, scores)
+        from fedkd.audit.report import audit_markdown
+
+        print(audit_markdown(result))
+        print(f"report: {', '.join(str(p) for p in written)}")
+        return 0
+
+    from fedkd.audit.sweep import DIGITS_SWEEP, run_sweep, sweep_settings
+
+    overrides = parse_overrides(args.overrides)
+    if args.config is None:
+        overrides = {**DIGITS_SWEEP, **overrides}
+    base = load_config(args.config, overrides={**overrides, "audit.enabled": True})
+    settings = sweep_settings(
+        temperatures=_floats(args.temperatures, "--temperatures"), noises=_floats(args.noise, "--noise"),
+        epsilons=_floats(args.epsilons, "--epsilons"),
+        kinds=[k.strip() for k in args.settings.split(",") if k.strip()],
+    )
+    for setting in settings:  # refuse a bad setting (e.g. an unreachable epsilon) before the first run
+        from fedkd.audit.sweep import setting_config
+        from fedkd.data import load_federation
+        from fedkd.site import check_privacy_plans
+
+        config = setting_config(base, setting, sweep_name="check")
+        check_privacy_plans(config, load_federation(config.data, config.seed))
+    name = base.run_name or f"audit-sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    command = "fedkd audit --sweep " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    sweep_dir, _ = run_sweep(
+        base, settings, sweep_name=name, command=command.strip(), progress=not args.quiet,
+        simulate=lambda config: _simulate(_resumable(config), args.verbose),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print((sweep_dir / "sweep.md").read_text())
+    print(f"sweep report and plots: {sweep_dir}")
     return 0
 
 
@@ -409,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("options", help="list every config key with its default and meaning")
     p.set_defaults(func=cmd_options)
+
+    p = sub.add_parser("audit", help="privacy-leakage audit of a finished run (recorded with "
+                       "audit.enabled), or --sweep: the shielding / DP trade-off study")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run directory to audit")
+    p.add_argument("--sweep", action="store_true",
+                   help="run and audit one federation per protection setting, then write the report")
+    _add_config_arguments(p)
+    p.add_argument("--temperatures", default="4,16", help="--sweep: shielding temperatures (default: %(default)s)")
+    p.add_argument("--noise", default="1,4", help="--sweep: shielding logit noise levels (default: %(default)s)")
+    p.add_argument("--epsilons", default="1,4,16", help="--sweep: DP epsilons (default: %(default)s)")
+    p.add_argument("--settings", default="none,temperature,noise,shield,dp,both",
+                   help="--sweep: which kinds of settings to run (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_audit)
 
     _add_deploy_parsers(sub)
     return parser

@@ -403,6 +403,18 @@ def site_settings(node_config: Mapping[str, Any], *, num_clients: int) -> SiteSe
 
 
 def load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
+    """:func:`_load_site_split`, and with ``audit.enabled`` the audited site's private data
+    as the audit plan fixes it (candidates each kept w.p. 1/2, secret inserted;
+    :func:`fedkd.audit.canaries.with_audit`)."""
+    split = _load_site_split(config, settings)
+    if config.audit.enabled and settings.partition_id == config.audit.site:
+        from fedkd.audit.canaries import with_audit
+
+        split = with_audit(config, split)
+    return split
+
+
+def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
     """The data a site works with, from its settings.
 
     Without local-data keys: the federation's split rebuilt from the run config (the

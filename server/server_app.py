@@ -27,6 +27,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedkd.audit.store import save_released, start_audit
 from fedkd.checkpoint import (
     CheckpointError,
     read_server_checkpoint,
@@ -212,6 +213,8 @@ class Federation:
                 continue
             self.bytes_up.append(int(arrays["knowledge"].nbytes))
             accepted[client] = knowledge
+            if self.config.audit.enabled and client == self.config.audit.site:
+                save_released(self.recorder.run_dir, round_number, positions=release, knowledge=knowledge)
             metrics = {k: v for k, v in content["metrics"].items() if k != "partition-id"}
             self.recorder.record("client-train", round=round_number, client=client, **metrics)
             if "epsilon" in metrics:
@@ -456,6 +459,8 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, recorded.to_toml())
     log(INFO, "fedkd: run directory %s", run_dir)
     split = load_federation(config.data, config.seed)
+    if config.audit.enabled:  # record which candidates the audited site trains on
+        split = start_audit(config, split, run_dir)
     check_privacy_plans(config, split)  # refuse an unreachable budget before round 1
     federation = Federation(grid=grid, config=config, split=split, recorder=recorder)
     if resume is not None:

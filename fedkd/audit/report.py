@@ -1,0 +1,314 @@
+"""Audit reports: ``audit.json``, ``audit.md`` and PNG plots (matplotlib, Agg).
+
+One run (:func:`write_audit_report`, into ``<run dir>/audit/``):
+
+* ``roc.png``: ROC of every (target, attack) on log-log axes with the diagonal
+  TPR = FPR (chance), so the low-FPR region the metrics emphasise is visible;
+* ``epsilon_bound.png``: the one-run epsilon lower bound of each (target, attack) beside
+  the accountant's epsilon (dashed; absent without DP).
+
+A sweep (:func:`write_sweep_report`): ``sweep.json``, ``sweep.md`` and
+``leakage_vs_shielding.png`` (AUC against shielding temperature and noise),
+``leakage_vs_epsilon.png`` (AUC against DP epsilon), ``accuracy_vs_epsilon.png``,
+``epsilon_bound_vs_accountant.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedkd.audit.metrics import roc_points
+
+
+def _plt():  # noqa: ANN202
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def _f(value: Any, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _ci(pair: Sequence[float]) -> str:
+    return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
+def audit_markdown(result: Mapping[str, Any]) -> str:
+    """The human-readable report of one audit."""
+    p, acc = result["privacy"], result["accuracy"]
+    shield = result["shield"]
+    lines = [
+        f"# Privacy audit of `{Path(result['run']).name}`",
+        "",
+        f"Target: site {result['site']}'s private training examples: {result['candidates']} "
+        f"candidates ({result['canary-labels']} labels), {result['members']} of them trained on "
+        "(each with probability 1/2, seeded). "
+        f"LiRA reference models: {result['reference-models']}. Released knowledge recorded for "
+        f"{result['rounds-released']} rounds.",
+        "",
+        f"Protection: DP {'on, accountant epsilon ' + _f(p['epsilon'], '.2f') + ' (delta ' + _f(p['delta'], '.2g') + ')' if p['enabled'] else 'off'}; "
+        f"shielding T0 = {shield['temperature']:g}, gamma = {shield['gamma']:g}, "
+        f"noise std = {shield['noise_std']:g}, scorer {shield['scorer']}, top-k {shield['top_k']}.",
+        "",
+        f"Accuracy: ALMA {_f(acc['alma'])}, audited site {_f(acc['site'])}, "
+        f"global student {_f(acc['global'])}.",
+        "",
+        "## Membership inference",
+        "",
+        "| target | threat model | attack | AUC [95% CI] | TPR@1%FPR [CI] | TPR@0.1%FPR | advantage | one-run ε lower bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, target in result["targets"].items():
+        if "skipped" in target:
+            lines.append(f"| {name} | {target['threat-model']} | - | skipped: {target['skipped']} | | | | |")
+            continue
+        for attack, m in target["attacks"].items():
+            lines.append(
+                f"| {name} | {target['threat-model']} | {attack} | {m['auc']:.3f} {_ci(m['auc_ci'])} | "
+                f"{m['tpr_at_1pct']:.3f} {_ci(m['tpr_at_1pct_ci'])} | {m['tpr_at_01pct']:.3f} | "
+                f"{m['advantage']:.3f} | {m['one-run']['epsilon_lower_bound']:.2f} "
+                f"({m['one-run']['correct']}/{m['one-run']['guesses']} guesses right) |"
+            )
+    lb = result["epsilon-lower-bound"]
+    lines += [
+        "",
+        f"Largest one-run epsilon lower bound: {lb['max']:.2f} ({lb['where']}), each at "
+        f"confidence {result['targets'] and _first_confidence(result)} on its own; accountant's epsilon: "
+        f"{_f(p['epsilon'], '.2f') if p['enabled'] else 'none (no DP)'}."
+        + (" **The bound exceeds the accountant's epsilon: a bug in DP training or accounting.**"
+           if p["enabled"] and lb["max"] > p["epsilon"] else ""),
+        "",
+        "With fewer than 100 (1,000) non-members an FPR of 1% (0.1%) cannot be resolved; read "
+        "TPR at low FPR with the member counts above in mind.",
+    ]
+    if "exposure" in result:
+        e = result["exposure"]
+        lines += [
+            "",
+            "## Canary exposure (Secret Sharer)",
+            "",
+            f"Secret format '{e['format']}' (label {e['label']}), inserted {e['repeats']} times; "
+            f"ranked among {e['candidates']} of |R| = {e['space']} fillings. Exposure = "
+            f"log2|R| - log2 rank (max {math.log2(e['space']):.1f} bits); the control is a filling "
+            "that was never inserted.",
+            "",
+            "| model | secret exposure (rank) | secret (skew-normal) | control (rank) | control (skew-normal) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, t in e["targets"].items():
+            lines.append(f"| {name} | {t['secret']['rank']:.2f} | {t['secret']['skewnorm']:.2f} | "
+                         f"{t['control']['rank']:.2f} | {t['control']['skewnorm']:.2f} |")
+    lines += ["", f"Audit time: {result['seconds']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def _first_confidence(result: Mapping[str, Any]) -> str:
+    for target in result["targets"].values():
+        for m in target.get("attacks", {}).values():
+            return f"{m['one-run']['confidence']:.0%}"
+    return "-"
+
+
+def plot_roc(path: Path, scores: Mapping[str, np.ndarray], title: str) -> Path:
+    plt = _plt()
+    labels = scores["labels"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    floor = 1.0 / max(1, int((labels == 0).sum()))
+    for name, s in scores.items():
+        if name == "labels":
+            continue
+        fpr, tpr = roc_points(scores=s, labels=labels)
+        ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2), label=name, linewidth=1.2)
+    grid = np.logspace(math.log10(floor / 2), 0, 50)
+    ax.plot(grid, grid, color="black", linestyle="--", linewidth=1, label="chance (TPR = FPR)")
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
+           xlim=(floor / 2, 1), ylim=(floor / 2, 1.05), title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bounds(path: Path, result: Mapping[str, Any]) -> Path:
+    plt = _plt()
+    names, values = [], []
+    for target, t in result["targets"].items():
+        for attack, m in t.get("attacks", {}).items():
+            names.append(f"{target}\n{attack}")
+            values.append(m["one-run"]["epsilon_lower_bound"])
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+    ax.bar(range(len(names)), values, color="tab:blue", label="one-run ε lower bound (95%)")
+    eps = result["privacy"]["epsilon"]
+    if eps is not None:
+        ax.axhline(eps, color="black", linestyle="--", label=f"accountant ε = {eps:.2f}")
+    ax.set_xticks(range(len(names)), names, fontsize=6)
+    ax.set(ylabel="ε", title="Empirical ε lower bound vs the accountant")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_audit_report(out_dir: str | Path, result: Mapping[str, Any],
+                       scores: Mapping[str, np.ndarray]) -> list[Path]:
+    """``audit.json``, ``audit.md``, ``audit_scores.npz``, ``roc.png``, ``epsilon_bound.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "audit.json", out / "audit.md", out / "audit_scores.npz"]
+    written[0].write_text(json.dumps(result, indent=2, default=_json_default))
+    written[1].write_text(audit_markdown(result))
+    np.savez(written[2], **{k.replace("/", "__"): v for k, v in scores.items()})
+    if len(scores) > 1:
+        written.append(plot_roc(out / "roc.png", scores, f"Membership inference, site {result['site']}"))
+    written.append(plot_bounds(out / "epsilon_bound.png", result))
+    return written
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def _auc(row: Mapping[str, Any], target: str, attack: str = "loss") -> float | None:
+    return row["audit"]["targets"].get(target, {}).get("attacks", {}).get(attack, {}).get("auc")
+
+
+def _best(row: Mapping[str, Any], target: str, key: str = "auc") -> float | None:
+    attacks = row["audit"]["targets"].get(target, {}).get("attacks", {})
+    values = [m[key] for m in attacks.values()]
+    return max(values) if values else None
+
+
+def _best_tpr(row: Mapping[str, Any], target: str) -> float | None:
+    return _best(row, target, "tpr_at_1pct")
+
+
+def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
+    lines = [
+        "# Privacy-leakage sweep", "", f"Command: `{command}`", "",
+        "AUC / TPR@1%FPR: best attack (LOSS, LiRA offline/online) per target. ε LB: largest "
+        "one-run lower bound over targets and attacks (each valid at 95% on its own).", "",
+        "| setting | shield T0 | noise | DP ε (accountant) | released knowledge AUC | TPR@1% | site model AUC | TPR@1% | global student AUC | ε LB | ALMA | site acc | global acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        a = row["audit"]
+        p, acc = a["privacy"], a["accuracy"]
+        lines.append(
+            f"| {row['setting']} | {a['shield']['temperature']:g} | {a['shield']['noise_std']:g} | "
+            f"{_f(p['epsilon'], '.2f') if p['enabled'] else 'off'} | "
+            f"{_f(_best(row, 'released-knowledge'))} | {_f(_best_tpr(row, 'released-knowledge'))} | "
+            f"{_f(_best(row, 'site-model'))} | {_f(_best_tpr(row, 'site-model'))} | "
+            f"{_f(_best(row, 'global-student'))} | {a['epsilon-lower-bound']['max']:.2f} | "
+            f"{_f(acc['alma'])} | {_f(acc['site'])} | {_f(acc['global'])} |"
+        )
+    exposure_rows = [r for r in rows if "exposure" in r["audit"]]
+    if exposure_rows:
+        names = sorted({n for r in exposure_rows for n in r["audit"]["exposure"]["targets"]})
+        lines += ["", "## Canary exposure (bits, rank among random fillings; skew-normal in brackets)", "",
+                  "| setting | " + " | ".join(names) + " | control (site model) |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        for r in exposure_rows:
+            t = r["audit"]["exposure"]["targets"]
+            cells = [f"{t[n]['secret']['rank']:.2f} ({t[n]['secret']['skewnorm']:.1f})" if n in t else "-"
+                     for n in names]
+            control = t.get("site-model", {}).get("control", {}).get("rank")
+            lines.append(f"| {r['setting']} | " + " | ".join(cells) + f" | {_f(control, '.2f')} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], *, command: str) -> list[Path]:
+    """``sweep.json``, ``sweep.md`` and the trade-off plots (module doc)."""
+    plt = _plt()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "sweep.json", out / "sweep.md"]
+    written[0].write_text(json.dumps({"command": command, "rows": list(rows)}, indent=2, default=_json_default))
+    written[1].write_text(sweep_markdown(rows, command))
+    targets = ("released-knowledge", "site-model", "global-student")
+
+    def plot(name: str, kind: str, xkey, xlabel: str, ykey, ylabel: str, log: bool = False) -> None:  # noqa: ANN001
+        chosen = [r for r in rows if r["kind"] in kind]
+        if not chosen:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, fn in ykey:
+            pts = sorted((xkey(r), fn(r)) for r in chosen if fn(r) is not None and xkey(r) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        if log:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    auc_lines = [(t, (lambda r, t=t: _best(r, t))) for t in targets]
+    fig_rows = [r for r in rows if r["kind"] in ("none", "temperature", "noise")]
+    if fig_rows:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, kind, key, label in ((axes[0], "temperature", "temperature", "shielding temperature T0"),
+                                     (axes[1], "noise", "noise_std", "shielding logit noise std")):
+            chosen = [r for r in fig_rows if r["kind"] in ("none", kind)]
+            for t, fn in auc_lines:
+                pts = sorted((r["audit"]["shield"][key], fn(r)) for r in chosen if fn(r) is not None)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
+            ax.axhline(0.5, color="black", linestyle=":", linewidth=1)
+            ax.set(xlabel=label, ylabel="attack AUC (best attack)", ylim=(0.3, 1.02))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("Leakage against shielding")
+        fig.tight_layout()
+        fig.savefig(out / "leakage_vs_shielding.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "leakage_vs_shielding.png")
+    eps_of = lambda r: r["audit"]["privacy"]["epsilon"]  # noqa: E731
+    plot("leakage_vs_epsilon.png", ("dp",), eps_of, "accountant ε (site)", auc_lines,
+         "attack AUC (best attack)", log=True)
+    plot("accuracy_vs_epsilon.png", ("dp",), eps_of, "accountant ε (site)",
+         [("ALMA", lambda r: r["audit"]["accuracy"]["alma"]),
+          ("audited site", lambda r: r["audit"]["accuracy"]["site"]),
+          ("global student", lambda r: r["audit"]["accuracy"]["global"])], "accuracy", log=True)
+    dp_rows = [r for r in rows if r["audit"]["privacy"]["enabled"]]
+    if dp_rows:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        xs = [r["audit"]["privacy"]["epsilon"] for r in dp_rows]
+        ys = [r["audit"]["epsilon-lower-bound"]["max"] for r in dp_rows]
+        ax.scatter(xs, ys, label="one-run lower bound (largest, 95%)")
+        top = max(xs + ys) * 1.1
+        ax.plot([0, top], [0, top], color="black", linestyle="--", linewidth=1, label="bound = accountant ε")
+        ax.set(xlabel="accountant ε", ylabel="empirical ε lower bound", xlim=(0, top), ylim=(0, top),
+               title="One-run ε lower bound vs the accountant")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "epsilon_bound_vs_accountant.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "epsilon_bound_vs_accountant.png")
+    return written

@@ -1,0 +1,117 @@
+"""The trade-off study behind ``fedkd audit --sweep``: one audited run per protection
+setting, then one report.
+
+Settings (kinds): ``none`` (no protection); ``temperature`` (shielding temperature T0 only,
+one run per level); ``noise`` (logit noise only, one run per level); ``shield``
+(shielding only: the first temperature and the first noise level together); ``dp``
+(DP-SGD only, one run per epsilon); ``both`` (the ``shield`` setting plus DP at the
+middle epsilon). Every run has ``audit.enabled``; everything else comes from the base
+config, so the runs differ only in ``shield.*`` and ``privacy.*``.
+
+The runs themselves go through a ``simulate`` callable (the CLI passes Flower's
+simulation engine), so this module stays free of Flower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedkd.config import Config
+
+SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both")
+
+DIGITS_SWEEP = {
+    "num-server-rounds": 10,
+    "data.num-clients": 4,
+    "data.alpha": 1.0,
+    "data.public-fraction": 0.2,
+    "model.architectures": "mlp-large",
+    "train.local-epochs": 5,
+    "train.distill-epochs": 3,
+    "global-student.epochs": 5,
+    "audit.enabled": True,
+    "audit.reference-models": 4,
+}
+"""The sweep's base settings without ``--config``: 4 digits sites (~200 private training
+examples each; site 0's are the candidates), 10 rounds, an MLP that can overfit."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str
+    temperature: float = 1.0
+    noise_std: float = 0.0
+    epsilon: float | None = None
+
+
+def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], epsilons: Sequence[float],
+                   kinds: Sequence[str] = SWEEP_KINDS) -> list[Setting]:
+    """The settings of one sweep (module doc), in a fixed order."""
+    unknown = [k for k in kinds if k not in SWEEP_KINDS]
+    if unknown:
+        raise ValueError(f"unknown sweep setting(s) {', '.join(unknown)}; choose from {', '.join(SWEEP_KINDS)}")
+    t0 = temperatures[0] if temperatures else 1.0
+    n0 = noises[0] if noises else 0.0
+    out = []
+    if "none" in kinds:
+        out.append(Setting("none", "none"))
+    if "temperature" in kinds:
+        out += [Setting(f"shield-T{t:g}", "temperature", temperature=t) for t in temperatures]
+    if "noise" in kinds:
+        out += [Setting(f"shield-noise{n:g}", "noise", noise_std=n) for n in noises]
+    if "shield" in kinds:
+        out.append(Setting(f"shield-T{t0:g}-noise{n0:g}", "shield", temperature=t0, noise_std=n0))
+    if "dp" in kinds:
+        out += [Setting(f"dp-eps{e:g}", "dp", epsilon=e) for e in epsilons]
+    if "both" in kinds and epsilons:
+        middle = sorted(epsilons)[len(epsilons) // 2]
+        out.append(Setting(f"both-T{t0:g}-noise{n0:g}-eps{middle:g}", "both", temperature=t0,
+                           noise_std=n0, epsilon=middle))
+    return out
+
+
+def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config:
+    """``base`` with the setting's shielding and DP, auditing on, named ``sweep/setting``."""
+    shield = dataclasses.replace(base.shield, temperature=setting.temperature, noise_std=setting.noise_std)
+    privacy = dataclasses.replace(base.privacy, enabled=setting.epsilon is not None,
+                                  target_epsilon=setting.epsilon or base.privacy.target_epsilon)
+    train = base.train
+    if setting.epsilon is not None and train.mode == "joint":
+        train = dataclasses.replace(train, mode="sequential")
+    audit = dataclasses.replace(base.audit, enabled=True)
+    return dataclasses.replace(base, shield=shield, privacy=privacy, train=train, audit=audit,
+                               run_name=f"{sweep_name}/{setting.name}")
+
+
+def run_sweep(
+    base: Config,
+    settings: Sequence[Setting],
+    *,
+    sweep_name: str,
+    simulate: Callable[[Config], Path],
+    command: str,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run and audit every setting; write each run's audit report and the sweep report
+    into ``<output-dir>/<sweep_name>/``. Returns the sweep folder and its rows."""
+    from fedkd.audit.report import write_audit_report, write_sweep_report
+    from fedkd.audit.run import audit_run
+
+    rows: list[dict[str, Any]] = []
+    sweep_dir = Path(base.output_dir).resolve() / sweep_name
+    for i, setting in enumerate(settings, 1):
+        log(f"[{i}/{len(settings)}] {setting.name}: federation")
+        run_dir = simulate(setting_config(base, setting, sweep_name=sweep_name))
+        log(f"[{i}/{len(settings)}] {setting.name}: audit")
+        result, scores = audit_run(run_dir, progress=progress)
+        write_audit_report(run_dir / "audit", result, scores)
+        rows.append({"setting": setting.name, "kind": setting.kind, **dataclasses.asdict(setting),
+                     "run_dir": str(run_dir), "audit": result})
+        write_sweep_report(sweep_dir, rows, command=command)  # partial results survive a stop
+    return sweep_dir, rows
