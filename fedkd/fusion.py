@@ -32,6 +32,9 @@ import numpy as np
 from fedkd.registry import Registry
 
 _EPS = 1e-12
+_ROW_BLOCK = 256  # rows of an [N, N, ...] computation held in memory at once
+_PAIR_BLOCK = 2**20
+_SPARSE_NEIGHBOURS = 64  # weighted fusion batches receivers with at most this many neighbours  # elements of one [clients, S, C] block in the agreement measure
 
 
 # ----------------------------------------------------------------- simplex helpers
@@ -100,18 +103,47 @@ def effectiveness_matrix(
         if divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence '{divergence}'; choose one of: js, kl")
         epd = estimated_distribution(knowledge)
-        return DIVERGENCES[divergence](epd[:, None, :], epd[None, :, :])
-    if measure == "agreement":
-        n, p, _ = knowledge.shape
-        keep = max(1, int(round(confident_fraction * p)))
-        confidence = knowledge.max(axis=-1)  # [N, P]
+        n = len(epd)
         d = np.empty((n, n))
-        for i in range(n):
-            confident = np.argsort(-confidence[i], kind="stable")[:keep]
-            own = knowledge[i, confident]  # [S, C]
-            d[i] = js_divergence(own[None], knowledge[:, confident]).mean(axis=-1)
+        for start in range(0, n, _ROW_BLOCK):  # [block, N, C] at a time: bounded memory
+            stop = min(n, start + _ROW_BLOCK)
+            d[start:stop] = DIVERGENCES[divergence](epd[start:stop, None, :], epd[None, :, :])
         return d
+    if measure == "agreement":
+        return _agreement_divergences(knowledge, confident_fraction)
     raise ValueError(f"unknown effectiveness measure '{measure}'; choose one of: agreement, epd")
+
+
+def _agreement_divergences(knowledge: np.ndarray, confident_fraction: float) -> np.ndarray:
+    """The ``agreement`` measure, d_ij = mean_{x in S_i} JS(K_i(x), K_j(x)).
+
+    Vectorised over j in cache-sized blocks, with log(max(K, eps)) computed once for all
+    clients instead of once per pair, so each pair costs one log per (x, c) (that of the
+    mixture m) instead of four. Every element goes through the same floating-point
+    operations as :func:`js_divergence` applied row by row, so the result is identical,
+    bit for bit (tests/test_fusion.py checks it). The cost stays O(N^2 |S_i| C): the
+    mixture's log has no shortcut.
+    """
+    n, p, c = knowledge.shape
+    keep = max(1, int(round(confident_fraction * p)))
+    confidence = knowledge.max(axis=-1)  # [N, P]
+    order = np.argsort(-confidence, axis=1, kind="stable")[:, :keep]  # S_i, most confident first
+    clipped = np.clip(knowledge, 0.0, None)
+    logs = np.log(np.clip(clipped, _EPS, None))
+    block = max(1, _PAIR_BLOCK // (keep * c))
+    d = np.empty((n, n))
+    for i in range(n):
+        s = order[i]
+        own, own_clipped, own_log = knowledge[i, s][None], clipped[i, s][None], logs[i, s][None]
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            q = knowledge[start:stop, s]  # [b, S, C]
+            m = 0.5 * (own + q)
+            log_m = np.log(np.clip(m, _EPS, None))
+            kl_pm = (own_clipped * (own_log - log_m)).sum(axis=-1)
+            kl_qm = (clipped[start:stop, s] * (logs[start:stop, s] - log_m)).sum(axis=-1)
+            d[i, start:stop] = (0.5 * kl_pm + 0.5 * kl_qm).mean(axis=-1)
+    return d
 
 
 def neighbour_weights(
@@ -136,19 +168,35 @@ def neighbour_weights(
     if max_neighbours < 1:
         raise ValueError(f"max_neighbours must be >= 1; got {max_neighbours}")
     weights = np.zeros((n, n))
-    for i in range(n):
-        others = np.delete(np.arange(n), i)
-        d_others = divergences[i, others]
-        tau = np.median(d_others) if threshold == "median" and n > 1 else threshold
-        if n > 1:
-            candidates = others[d_others <= tau]
+    if n == 1:
+        weights[0, 0] = 1.0
+        return weights
+    cap = max_neighbours - 1  # neighbours besides i itself
+    for start in range(0, n, _ROW_BLOCK):  # selection vectorised over a block of rows
+        rows = np.arange(start, min(n, start + _ROW_BLOCK))
+        off = np.ones((len(rows), n), dtype=bool)
+        off[np.arange(len(rows)), rows] = False
+        others = np.broadcast_to(np.arange(n), off.shape)[off].reshape(len(rows), n - 1)
+        d_others = divergences[rows][off].reshape(len(rows), n - 1)
+        tau = np.median(d_others, axis=1) if threshold == "median" else np.full(len(rows), threshold)
+        chosen = d_others <= tau[:, None]
+        if cap < n - 1:  # keep the cap smallest d_ij, ties by index (a stable sort's order)
+            key = np.where(chosen, d_others, np.inf)
+            if cap == 0:
+                chosen[:] = False
+            else:
+                kth = np.partition(key, cap - 1, axis=1)[:, cap - 1]
+                below = key < kth[:, None]
+                tie = chosen & (key == kth[:, None])
+                room = cap - below.sum(axis=1)
+                chosen = below | (tie & (np.cumsum(tie, axis=1) <= room[:, None]))
+        for row, i in enumerate(rows):
+            candidates = others[row, chosen[row]]
             candidates = candidates[np.argsort(divergences[i, candidates], kind="stable")]
-            members = np.concatenate([[i], candidates[: max_neighbours - 1]])
-        else:
-            members = np.array([i])
-        d = divergences[i, members]
-        w = np.exp(-beta * (d - d.min()))  # shift for stability; cancels on normalising
-        weights[i, members] = w / w.sum()
+            members = np.concatenate([[i], candidates])
+            d = divergences[i, members]
+            w = np.exp(-beta * (d - d.min()))  # shift for stability; cancels on normalising
+            weights[i, members] = w / w.sum()
     return weights
 
 
@@ -160,17 +208,53 @@ def weighted_fusion(knowledge: np.ndarray, weights: np.ndarray, mask: np.ndarray
     the cost is O(N k P C) for neighbour sets of size k.
     """
     n, p, c = knowledge.shape
+    if weights.shape[0] > 1 and (weights == weights[0]).all():
+        # every receiver gets the same mix (mean, era): fuse once, share the row (read-only view)
+        return np.broadcast_to(_fuse_row(knowledge, weights[0], mask), (weights.shape[0], p, c))
     fused = np.empty((weights.shape[0], p, c), dtype=np.float64)
-    for i in range(weights.shape[0]):
-        members = np.flatnonzero(weights[i])
-        w = weights[i, members][:, None] * mask[members]  # [k, P]
-        total = w.sum(axis=0)  # [P]
+    rows, cols = np.nonzero(weights)
+    counts = np.bincount(rows, minlength=weights.shape[0])
+    k = int(counts.max()) if len(counts) else 0
+    if k > _SPARSE_NEIGHBOURS:  # dense rows (small federations, no cap): row by row
+        for i in range(weights.shape[0]):
+            fused[i] = _fuse_row(knowledge, weights[i], mask)
+        return fused
+    # sparse rows (knfu's capped neighbour sets): blocks of receivers at once; members in
+    # index order, padded with weight 0 (adding exact zeros changes no sum), accumulated
+    # member by member as einsum does, so each F_i equals _fuse_row's bit for bit
+    slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    members = np.zeros((weights.shape[0], k), dtype=np.int64)
+    members[rows, slot] = cols
+    w_members = np.zeros((weights.shape[0], k))
+    w_members[rows, slot] = weights[rows, cols]
+    block = max(1, _ROW_BLOCK * 4 // max(1, k))
+    for start in range(0, weights.shape[0], block):
+        stop = min(weights.shape[0], start + block)
+        idx, wv = members[start:stop], w_members[start:stop]
+        w = wv[:, :, None] * mask[idx]  # [b, k, P]
+        total = w.sum(axis=1)  # [b, P]
         empty = total <= 0
         if empty.any():
-            w[:, empty] = weights[i, members][:, None]
-            total = w.sum(axis=0)
-        fused[i] = np.einsum("kp,kpc->pc", w / total, knowledge[members])
+            w = np.where(empty[:, None, :], wv[:, :, None], w)
+            total = w.sum(axis=1)
+        share = w / total[:, None, :]
+        out = share[:, 0, :, None] * knowledge[idx[:, 0]]
+        for j in range(1, k):
+            out = out + share[:, j, :, None] * knowledge[idx[:, j]]
+        fused[start:stop] = out
     return fused
+
+
+def _fuse_row(knowledge: np.ndarray, row: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """F(x) for one receiver with weights ``row`` [N] (see :func:`weighted_fusion`)."""
+    members = np.flatnonzero(row)
+    w = row[members][:, None] * mask[members]  # [k, P]
+    total = w.sum(axis=0)  # [P]
+    empty = total <= 0
+    if empty.any():
+        w[:, empty] = row[members][:, None]
+        total = w.sum(axis=0)
+    return np.einsum("kp,kpc->pc", w / total, knowledge[members])
 
 
 # ----------------------------------------------------------------- methods
@@ -205,7 +289,8 @@ def _fuse_era(
     knowledge: np.ndarray, mask: np.ndarray, *, era_temperature: float = 0.1, **_: Any
 ) -> FusionResult:
     result = _fuse_mean(knowledge, mask)
-    return FusionResult(sharpen(result.fused, era_temperature), result.weights)
+    row = sharpen(result.fused[:1], era_temperature)  # every row is the same: sharpen one
+    return FusionResult(np.broadcast_to(row, result.fused.shape), result.weights)
 
 
 @FUSION_METHODS.register("knfu")

@@ -392,3 +392,134 @@ def test_unknown_fusion_parameter_and_threshold_word_are_refused():
         fuse(knowledge=k, method="knfu", betta=3.0)
     with pytest.raises(ValueError, match="median"):
         neighbour_weights(np.zeros((2, 2)), threshold="mean")
+
+
+# ----------------------------------------------------------------- vectorised = row by row
+#
+# fedkd.fusion computes the agreement measure, neighbour selection and fusion vectorised
+# (benchmarks/fusion_speed.py: thousands of sites). The loops below are the plain
+# row-by-row definitions those functions replaced; the vectorised code must give the
+# same numbers bit for bit, so that results do not depend on the federation's size.
+
+
+def _reference_agreement(knowledge, confident_fraction=0.5):
+    n, p, _ = knowledge.shape
+    keep = max(1, int(round(confident_fraction * p)))
+    confidence = knowledge.max(axis=-1)
+    d = np.empty((n, n))
+    for i in range(n):
+        confident = np.argsort(-confidence[i], kind="stable")[:keep]
+        own = knowledge[i, confident]
+        d[i] = js_divergence(own[None], knowledge[:, confident]).mean(axis=-1)
+    return d
+
+
+def _reference_epd(knowledge, divergence):
+    epd = knowledge.mean(axis=-2)
+    fn = js_divergence if divergence == "js" else kl_divergence
+    return fn(epd[:, None, :], epd[None, :, :])
+
+
+def _reference_neighbour_weights(divergences, beta=10.0, threshold="median", max_neighbours=10):
+    n = divergences.shape[0]
+    weights = np.zeros((n, n))
+    for i in range(n):
+        others = np.delete(np.arange(n), i)
+        d_others = divergences[i, others]
+        tau = np.median(d_others) if threshold == "median" and n > 1 else threshold
+        if n > 1:
+            candidates = others[d_others <= tau]
+            candidates = candidates[np.argsort(divergences[i, candidates], kind="stable")]
+            members = np.concatenate([[i], candidates[: max_neighbours - 1]])
+        else:
+            members = np.array([i])
+        d = divergences[i, members]
+        w = np.exp(-beta * (d - d.min()))
+        weights[i, members] = w / w.sum()
+    return weights
+
+
+def _reference_weighted_fusion(knowledge, weights, mask):
+    n, p, c = knowledge.shape
+    fused = np.empty((weights.shape[0], p, c))
+    for i in range(weights.shape[0]):
+        members = np.flatnonzero(weights[i])
+        w = weights[i, members][:, None] * mask[members]
+        total = w.sum(axis=0)
+        empty = total <= 0
+        if empty.any():
+            w[:, empty] = weights[i, members][:, None]
+            total = w.sum(axis=0)
+        fused[i] = np.einsum("kp,kpc->pc", w / total, knowledge[members])
+    return fused
+
+
+def _knowledge_with_ties(seed, n, p, c):
+    """Random knowledge where some clients are exact copies (ties in d) and one is uniform."""
+    rng = np.random.default_rng(seed)
+    k = rng.dirichlet(np.full(c, 0.3), size=(n, p))
+    if n >= 4:
+        k[1] = k[0]
+        k[3] = k[2]
+        k[-1] = 1.0 / c  # near-uniform rows are masked
+    return k
+
+
+@pytest.mark.parametrize("seed,n,p,c", [(0, 1, 7, 3), (1, 2, 5, 4), (2, 7, 30, 10), (3, 23, 40, 5), (4, 300, 12, 10)])
+def test_vectorised_effectiveness_equals_row_by_row(seed, n, p, c):
+    k = _knowledge_with_ties(seed, n, p, c)
+    for fraction in (0.5, 0.1, 1.0):
+        np.testing.assert_array_equal(
+            effectiveness_matrix(k, measure="agreement", confident_fraction=fraction),
+            _reference_agreement(k, fraction),
+        )
+    for divergence in ("js", "kl"):
+        np.testing.assert_array_equal(
+            effectiveness_matrix(k, measure="epd", divergence=divergence), _reference_epd(k, divergence)
+        )
+
+
+@pytest.mark.parametrize("seed,n", [(0, 1), (1, 2), (2, 9), (3, 40), (4, 300)])
+@pytest.mark.parametrize("cap", [1, 2, 3, 10, 1000])
+@pytest.mark.parametrize("threshold", ["median", 0.2, 0.0])
+def test_vectorised_neighbour_weights_equal_row_by_row(seed, n, cap, threshold):
+    rng = np.random.default_rng(seed)
+    d = rng.random((n, n)).round(1)  # rounded: many ties, which the cap must break by index
+    np.fill_diagonal(d, 0.0)
+    np.testing.assert_array_equal(
+        neighbour_weights(d, beta=7.0, threshold=threshold, max_neighbours=cap),
+        _reference_neighbour_weights(d, beta=7.0, threshold=threshold, max_neighbours=cap),
+    )
+
+
+@pytest.mark.parametrize("method", ["mean", "era", "knfu"])
+@pytest.mark.parametrize("seed,n,p,c,cap", [(0, 1, 6, 3, 4), (1, 6, 20, 10, 4), (2, 30, 25, 4, 4),
+                                            (3, 80, 500, 10, 10), (4, 90, 30, 6, 100)])
+def test_vectorised_fusion_equals_row_by_row(method, seed, n, p, c, cap):
+    from fedkd.fusion import sharpen
+
+    k = _knowledge_with_ties(seed, n, p, c)
+    result = fuse(knowledge=k, method=method, max_neighbours=cap)
+    mask = informative_rows(k, 0.95)
+    if method == "knfu":
+        expected_w = _reference_neighbour_weights(_reference_agreement(k), max_neighbours=cap)
+    else:
+        expected_w = np.full((n, n), 1.0 / n)
+    np.testing.assert_array_equal(result.weights, expected_w)
+    expected = _reference_weighted_fusion(k, expected_w, mask)
+    if method == "era":
+        expected = sharpen(expected, 0.1)
+    np.testing.assert_array_equal(result.fused, expected)
+
+
+def test_sparse_fusion_with_fully_masked_positions_equals_row_by_row():
+    """Positions where every neighbour's row is masked fall back to the plain weights."""
+    rng = np.random.default_rng(5)
+    n, p, c = 12, 9, 5
+    k = rng.dirichlet(np.full(c, 0.3), size=(n, p))
+    k[:, :3] = 1.0 / c  # nobody is informative at the first three positions
+    w = neighbour_weights(rng.random((n, n)), max_neighbours=3)
+    mask = informative_rows(k, 0.95)
+    from fedkd.fusion import weighted_fusion
+
+    np.testing.assert_array_equal(weighted_fusion(k, w, mask), _reference_weighted_fusion(k, w, mask))

@@ -1,0 +1,126 @@
+"""Server fusion time and memory for large federations (issue 7, speed and scale).
+
+For N sites (default 100, 1,000 and 5,000), a public set of P = 500 examples and C = 10
+classes, the benchmark builds knowledge [N, P, C] (rows drawn from Dirichlet(0.3): peaked,
+as trained models' predictions are; 5% of sites send uniform rows, which fusion masks)
+and times one call of :func:`fedkd.fusion.fuse` per method:
+
+* ``mean`` (FedMD), ``era`` (DS-FL): one fused row shared by all receivers;
+* ``knfu`` with the ``epd`` measure (KnFu's label-mix neighbours: O(N^2 C) divergences);
+* ``knfu`` with the ``agreement`` measure (the default: O(N^2 |S| C) divergences, |S| = P/2,
+  so it is skipped above ``--agreement-max-sites``), split into its three stages.
+
+Time is the median over ``--repeats`` calls (one call where a call takes over 5 s);
+peak memory is the largest extra memory NumPy allocated during one call (tracemalloc),
+the [N, P, C] input excluded. Output: a Markdown table on stdout and ``OUT/fusion.json``,
+``OUT/fusion.md``. No assertions: figures depend on the machine and its load (the load
+average is printed with them).
+
+    python benchmarks/fusion_speed.py --out runs/bench/fusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fedkd.fusion import effectiveness_matrix, fuse, informative_rows, neighbour_weights, weighted_fusion
+
+
+def make_knowledge(n: int, p: int, c: int, *, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    k = rng.dirichlet(np.full(c, 0.3), size=(n, p))
+    k[: max(1, n // 20)] = 1.0 / c
+    return k
+
+
+def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median seconds, peak extra MiB) of ``fn``."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    times = [first]
+    if first < 5.0:
+        for _ in range(repeats - 1):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    # tracemalloc slows NumPy's Python-level calls a little; the timed repeats run without it
+    return (statistics.median(times[1:]) if len(times) > 1 else first), peak / 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", default="100,1000,5000")
+    parser.add_argument("--public", type=int, default=500)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--agreement-max-sites", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/fusion"))
+    args = parser.parse_args(argv)
+
+    rows = []
+    load = os.getloadavg()
+    for n in [int(s) for s in args.sites.split(",")]:
+        k = make_knowledge(n, args.public, args.classes)
+        cases: list[tuple[str, Callable[[], object]]] = [
+            ("mean", lambda: fuse(knowledge=k, method="mean")),
+            ("era", lambda: fuse(knowledge=k, method="era")),
+            ("knfu (epd)", lambda: fuse(knowledge=k, method="knfu", measure="epd")),
+        ]
+        if n <= args.agreement_max_sites:
+            cases.append(("knfu (agreement)", lambda: fuse(knowledge=k, method="knfu", measure="agreement")))
+        for name, fn in cases:
+            seconds, peak = measure(fn, args.repeats)
+            rows.append({"sites": n, "method": name, "seconds": seconds, "peak-mib": peak})
+            print(f"{n:>6} sites  {name:<18} {seconds:9.3f} s  peak {peak:8.1f} MiB", flush=True)
+        # knfu's stages, agreement measure where affordable, else epd
+        measure_name = "agreement" if n <= args.agreement_max_sites else "epd"
+        mask = informative_rows(k, 0.95)
+        start = time.perf_counter()
+        d = effectiveness_matrix(k, measure=measure_name)
+        t_eff = time.perf_counter() - start
+        start = time.perf_counter()
+        w = neighbour_weights(d)
+        t_nw = time.perf_counter() - start
+        start = time.perf_counter()
+        weighted_fusion(k, w, mask)
+        t_wf = time.perf_counter() - start
+        rows.append({"sites": n, "method": f"knfu stages ({measure_name})", "effectiveness": t_eff,
+                     "neighbours": t_nw, "fusion": t_wf})
+        print(f"{n:>6} sites  knfu stages ({measure_name}): effectiveness {t_eff:.3f} s, "
+              f"neighbours {t_nw:.3f} s, weighted fusion {t_wf:.3f} s", flush=True)
+    load_after = os.getloadavg()
+    header = (f"P = {args.public}, C = {args.classes}, {os.cpu_count()} cores; load average "
+              f"{load[0]:.2f} before, {load_after[0]:.2f} after (1 min)")
+    lines = [header, "", "| sites | method | time (s) | peak extra memory (MiB) |", "|---|---|---|---|"]
+    for r in rows:
+        if "seconds" in r:
+            lines.append(f"| {r['sites']:,} | {r['method']} | {r['seconds']:.3f} | {r['peak-mib']:.0f} |")
+    lines += ["", "| sites | knfu stage times (s) | effectiveness | neighbour selection | weighted fusion |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        if "effectiveness" in r:
+            lines.append(f"| {r['sites']:,} | {r['method']} | {r['effectiveness']:.3f} | "
+                         f"{r['neighbours']:.3f} | {r['fusion']:.3f} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fusion.json").write_text(json.dumps({"rows": rows, "load": [load, load_after]}, indent=2))
+    (args.out / "fusion.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
