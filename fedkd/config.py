@@ -198,10 +198,10 @@ class TrainConfig:
         choices=("sequential", "joint"),
         help="'sequential': distil then train; 'joint': CE + kd-weight * KD in one objective",
     )
-    local_epochs: int = option(5, low=0, help="epochs over private data per round")
+    local_epochs: int = option(5, low=0, help="epochs over private data per round (privacy.local-epochs under DP)")
     distill_epochs: int = option(5, low=0, help="epochs over the public set per round")
     batch_size: int = option(32, low=1, help="batch size")
-    lr: float = option(3e-3, low=0, low_open=True, help="Adam learning rate")
+    lr: float = option(3e-3, low=0, low_open=True, help="Adam learning rate (privacy.lr for the DP-SGD step)")
     kd_temperature: float = option(2.0, low=0, low_open=True, help="KD temperature (student side)")
     kd_weight: float = option(1.0, low=0, help="weight of the KD term in 'joint' mode")
 
@@ -263,6 +263,15 @@ class PrivacyConfig:
     delta: float = option(0.0, low=0, high=1, help="delta; 0 = 1/(10 n_i) for a site with n_i examples")
     max_grad_norm: float = option(1.0, low=0, low_open=True, help="per-example clipping norm C")
     accountant: str = option("rdp", choices=("rdp", "prv", "gdp"), help="Opacus accountant")
+    local_epochs: int = option(
+        1, low=1,
+        help="epochs over private data per round under DP (instead of train.local-epochs): "
+        "fewer, less noisy steps; the noise multiplier is calibrated for these",
+    )
+    lr: float = option(
+        0.01, low=0, low_open=True,
+        help="Adam learning rate of the DP-SGD step (instead of train.lr)",
+    )
     grad_sample_mode: str = option(
         "auto",
         choices=("auto", "hooks", "ghost"),

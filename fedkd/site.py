@@ -75,10 +75,10 @@ def build_site_teacher(config: Config, split: FederatedSplit, client: int) -> nn
 
 def site_privacy_plan(config: Config, train: ArrayDataset, client: int | None = None) -> PrivacyPlan:
     """The site's whole-run DP plan: (epsilon, delta) over ``num-server-rounds`` rounds of
-    ``train.local-epochs`` epochs (``teacher.epochs`` on a teacher site, where the teacher
+    ``privacy.local-epochs`` epochs (``teacher.epochs`` on a teacher site, where the teacher
     is the only model that reads private data), noise multiplier calibrated once
     (fedkd.privacy)."""
-    epochs = config.train.local_epochs
+    epochs = config.privacy.local_epochs
     if client is not None and config.teacher_for(client):
         epochs = config.teacher.epochs
     return _cached_plan(config.privacy, len(train), config.train.batch_size,
@@ -262,7 +262,8 @@ def run_site_round(
                 model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
             )
         else:
-            private = train_private_site(model, data.train, config=config, ledger=ledger, lr=t.lr, seed=seed)
+            private = train_private_site(model, data.train, config=config, ledger=ledger,
+                                         lr=config.privacy.lr, seed=seed)
             metrics.update(privacy_metrics(ledger))
             metrics["train-loss"] = private.loss
             metrics["dp-stopped"] = float(private.stopped)

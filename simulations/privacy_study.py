@@ -5,7 +5,8 @@
 
 Runs one federation per (method, epsilon) on Flower's simulation engine, then prints and
 writes (``OUT/table.md``) a Markdown table of ALMA, worst-site accuracy, global-student
-accuracy and the largest epsilon any site spent.
+accuracy and the largest epsilon any site spent. Finished runs in OUT are reused, so an
+interrupted study is resumed by running the same command again.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             }
             if eps is not None:
                 overrides["privacy.target-epsilon"] = eps
-            summary = read_summary(simulate(load_config(args.config, overrides=overrides)))
+            run_dir = args.out.resolve() / name
+            finished = (run_dir / "summary.json").is_file() and \
+                read_summary(run_dir).get("status") == "completed"
+            if finished:  # an interrupted study picks up where it stopped
+                print(f"  {name}: already finished, reusing {run_dir}", file=sys.stderr)
+            else:
+                run_dir = simulate(load_config(args.config, overrides=overrides))
+            summary = read_summary(run_dir)
             ledger = summary["privacy"]["ledger"].values()
             spent = max((e["epsilon-spent"] for e in ledger), default=None)
             final = summary["final"]
