@@ -150,7 +150,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         config = setting_config(base, setting, sweep_name="check")
         check_privacy_plans(config, load_federation(config.data, config.seed))
     name = base.run_name or f"audit-sweep-{datetime.now():%Y%m%d-%H%M%S}"
-    command = "fedkd audit --sweep " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [])
+    command = "fedkd " + " ".join(sys.argv[1:])
     sweep_dir, _ = run_sweep(
         base, settings, sweep_name=name, command=command.strip(), progress=not args.quiet,
         simulate=lambda config: _simulate(_resumable(config), args.verbose),

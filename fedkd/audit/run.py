@@ -178,8 +178,9 @@ def distil_surrogate(config: Config, split: FederatedSplit, site: int,
 
 def train_like_site(config: Config, model: nn.Module, data: ArrayDataset, *, site: int, seed: int) -> None:
     """Train ``model`` on ``data`` as the site trains on its private data over the whole
-    run (without the federated distillation steps): DP-SGD with the site's plan for
-    ``num-server-rounds`` rounds when privacy is on, else ``audit.reference-epochs``
+    run (without the federated distillation steps): DP-SGD with the site's plan
+    (``privacy.local-epochs`` a round at ``privacy.lr``) for ``num-server-rounds`` rounds
+    when privacy is on, else ``audit.reference-epochs``
     (default rounds x local epochs) epochs of Adam."""
     t = config.train
     if config.privacy.enabled:
@@ -188,7 +189,8 @@ def train_like_site(config: Config, model: nn.Module, data: ArrayDataset, *, sit
 
         ledger = PrivacyLedger(site_privacy_plan(config, data, site))
         for r in range(config.num_server_rounds):
-            train_private_site(model, data, config=config, ledger=ledger, lr=t.lr, seed=seed * 1000 + r)
+            train_private_site(model, data, config=config, ledger=ledger, lr=config.privacy.lr,
+                               seed=seed * 1000 + r)
         return
     epochs = config.audit.reference_epochs or config.num_server_rounds * t.local_epochs
     train_supervised(model, data, epochs=epochs, batch_size=t.batch_size, lr=t.lr, seed=seed)

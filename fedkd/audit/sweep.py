@@ -15,6 +15,8 @@ simulation engine), so this module stays free of Flower.
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,12 +108,38 @@ def run_sweep(
     rows: list[dict[str, Any]] = []
     sweep_dir = Path(base.output_dir).resolve() / sweep_name
     for i, setting in enumerate(settings, 1):
-        log(f"[{i}/{len(settings)}] {setting.name}: federation")
-        run_dir = simulate(setting_config(base, setting, sweep_name=sweep_name))
-        log(f"[{i}/{len(settings)}] {setting.name}: audit")
-        result, scores = audit_run(run_dir, progress=progress)
-        write_audit_report(run_dir / "audit", result, scores)
+        config = setting_config(base, setting, sweep_name=sweep_name)
+        run_dir = sweep_dir / setting.name
+        result = _finished(run_dir, config)
+        if result is not None:
+            log(f"[{i}/{len(settings)}] {setting.name}: audited run found, reused")
+        else:
+            if run_dir.exists():  # an unfinished run of this sweep: start it again
+                log(f"[{i}/{len(settings)}] {setting.name}: removing the unfinished run {run_dir}")
+                shutil.rmtree(run_dir)
+            log(f"[{i}/{len(settings)}] {setting.name}: federation")
+            run_dir = simulate(config)
+            log(f"[{i}/{len(settings)}] {setting.name}: audit")
+            result, scores = audit_run(run_dir, progress=progress)
+            write_audit_report(run_dir / "audit", result, scores)
         rows.append({"setting": setting.name, "kind": setting.kind, **dataclasses.asdict(setting),
                      "run_dir": str(run_dir), "audit": result})
         write_sweep_report(sweep_dir, rows, command=command)  # partial results survive a stop
     return sweep_dir, rows
+
+
+def _finished(run_dir: Path, config: Config) -> dict[str, Any] | None:
+    """The audit result of a completed, audited run of the same configuration in
+    ``run_dir`` (a sweep run again after a stop reuses it), else None."""
+    from fedkd.config import ConfigError, load_config
+    from fedkd.reporting import read_summary
+
+    try:
+        if read_summary(run_dir).get("status") != "completed":
+            return None
+        recorded = load_config(run_dir / "config.toml")
+        result = json.loads((run_dir / "audit" / "audit.json").read_text())
+    except (FileNotFoundError, ConfigError, ValueError):
+        return None
+    same = dataclasses.replace(recorded, checkpoint=config.checkpoint, output_dir=config.output_dir)
+    return result if same == dataclasses.replace(config, output_dir=config.output_dir) else None
