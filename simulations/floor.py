@@ -251,7 +251,8 @@ def _run_floor(config: Config, started: float) -> Path:
 def run_fedavg(config: Config) -> Path:
     """FedAvg on ``config``'s split (one architecture, ``model.architectures``; see
     :mod:`fedkd.fedavg`): every round each site starts from the global weights, trains
-    ``train.local-epochs`` epochs on its private data (DP-SGD through its ledger when
+    ``train.local-epochs`` epochs on its private data (DP-SGD with ``privacy.local-epochs`` and
+    ``privacy.lr`` through its ledger when
     ``privacy.enabled``; the same private steps, hence the same epsilon, as a knowledge
     site), and the server averages the weights by private example counts. ALMA: the
     global model on each site's local test split; ``global-accuracy``: the global model on
@@ -301,7 +302,7 @@ def _run_fedavg(config: Config, architecture: str, started: float) -> Path:
                     from fedkd.site import privacy_metrics
 
                     private = train_private_site(model, split.clients[c].train, config=config,
-                                                 ledger=ledgers[c], lr=t.lr, seed=seed)
+                                                 ledger=ledgers[c], lr=config.privacy.lr, seed=seed)
                     metrics.update(privacy_metrics(ledgers[c]))
                     metrics["train-loss"] = private.loss
                     metrics["dp-stopped"] = float(private.stopped)
