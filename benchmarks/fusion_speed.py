@@ -10,7 +10,9 @@ and times one call of :func:`fedkd.fusion.fuse` per method:
 * ``knfu`` with the ``agreement`` measure (the default: O(N^2 |S| C) divergences, |S| = P/2,
   so it is skipped above ``--agreement-max-sites``), split into its three stages.
 
-Time is the median over ``--repeats`` calls (one call where a call takes over 5 s);
+Time is the median over ``--repeats`` calls (one call where a call takes over 5 s), as
+CPU time of this process (NumPy runs these on one core: what the call costs) and wall
+time (longer when other jobs share the cores);
 peak memory is the largest extra memory NumPy allocated during one call (tracemalloc),
 the [N, P, C] input excluded. Output: a Markdown table on stdout and ``OUT/fusion.json``,
 ``OUT/fusion.md``. No assertions: figures depend on the machine and its load (the load
@@ -42,22 +44,26 @@ def make_knowledge(n: int, p: int, c: int, *, seed: int = 0) -> np.ndarray:
     return k
 
 
-def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median seconds, peak extra MiB) of ``fn``."""
-    tracemalloc.start()
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call of ``fn``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    first = time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """(median wall seconds, median CPU seconds, peak extra MiB) of ``fn``.
+
+    CPU seconds are what the call costs a core; on a machine shared with other jobs the
+    wall time is longer (the call waits for a core), so both are reported."""
+    tracemalloc.start()
+    first = timed(fn)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     times = [first]
-    if first < 5.0:
-        for _ in range(repeats - 1):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    # tracemalloc slows NumPy's Python-level calls a little; the timed repeats run without it
-    return (statistics.median(times[1:]) if len(times) > 1 else first), peak / 2**20
+    if first[0] < 5.0:  # tracemalloc slows allocation a little: the timed repeats run without it
+        times = [timed(fn) for _ in range(repeats)]
+    return (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times), peak / 2**20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--public", type=int, default=500)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--agreement-max-sites", type=int, default=1000)
+    parser.add_argument("--agreement-max-sites", type=int, default=1000,
+                        help="largest federation for which the agreement measure's stages are timed")
+    parser.add_argument("--agreement-full-max-sites", type=int, default=100,
+                        help="largest federation for which fuse(knfu, agreement) is also timed whole")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/fusion"))
     args = parser.parse_args(argv)
 
@@ -79,41 +88,52 @@ def main(argv: list[str] | None = None) -> int:
             ("era", lambda: fuse(knowledge=k, method="era")),
             ("knfu (epd)", lambda: fuse(knowledge=k, method="knfu", measure="epd")),
         ]
-        if n <= args.agreement_max_sites:
+        if n <= args.agreement_full_max_sites:
             cases.append(("knfu (agreement)", lambda: fuse(knowledge=k, method="knfu", measure="agreement")))
         for name, fn in cases:
-            seconds, peak = measure(fn, args.repeats)
-            rows.append({"sites": n, "method": name, "seconds": seconds, "peak-mib": peak})
-            print(f"{n:>6} sites  {name:<18} {seconds:9.3f} s  peak {peak:8.1f} MiB", flush=True)
-        # knfu's stages, agreement measure where affordable, else epd
-        measure_name = "agreement" if n <= args.agreement_max_sites else "epd"
-        mask = informative_rows(k, 0.95)
-        start = time.perf_counter()
-        d = effectiveness_matrix(k, measure=measure_name)
-        t_eff = time.perf_counter() - start
-        start = time.perf_counter()
-        w = neighbour_weights(d)
-        t_nw = time.perf_counter() - start
-        start = time.perf_counter()
-        weighted_fusion(k, w, mask)
-        t_wf = time.perf_counter() - start
-        rows.append({"sites": n, "method": f"knfu stages ({measure_name})", "effectiveness": t_eff,
-                     "neighbours": t_nw, "fusion": t_wf})
-        print(f"{n:>6} sites  knfu stages ({measure_name}): effectiveness {t_eff:.3f} s, "
-              f"neighbours {t_nw:.3f} s, weighted fusion {t_wf:.3f} s", flush=True)
+            seconds, cpu, peak = measure(fn, args.repeats)
+            rows.append({"sites": n, "method": name, "seconds": seconds, "cpu-seconds": cpu, "peak-mib": peak})
+            print(f"{n:>6} sites  {name:<18} {seconds:9.3f} s wall {cpu:9.3f} s CPU  peak {peak:8.1f} MiB",
+                  flush=True)
+        # knfu's stages (CPU seconds): epd always, agreement where affordable
+        for measure_name in ("epd", "agreement") if n <= args.agreement_max_sites else ("epd",):
+            mask = informative_rows(k, 0.95)
+            d = None
+
+            def eff() -> None:
+                nonlocal d
+                d = effectiveness_matrix(k, measure=measure_name)
+
+            t_eff = timed(eff)
+            w = None
+
+            def nw() -> None:
+                nonlocal w
+                w = neighbour_weights(d)
+
+            t_nw = timed(nw)
+            t_wf = timed(lambda: weighted_fusion(k, w, mask))
+            rows.append({"sites": n, "method": f"knfu ({measure_name})", "effectiveness": t_eff[1],
+                         "neighbours": t_nw[1], "fusion": t_wf[1],
+                         "wall": t_eff[0] + t_nw[0] + t_wf[0]})
+            print(f"{n:>6} sites  knfu stages ({measure_name}), CPU s: effectiveness {t_eff[1]:.3f}, "
+                  f"neighbours {t_nw[1]:.3f}, weighted fusion {t_wf[1]:.3f}", flush=True)
     load_after = os.getloadavg()
     header = (f"P = {args.public}, C = {args.classes}, {os.cpu_count()} cores; load average "
               f"{load[0]:.2f} before, {load_after[0]:.2f} after (1 min)")
-    lines = [header, "", "| sites | method | time (s) | peak extra memory (MiB) |", "|---|---|---|---|"]
+    lines = [header, "", "| sites | method | CPU time (s) | wall time (s) | peak extra memory (MiB) |",
+             "|---|---|---|---|---|"]
     for r in rows:
         if "seconds" in r:
-            lines.append(f"| {r['sites']:,} | {r['method']} | {r['seconds']:.3f} | {r['peak-mib']:.0f} |")
-    lines += ["", "| sites | knfu stage times (s) | effectiveness | neighbour selection | weighted fusion |",
-              "|---|---|---|---|---|"]
+            lines.append(f"| {r['sites']:,} | {r['method']} | {r['cpu-seconds']:.3f} | {r['seconds']:.3f} | "
+                         f"{r['peak-mib']:.0f} |")
+    lines += ["", "| sites | knfu, CPU time (s) by stage | effectiveness | neighbour selection | "
+              "weighted fusion | total (CPU) | total (wall) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "effectiveness" in r:
+            total = r["effectiveness"] + r["neighbours"] + r["fusion"]
             lines.append(f"| {r['sites']:,} | {r['method']} | {r['effectiveness']:.3f} | "
-                         f"{r['neighbours']:.3f} | {r['fusion']:.3f} |")
+                         f"{r['neighbours']:.3f} | {r['fusion']:.3f} | {total:.3f} | {r['wall']:.3f} |")
     table = "\n".join(lines)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)

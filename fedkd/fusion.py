@@ -102,16 +102,33 @@ def effectiveness_matrix(
     if measure == "epd":
         if divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence '{divergence}'; choose one of: js, kl")
-        epd = estimated_distribution(knowledge)
-        n = len(epd)
-        d = np.empty((n, n))
-        for start in range(0, n, _ROW_BLOCK):  # [block, N, C] at a time: bounded memory
-            stop = min(n, start + _ROW_BLOCK)
-            d[start:stop] = DIVERGENCES[divergence](epd[start:stop, None, :], epd[None, :, :])
-        return d
+        return _epd_divergences(estimated_distribution(knowledge), divergence)
     if measure == "agreement":
         return _agreement_divergences(knowledge, confident_fraction)
     raise ValueError(f"unknown effectiveness measure '{measure}'; choose one of: agreement, epd")
+
+
+def _epd_divergences(epd: np.ndarray, divergence: str) -> np.ndarray:
+    """D(EPD_i, EPD_j) for all pairs, ``[N, C] -> [N, N]``: :func:`js_divergence` or
+    :func:`kl_divergence` on ``epd[:, None]`` and ``epd[None]``, in blocks of rows (bounded
+    memory) with each log(max(EPD_j, eps)) taken once; the same floating-point operations
+    per element, so the same numbers bit for bit."""
+    n = len(epd)
+    clipped = np.clip(epd, 0.0, None)
+    logs = np.log(np.clip(clipped, _EPS, None))
+    d = np.empty((n, n))
+    for start in range(0, n, _ROW_BLOCK):
+        stop = min(n, start + _ROW_BLOCK)
+        p_clipped, p_log = clipped[start:stop, None], logs[start:stop, None]  # [b, 1, C]
+        if divergence == "kl":
+            d[start:stop] = (p_clipped * (p_log - logs[None])).sum(axis=-1)
+            continue
+        m = 0.5 * (epd[start:stop, None] + epd[None])  # [b, N, C]
+        log_m = np.log(np.clip(m, _EPS, None))
+        kl_pm = (p_clipped * (p_log - log_m)).sum(axis=-1)
+        kl_qm = (clipped[None] * (logs[None] - log_m)).sum(axis=-1)
+        d[start:stop] = 0.5 * kl_pm + 0.5 * kl_qm
+    return d
 
 
 def _agreement_divergences(knowledge: np.ndarray, confident_fraction: float) -> np.ndarray:
