@@ -269,7 +269,7 @@ class PrivacyConfig:
         "fewer, less noisy steps; the noise multiplier is calibrated for these",
     )
     lr: float = option(
-        0.01, low=0, low_open=True,
+        0.03, low=0, low_open=True,
         help="Adam learning rate of the DP-SGD step (instead of train.lr)",
     )
     grad_sample_mode: str = option(
