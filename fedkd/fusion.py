@@ -35,6 +35,7 @@ _EPS = 1e-12
 _ROW_BLOCK = 256  # rows of an [N, N, ...] computation held in memory at once
 _PAIR_BLOCK = 2**20
 _SPARSE_NEIGHBOURS = 64  # weighted fusion batches receivers with at most this many neighbours  # elements of one [clients, S, C] block in the agreement measure
+_FUSION_BLOCK = 2**18  # elements of [receivers, neighbours, P, C] per block of weighted fusion
 
 
 # ----------------------------------------------------------------- simplex helpers
@@ -123,11 +124,14 @@ def _epd_divergences(epd: np.ndarray, divergence: str) -> np.ndarray:
         if divergence == "kl":
             d[start:stop] = (p_clipped * (p_log - logs[None])).sum(axis=-1)
             continue
-        m = 0.5 * (epd[start:stop, None] + epd[None])  # [b, N, C]
+        # JS is symmetric, bit for bit: m = (p + q) / 2 is the same sum either way round and
+        # 0.5 a + 0.5 b = 0.5 b + 0.5 a, so columns >= start suffice; the rest is mirrored
+        m = 0.5 * (epd[start:stop, None] + epd[None, start:])  # [b, N - start, C]
         log_m = np.log(np.clip(m, _EPS, None))
         kl_pm = (p_clipped * (p_log - log_m)).sum(axis=-1)
-        kl_qm = (clipped[None] * (logs[None] - log_m)).sum(axis=-1)
-        d[start:stop] = 0.5 * kl_pm + 0.5 * kl_qm
+        kl_qm = (clipped[None, start:] * (logs[None, start:] - log_m)).sum(axis=-1)
+        d[start:stop, start:] = 0.5 * kl_pm + 0.5 * kl_qm
+        d[start:, start:stop] = d[start:stop, start:].T
     return d
 
 
@@ -244,7 +248,7 @@ def weighted_fusion(knowledge: np.ndarray, weights: np.ndarray, mask: np.ndarray
     members[rows, slot] = cols
     w_members = np.zeros((weights.shape[0], k))
     w_members[rows, slot] = weights[rows, cols]
-    block = max(1, _ROW_BLOCK * 4 // max(1, k))
+    block = max(1, _FUSION_BLOCK // (k * p * c))  # receivers per block: stay in cache
     for start in range(0, weights.shape[0], block):
         stop = min(weights.shape[0], start + block)
         idx, wv = members[start:stop], w_members[start:stop]
@@ -255,10 +259,12 @@ def weighted_fusion(knowledge: np.ndarray, weights: np.ndarray, mask: np.ndarray
             w = np.where(empty[:, None, :], wv[:, :, None], w)
             total = w.sum(axis=1)
         share = w / total[:, None, :]
-        out = share[:, 0, :, None] * knowledge[idx[:, 0]]
+        out = fused[start:stop]
+        np.multiply(share[:, 0, :, None], knowledge[idx[:, 0]], out=out)
+        term = np.empty_like(out)
         for j in range(1, k):
-            out = out + share[:, j, :, None] * knowledge[idx[:, j]]
-        fused[start:stop] = out
+            np.multiply(share[:, j, :, None], knowledge[idx[:, j]], out=term)
+            out += term
     return fused
 
 
