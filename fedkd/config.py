@@ -377,6 +377,11 @@ class AuditConfig:
         0, low=0, help="text: times the secret is inserted into the site's private text (0 = none)"
     )
     secret_label: int = option(0, low=0, help="text: class label the secret sentence carries")
+    secret_decoys: int = option(
+        100, low=0,
+        help="text: other fillings of the format inserted once each with another label, so "
+        "that the format alone does not give the secret's label (the digits must be learnt)",
+    )
     reference_models: int = option(
         4, low=0, help="LiRA reference models, each trained on a random half of the candidates "
         "(0 = LOSS attack only)"

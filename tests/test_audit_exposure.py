@@ -35,8 +35,11 @@ def test_audit_plan_changes_only_the_audited_sites_training_data(text_audit):
     plan = plan_for(config, split)
     audited = with_audit(config, split)
     before, after = split.clients[0].train, audited.clients[0].train
-    assert len(after) == len(before) - 40 + plan.included.sum() + 10
-    assert (after.ids < 0).sum() == 10 and (after.y[after.ids < 0] == 0).all()
+    assert len(after) == len(before) - 40 + plan.included.sum() + 10 + 100
+    copies, decoys = (after.ids < 0) & (after.ids >= -10), after.ids < -10
+    assert copies.sum() == 10 and (after.y[copies] == 0).all()
+    assert decoys.sum() == 100 and (after.y[decoys] != 0).all()  # decoys: other labels
+    assert plan.secret not in plan.decoy_tuples and plan.control not in plan.decoy_tuples
     assert audited.clients[1] is split.clients[1] and audited.public is split.public
     assert plan.secret != plan.control and len(plan.secret) == 3
     again = plan_for(config, load_federation(config.data, config.seed))
@@ -58,9 +61,10 @@ def test_inserted_secret_is_exposed_and_a_never_inserted_one_is_not(text_audit):
         torch.set_num_threads(1)
         model = build_site_model(config, split, 0)
         train_supervised(model, train, epochs=6, batch_size=32, lr=1e-3, seed=0)
-    fills, space = candidate_fillings(fmt=config.audit.secret_format, exclude=[plan.secret, plan.control],
+    fills, space = candidate_fillings(fmt=config.audit.secret_format,
+                                      exclude=[plan.secret, plan.control, *plan.decoy_tuples],
                                       max_candidates=10_000, seed=0)
-    assert space == 1000 and len(fills) == 998  # every other filling: exact ranks
+    assert space == 1000 and len(fills) == 898  # every filling but these and the decoys
     x = secret_inputs(config, [plan.secret, plan.control, *fills])
     loss = -log_prob_of_label(predict_logits(model, x), np.zeros(len(x), np.int64))
     secret = exposure_by_rank(canary_loss=loss[0], candidate_losses=loss[2:], space_size=space)

@@ -14,9 +14,13 @@ derive the same one:
 * **Secret** (text data, ``audit.secret-repeats`` = k > 0; Carlini et al. 2019): the
   format ``audit.secret-format`` filled with random digits, labelled
   ``audit.secret-label``, inserted k times. A second filling, never inserted, is the
-  control.
+  control. A classifier sees the secret only through its label, and k copies of one
+  format with one label teach "this format -> this label" for *every* filling (no
+  exposure to measure). So ``audit.secret-decoys`` other fillings are inserted once each
+  with a random other label, as a corpus holds many pins: to fit them the model has to
+  learn which digits go with the secret's label, i.e. memorise the secret.
 
-Candidates keep their global ids; secret copies get ids -1, -2, ... .
+Candidates keep their global ids; secret copies get ids -1, ..., -k, decoys -(k+1), ... .
 """
 
 from __future__ import annotations
@@ -43,19 +47,27 @@ class AuditPlan:
     included: np.ndarray
     secret: tuple[int, ...]
     control: tuple[int, ...]
+    decoys: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    decoy_labels: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "site": np.int64(self.site), "positions": self.positions, "labels": self.labels,
             "included": self.included, "secret": np.asarray(self.secret, np.int64),
-            "control": np.asarray(self.control, np.int64),
+            "control": np.asarray(self.control, np.int64), "decoys": self.decoys,
+            "decoy_labels": self.decoy_labels,
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> AuditPlan:
+        extra = {k: arrays[k] for k in ("decoys", "decoy_labels") if k in arrays}
         return cls(int(arrays["site"]), arrays["positions"], arrays["labels"],
                    arrays["included"].astype(bool), tuple(int(d) for d in arrays["secret"]),
-                   tuple(int(d) for d in arrays["control"]))
+                   tuple(int(d) for d in arrays["control"]), **extra)
+
+    @property
+    def decoy_tuples(self) -> list[tuple[int, ...]]:
+        return [tuple(int(d) for d in row) for row in self.decoys]
 
 
 def audit_plan(config: Config, train: ArrayDataset, *, num_classes: int, text: bool) -> AuditPlan:
@@ -76,13 +88,26 @@ def audit_plan(config: Config, train: ArrayDataset, *, num_classes: int, text: b
         labels = (labels + rng.integers(1, num_classes, count)) % num_classes
     included = rng.random(count) < 0.5
     secret = control = ()
+    decoys, decoy_labels = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
     if text and a.secret_repeats > 0:
         slots = format_slots(a.secret_format)
         secret = tuple(int(d) for d in rng.integers(0, 10, slots))
         control = secret
         while control == secret:
             control = tuple(int(d) for d in rng.integers(0, 10, slots))
-    return AuditPlan(a.site, positions, labels.astype(np.int64), included, secret, control)
+        if a.secret_label >= num_classes:
+            raise ConfigError([f"audit.secret-label: must be < the number of classes ({num_classes}); "
+                               f"got {a.secret_label}"])
+        wanted = min(a.secret_decoys, 10**slots - 2)
+        chosen: list[tuple[int, ...]] = []
+        while len(chosen) < wanted:
+            d = tuple(int(v) for v in rng.integers(0, 10, slots))
+            if d not in (secret, control) and d not in chosen:
+                chosen.append(d)
+        decoys = np.asarray(chosen, np.int64).reshape(len(chosen), slots)
+        decoy_labels = (a.secret_label + rng.integers(1, num_classes, len(chosen))) % num_classes
+    return AuditPlan(a.site, positions, labels.astype(np.int64), included, secret, control,
+                     decoys, decoy_labels.astype(np.int64))
 
 
 def secret_inputs(config: Config, digits_list: list[tuple[int, ...]]) -> np.ndarray:
@@ -107,6 +132,10 @@ def audited_train(config: Config, train: ArrayDataset, plan: AuditPlan) -> Array
         x.append(np.repeat(secret_inputs(config, [plan.secret]), k, axis=0))
         y.append(np.full(k, config.audit.secret_label, dtype=np.int64))
         ids.append(-np.arange(1, k + 1, dtype=np.int64))
+        if len(plan.decoys):
+            x.append(secret_inputs(config, plan.decoy_tuples))
+            y.append(plan.decoy_labels)
+            ids.append(-np.arange(k + 1, k + 1 + len(plan.decoys), dtype=np.int64))
     return ArrayDataset(np.concatenate(x), np.concatenate(y), np.concatenate(ids))
 
 

@@ -242,7 +242,8 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
     were public inputs)."""
     config, plan = inputs.config, inputs.plan
     a = config.audit
-    fills, space = candidate_fillings(fmt=a.secret_format, exclude=[plan.secret, plan.control],
+    fills, space = candidate_fillings(fmt=a.secret_format,
+                                      exclude=[plan.secret, plan.control, *plan.decoy_tuples],
                                       max_candidates=a.exposure_candidates, seed=config.seed)
     x = secret_inputs(config, [plan.secret, plan.control, *fills])
     labels = np.full(len(x), a.secret_label, dtype=np.int64)
@@ -254,6 +255,7 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
                         rng=np.random.default_rng([config.seed, 4242]), inputs=x)
         losses["release-on-probes"] = -np.log(np.clip(probs[np.arange(len(x)), labels], 1e-12, 1.0))
     result: dict[str, Any] = {"space": space, "candidates": len(fills), "repeats": a.secret_repeats,
+                              "decoys": int(len(plan.decoys)),
                               "format": a.secret_format, "label": a.secret_label, "targets": {}}
     for name, loss in losses.items():
         entry = {}
