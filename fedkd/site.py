@@ -196,7 +196,7 @@ def teacher_steps(
         metrics["dp-stopped"] = float(private.stopped)
         metrics["dp-round-steps"] = float(private.steps)
     logits = torch.as_tensor(predict_logits(teacher, public_x))
-    target = torch.softmax(logits / t.kd_temperature, dim=-1).numpy()
+    target = torch.softmax(logits, dim=-1).numpy()
     mixed = has_fused and not release_teacher
     if mixed:
         target[fused_positions] = tc.weight * target[fused_positions] + (1 - tc.weight) * fused

@@ -16,6 +16,7 @@ from fedkd.distillation import (
     distil,
     kd_loss,
     predict_logits,
+    soften,
     train_joint,
     train_supervised,
 )
@@ -24,10 +25,12 @@ from fedkd.models import build_model
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
-def test_kd_loss_zero_when_student_matches_target(temperature):
+def test_kd_loss_zero_when_student_predicts_the_target_at_temperature_one(temperature):
+    # the target is a distribution at T = 1; at any KD temperature the loss vanishes when
+    # the student's own (T = 1) prediction equals it
     torch.manual_seed(0)
     z = torch.randn(8, 5, dtype=torch.float64)
-    target = torch.softmax(z / temperature, dim=-1)
+    target = torch.softmax(z, dim=-1)
     assert kd_loss(z, target, temperature).item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -36,13 +39,22 @@ def test_kd_loss_positive_otherwise():
     z = torch.randn(8, 5, dtype=torch.float64)
     target = torch.softmax(torch.randn(8, 5, dtype=torch.float64), dim=-1)
     assert kd_loss(z, target, 2.0).item() > 1e-3
-    # matching at T = 1 does not match at T = 2
-    assert kd_loss(z, torch.softmax(z, dim=-1), 2.0).item() > 1e-3
+    # a student whose softened output equals the unsoftened target is NOT at the optimum
+    # (its own prediction would be the target squared: sharper)
+    assert kd_loss(2.0 * torch.log(target), target, 2.0).item() > 1e-3
+
+
+def test_soften_known_answers():
+    p = torch.tensor([[0.8, 0.2, 0.0]], dtype=torch.float64)
+    # T = 2: proportional to sqrt(p); zeros stay zero
+    expected = torch.tensor([[2 / 3, 1 / 3, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(soften(p, 2.0), expected)
+    assert soften(p, 1.0) is p
 
 
 def test_kd_loss_known_answer_t_squared():
-    # student logits (0, 0) -> softmax (1/2, 1/2) at any T; target (1, 0):
-    # KL = ln 2, times T^2 = 4 at T = 2
+    # student logits (0, 0) -> softmax (1/2, 1/2) at any T; target (1, 0) stays (1, 0)
+    # when softened: KL = ln 2, times T^2 = 4 at T = 2
     z = torch.zeros(1, 2, dtype=torch.float64)
     target = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     assert kd_loss(z, target, 2.0).item() == pytest.approx(4 * math.log(2), rel=1e-12)
@@ -55,9 +67,22 @@ def test_kd_loss_equals_manual_batch_mean_kl(temperature):
     z = torch.randn(6, 4, dtype=torch.float64)
     target = torch.softmax(torch.randn(6, 4, dtype=torch.float64), dim=-1)
     q = torch.softmax(z / temperature, dim=-1).numpy()
-    p = target.numpy()
+    p = target.numpy() ** (1 / temperature)
+    p = p / p.sum(axis=1, keepdims=True)
     manual = temperature**2 * np.mean(np.sum(p * (np.log(p) - np.log(q)), axis=1))
     assert kd_loss(z, target, temperature).item() == pytest.approx(manual, rel=1e-10)
+
+
+def test_distilled_student_reproduces_the_target_instead_of_sharpening_it():
+    # knowledge that goes round the federation keeps its shape: a student distilled at
+    # T = 2 to soft targets predicts (at T = 1) about those targets, not their square
+    torch.manual_seed(5)
+    x = np.random.default_rng(5).normal(size=(64, 6)).astype(np.float32)
+    target = np.tile(np.array([[0.6, 0.3, 0.1]], dtype=np.float32), (64, 1))
+    student = nn.Linear(6, 3)
+    distil(student, x, target, epochs=300, batch_size=64, lr=0.05, temperature=2.0, seed=0)
+    predicted = torch.softmax(torch.as_tensor(predict_logits(student, x)), dim=-1).numpy().mean(axis=0)
+    np.testing.assert_allclose(predicted, [0.6, 0.3, 0.1], atol=0.02)
 
 
 def test_kd_loss_is_a_per_example_mean():
@@ -87,11 +112,13 @@ def test_one_sgd_step_raises_probability_of_target_argmax(temperature):
 
 
 def test_kd_gradient_on_logits_has_the_right_sign():
-    # d/dz [T^2 KL(p || softmax(z/T))] = T (softmax(z/T) - p): negative for the target's argmax
+    # d/dz [T^2 KL(p_T || softmax(z/T))] = T (softmax(z/T) - p_T), p_T = softmax(log p / T):
+    # negative for the target's argmax
     z = torch.zeros(1, 3, dtype=torch.float64, requires_grad=True)
     p = torch.tensor([[0.8, 0.1, 0.1]], dtype=torch.float64)
     kd_loss(z, p, 2.0).backward()
-    expected = 2.0 * (torch.full((1, 3), 1 / 3, dtype=torch.float64) - p)
+    p_t = p.sqrt() / p.sqrt().sum()
+    expected = 2.0 * (torch.full((1, 3), 1 / 3, dtype=torch.float64) - p_t)
     torch.testing.assert_close(z.grad, expected)
     assert z.grad[0, 0] < 0
 
