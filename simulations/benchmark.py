@@ -277,7 +277,8 @@ def adversary_weight(run_dir: Path, adversaries: set[int]) -> tuple[float, float
 
 
 def honest_alma(run_dir: Path, adversaries: set[int]) -> tuple[float, float]:
-    """ALMA and worst accuracy over honest sites, last evaluated round."""
+    """ALMA and worst accuracy over honest sites, last evaluated round (in ``run_dir``;
+    with the clean run's directory, the same sites' figures without adversaries)."""
     from fedkd.reporting import read_events
 
     evals = read_events(run_dir, "client-eval")
@@ -300,10 +301,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
         adversaries = set(_parse_adversaries(overrides.get("adversary.clients", ""), "random"))
         alma, worst = honest_alma(run_dir, adversaries)
+        clean_dir = args.out / f"{method}/clean"
+        clean_alma = honest_alma(clean_dir, adversaries)[0] if _finished(args.out, f"{method}/clean") else float("nan")
         mean_share, max_share = adversary_weight(run_dir, adversaries)
         setting = name.split("/", 1)[1]
         rows.append({"method": method, "setting": setting, "adversaries": len(adversaries),
-                     "honest-alma": alma, "honest-worst": worst,
+                     "honest-alma": alma, "honest-worst": worst, "clean-alma-same-sites": clean_alma,
                      "adversary-weight": mean_share, "adversary-weight-max": max_share})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
@@ -315,14 +318,17 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def robustness_table(rows: list[dict]) -> str:
-    lines = ["| method | adversaries | honest ALMA | honest worst | adversaries' weight in honest rows (mean / max) |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | adversaries | honest sites' ALMA | same sites, no adversary | change | honest worst | "
+             "adversaries' weight in honest rows (mean / max) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        setting = "none (clean)" if r["setting"] == "clean" else \
-            f"{r['setting'].split('-')[0]} × {r['adversaries']}"
-        weight = "-" if r["setting"] == "clean" else f"{r['adversary-weight']:.3f} / {r['adversary-weight-max']:.3f}"
+        clean = r["setting"] == "clean"
+        setting = "none (clean run)" if clean else f"{r['setting'].split('-')[0]} × {r['adversaries']}"
+        weight = "-" if clean else f"{r['adversary-weight']:.3f} / {r['adversary-weight-max']:.3f}"
+        ref = "-" if clean else f"{r['clean-alma-same-sites']:.3f}"
+        change = "-" if clean else f"{r['honest-alma'] - r['clean-alma-same-sites']:+.3f}"
         lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {setting} | {r['honest-alma']:.3f} | "
-                     f"{r['honest-worst']:.3f} | {weight} |")
+                     f"{ref} | {change} | {r['honest-worst']:.3f} | {weight} |")
     return "\n".join(lines)
 
 
@@ -419,7 +425,7 @@ def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        module = importlib.import_module(f"simulations.bench_{name}")
+        module = importlib.import_module(f"simulations.bench_{'speed' if name == 'scale' else name}")
         return module.main(args)
 
     return run
