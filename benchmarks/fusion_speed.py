@@ -10,7 +10,7 @@ and times one call of :func:`fedkd.fusion.fuse` per method:
 * ``knfu`` with the ``agreement`` measure (the default: O(N^2 |S| C) divergences, |S| = P/2,
   so it is skipped above ``--agreement-max-sites``), split into its three stages.
 
-Time is the median over ``--repeats`` calls (one call where a call takes over 5 s), as
+Time is the median over ``--repeats`` calls (one where a call takes over 5 s of CPU), as
 CPU time of this process (NumPy runs these on one core: what the call costs) and wall
 time (longer when other jobs share the cores);
 peak memory is the largest extra memory NumPy allocated during one call (tracemalloc),
@@ -56,13 +56,13 @@ def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float, float
 
     CPU seconds are what the call costs a core; on a machine shared with other jobs the
     wall time is longer (the call waits for a core), so both are reported."""
-    tracemalloc.start()
-    first = timed(fn)
+    tracemalloc.start()  # memory from one traced call; tracemalloc slows it, so it is not timed
+    fn()
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    times = [first]
-    if first[0] < 5.0:  # tracemalloc slows allocation a little: the timed repeats run without it
-        times = [timed(fn) for _ in range(repeats)]
+    times = [timed(fn)]
+    while len(times) < repeats and times[0][1] < 5.0:
+        times.append(timed(fn))
     return (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times), peak / 2**20)
 
 
