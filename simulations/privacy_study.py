@@ -3,7 +3,9 @@
     python -m simulations.privacy_study --config simulations/digits.toml \
         --epsilons none,1,4,8 --methods mean,knfu --out runs/privacy-study
 
-Runs one federation per (method, epsilon) on Flower's simulation engine, then prints and
+Runs one federation per (method, epsilon) on Flower's simulation engine (or, with
+``--runner floor``, with the same functions in one process: simulations/floor.py, equal
+to the simulation for the same config and seeds, several times faster), then prints and
 writes (``OUT/table.md``) a Markdown table of ALMA, worst-site accuracy, global-student
 accuracy and the largest epsilon any site spent. Finished runs in OUT are reused, so an
 interrupted study is resumed by running the same command again.
@@ -12,6 +14,7 @@ interrupted study is resumed by running the same command again.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="mean,knfu")
     parser.add_argument("--out", type=Path, default=Path("runs/privacy-study"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--runner", choices=("simulation", "floor"), default="simulation",
+                        help="Flower's simulation engine, or the single-process floor (same results)")
     args = parser.parse_args(argv)
 
+    from simulations.floor import run_floor
     from simulations.runner import simulate
 
     epsilons = [None if e.strip() == "none" else float(e) for e in args.epsilons.split(",") if e.strip()]
@@ -53,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
                 read_summary(run_dir).get("status") == "completed"
             if finished:  # an interrupted study picks up where it stopped
                 print(f"  {name}: already finished, reusing {run_dir}", file=sys.stderr)
+            elif args.runner == "floor":
+                if run_dir.exists():  # an interrupted floor run cannot resume: start it again
+                    shutil.rmtree(run_dir)
+                run_dir = run_floor(load_config(args.config, overrides=overrides))
             else:
                 run_dir = simulate(load_config(args.config, overrides=overrides))
             summary = read_summary(run_dir)
