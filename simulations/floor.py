@@ -39,7 +39,7 @@ import torch
 from fedkd.adversary import corrupt
 from fedkd.config import Config
 from fedkd.data import FederatedSplit, load_federation
-from fedkd.distillation import accuracy, distil
+from fedkd.distillation import accuracy, distil, train_supervised
 from fedkd.fedavg import average_weights, weight_bytes
 from fedkd.fusion import fuse
 from fedkd.knowledge import decode, encode, validate_knowledge
@@ -53,10 +53,10 @@ from fedkd.site import (
     evaluate_site,
     run_site_round,
     site_privacy_plan,
+    privacy_metrics,
     site_seed,
     train_private_site,
 )
-from fedkd.distillation import train_supervised
 
 
 def floor_run_dir(config: Config) -> Path:
@@ -299,8 +299,6 @@ def _run_fedavg(config: Config, architecture: str, started: float) -> Path:
                     metrics["train-loss"] = train_supervised(model, split.clients[c].train, epochs=t.local_epochs,
                                                              batch_size=t.batch_size, lr=t.lr, seed=seed)
                 else:
-                    from fedkd.site import privacy_metrics
-
                     private = train_private_site(model, split.clients[c].train, config=config,
                                                  ledger=ledgers[c], lr=config.privacy.lr, seed=seed)
                     metrics.update(privacy_metrics(ledgers[c]))
