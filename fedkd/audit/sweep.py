@@ -104,6 +104,7 @@ def run_sweep(
     into ``<output-dir>/<sweep_name>/``. Returns the sweep folder and its rows."""
     from fedkd.audit.report import write_audit_report, write_sweep_report
     from fedkd.audit.run import audit_run
+    from fedkd.reporting import read_summary
 
     rows: list[dict[str, Any]] = []
     sweep_dir = Path(base.output_dir).resolve() / sweep_name
@@ -119,6 +120,11 @@ def run_sweep(
                 shutil.rmtree(run_dir)
             log(f"[{i}/{len(settings)}] {setting.name}: federation")
             run_dir = simulate(config)
+            status = read_summary(run_dir).get("status")
+            if status != "completed":  # e.g. sites that never started: nothing to audit
+                log(f"[{i}/{len(settings)}] {setting.name}: run {status}; not audited (run the "
+                    "sweep again to retry it)")
+                continue
             log(f"[{i}/{len(settings)}] {setting.name}: audit")
             result, scores = audit_run(run_dir, progress=progress)
             write_audit_report(run_dir / "audit", result, scores)
