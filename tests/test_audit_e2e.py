@@ -15,10 +15,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(autouse=True)
-def _flower_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+def _flower_env(flower_env):
+    """Every test here runs Flower (tests/conftest.py)."""
 
 
 def test_audited_run_then_fedkd_audit_writes_the_report(tmp_path, capsys):

@@ -26,10 +26,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _flower_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+def _flower_env(flower_env):
+    """Every test here runs Flower (tests/conftest.py)."""
 
 
 def test_text_federation_with_a_teacher_site_through_flower(tmp_path):
