@@ -133,6 +133,17 @@ def _summary(config: Config, split: FederatedSplit, method: str, history: list[d
     }
 
 
+def _record_evaluation(recorder: RunRecorder, round_number: int, scores: list[dict]) -> dict:
+    """Record each site's ``evaluate_site`` scores (site c = ``scores[c]``) as the ServerApp
+    does, and return the round's ALMA summary."""
+    acc, examples = {}, {}
+    for c, site_scores in enumerate(scores):
+        acc[c], examples[c] = site_scores["accuracy"], site_scores["num-examples"]
+        recorder.record("client-eval", round=round_number, client=c, accuracy=acc[c],
+                        **{"num-examples": examples[c]})
+    return alma_summary(acc, examples)
+
+
 def run_floor(config: Config) -> Path:
     """Run ``config``'s federation in this process (see module doc); returns the run directory."""
     started = time.monotonic()
@@ -229,14 +240,10 @@ def _run_floor(config: Config, started: float) -> Path:
                    batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=config.seed + r)
             entry["global-accuracy"] = accuracy(student, split.test)
         if r % config.eval_every == 0 or r == config.num_server_rounds:
-            acc, examples = {}, {}
-            for c in range(n):
-                scores = evaluate_site(models[c], split.clients[c], teacher=teachers[c],
-                                       release=config.teacher.release)
-                acc[c], examples[c] = scores["accuracy"], scores["num-examples"]
-                recorder.record("client-eval", round=r, client=c, accuracy=acc[c],
-                                **{"num-examples": examples[c]})
-            entry.update(alma_summary(acc, examples))
+            entry.update(_record_evaluation(recorder, r, [
+                evaluate_site(models[c], split.clients[c], teacher=teachers[c], release=config.teacher.release)
+                for c in range(n)
+            ]))
         entry["seconds"] = time.monotonic() - round_start
         recorder.record("round", **entry)
         history.append(entry)
@@ -312,13 +319,9 @@ def _run_fedavg(config: Config, architecture: str, started: float) -> Path:
         global_model.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
         entry: dict = {"round": r, "accepted": list(range(n)), "global-accuracy": accuracy(global_model, split.test)}
         if r % config.eval_every == 0 or r == config.num_server_rounds:
-            acc, examples = {}, {}
-            for c in range(n):
-                scores = evaluate_site(global_model, split.clients[c])
-                acc[c], examples[c] = scores["accuracy"], scores["num-examples"]
-                recorder.record("client-eval", round=r, client=c, accuracy=acc[c],
-                                **{"num-examples": examples[c]})
-            entry.update(alma_summary(acc, examples))
+            entry.update(_record_evaluation(recorder, r, [
+                evaluate_site(global_model, split.clients[c]) for c in range(n)
+            ]))
         entry["seconds"] = time.monotonic() - round_start
         recorder.record("round", **entry)
         history.append(entry)
