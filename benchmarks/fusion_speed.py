@@ -7,11 +7,16 @@ and times one call of :func:`fedkd.fusion.fuse` per method:
 
 * ``mean`` (FedMD), ``era`` (DS-FL): one fused row shared by all receivers;
 * ``knfu`` with the ``epd`` measure (KnFu's label-mix neighbours: O(N^2 C) divergences);
-* ``knfu`` with the ``agreement`` measure (the default: O(N^2 |S| C) divergences, |S| = P/2,
-  so it is skipped above ``--agreement-max-sites``), split into its three stages.
+* ``knfu`` with the ``agreement`` measure and JS (the default: O(N^2 |S| C) logarithms,
+  |S| = P/2, so it is skipped above ``--agreement-max-sites``);
+* ``knfu`` with the ``agreement`` measure and the squared Hellinger distance or KL, whose
+  pairwise part is one matrix product (BLAS);
+
+each knfu variant also split into its three stages.
 
 Time is the median over ``--repeats`` calls (one where a call takes over 5 s of CPU), as
-CPU time of this process (NumPy runs these on one core: what the call costs) and wall
+CPU time of this process (what the call costs; NumPy's elementwise work runs on one core,
+its matrix products on BLAS's threads, so CPU time can exceed wall time there) and wall
 time (longer when other jobs share the cores);
 peak memory is the largest extra memory NumPy allocated during one call (tracemalloc),
 the [N, P, C] input excluded. Output: a Markdown table on stdout and ``OUT/fusion.json``,
@@ -89,20 +94,27 @@ def main(argv: list[str] | None = None) -> int:
             ("knfu (epd)", lambda: fuse(knowledge=k, method="knfu", measure="epd")),
         ]
         if n <= args.agreement_full_max_sites:
-            cases.append(("knfu (agreement)", lambda: fuse(knowledge=k, method="knfu", measure="agreement")))
+            cases.append(("knfu (agreement, js)", lambda: fuse(knowledge=k, method="knfu", measure="agreement")))
+        for divergence in ("hellinger", "kl"):
+            cases.append((f"knfu (agreement, {divergence})", lambda d=divergence: fuse(
+                knowledge=k, method="knfu", measure="agreement", divergence=d)))
         for name, fn in cases:
             seconds, cpu, peak = measure(fn, args.repeats)
             rows.append({"sites": n, "method": name, "seconds": seconds, "cpu-seconds": cpu, "peak-mib": peak})
-            print(f"{n:>6} sites  {name:<18} {seconds:9.3f} s wall {cpu:9.3f} s CPU  peak {peak:8.1f} MiB",
+            print(f"{n:>6} sites  {name:<26} {seconds:9.3f} s wall {cpu:9.3f} s CPU  peak {peak:8.1f} MiB",
                   flush=True)
-        # knfu's stages (CPU seconds): epd always, agreement where affordable
-        for measure_name in ("epd", "agreement") if n <= args.agreement_max_sites else ("epd",):
+        # knfu's stages (CPU seconds): epd and the matrix-product agreements always, JS
+        # agreement where affordable
+        variants = [("epd", "js"), ("agreement", "hellinger"), ("agreement", "kl")]
+        if n <= args.agreement_max_sites:
+            variants.append(("agreement", "js"))
+        for measure_name, divergence in variants:
             mask = informative_rows(k, 0.95)
             d = None
 
             def eff() -> None:
                 nonlocal d
-                d = effectiveness_matrix(k, measure=measure_name)
+                d = effectiveness_matrix(k, measure=measure_name, divergence=divergence)
 
             t_eff = timed(eff)
             w = None
@@ -113,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
             t_nw = timed(nw)
             t_wf = timed(lambda: weighted_fusion(k, w, mask))
-            rows.append({"sites": n, "method": f"knfu ({measure_name})", "effectiveness": t_eff[1],
+            label = "epd" if measure_name == "epd" else f"{measure_name}, {divergence}"
+            rows.append({"sites": n, "method": f"knfu ({label})", "effectiveness": t_eff[1],
                          "neighbours": t_nw[1], "fusion": t_wf[1],
                          "wall": t_eff[0] + t_nw[0] + t_wf[0]})
-            print(f"{n:>6} sites  knfu stages ({measure_name}), CPU s: effectiveness {t_eff[1]:.3f}, "
+            print(f"{n:>6} sites  knfu stages ({label}), CPU s: effectiveness {t_eff[1]:.3f}, "
                   f"neighbours {t_nw[1]:.3f}, weighted fusion {t_wf[1]:.3f}", flush=True)
     load_after = os.getloadavg()
     header = (f"P = {args.public}, C = {args.classes}, {os.cpu_count()} cores; load average "

@@ -231,7 +231,9 @@ class FusionConfig:
     measure: str = option(
         "agreement", choices=("epd", "agreement"), help="effectiveness measure for knfu"
     )
-    divergence: str = option("js", choices=("js", "kl"), help="divergence for the epd measure")
+    divergence: str = option(
+        "js", choices=("js", "kl", "hellinger"), help="divergence D of both measures (hellinger: fast agreement)"
+    )
     beta: float = option(10.0, low=0, help="weight sharpness: w ~ exp(-beta * d)")
     threshold: Any = option(
         "median", check=_check_threshold, help="neighbour threshold tau ('median' of each row)"

@@ -11,7 +11,7 @@ Methods (looked up by name in :data:`FUSION_METHODS`):
 * ``mean``  -- FedMD: F_i = (1/N) sum_j K_j for every i.
 * ``era``   -- DS-FL entropy reduction aggregation: F_i = softmax(mean_j K_j / T_era).
 * ``knfu``  -- effective neighbours (KnFu, Seyedmohammadi et al. 2024):
-  d_ij from :func:`effectiveness_matrix`; N(i) = {i} plus the clients with
+  d_ij from :func:`effectiveness_matrix` (divergence JS, KL or squared Hellinger); N(i) = {i} plus the clients with
   d_ij <= tau_i (tau_i = median of row i by default), capped at ``max_neighbours``
   members (self included) by smallest d_ij; w_ij = exp(-beta d_ij) / sum_{l in N(i)}
   exp(-beta d_il); F_i(x) = sum_{j in N(i)} w_ij K_j(x).
@@ -33,8 +33,8 @@ from fedkd.registry import Registry
 
 _EPS = 1e-12
 _ROW_BLOCK = 256  # rows of an [N, N, ...] computation held in memory at once
-_PAIR_BLOCK = 2**20
-_SPARSE_NEIGHBOURS = 64  # weighted fusion batches receivers with at most this many neighbours  # elements of one [clients, S, C] block in the agreement measure
+_PAIR_BLOCK = 2**20  # elements of one [clients, S, C] block in the agreement measure (JS)
+_SPARSE_NEIGHBOURS = 64  # weighted fusion batches receivers with at most this many neighbours
 _FUSION_BLOCK = 2**18  # elements of [receivers, neighbours, P, C] per block of weighted fusion
 
 
@@ -64,7 +64,23 @@ def js_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
     return 0.5 * kl_divergence(p, m, axis) + 0.5 * kl_divergence(q, m, axis)
 
 
-DIVERGENCES: dict[str, Callable[..., np.ndarray]] = {"js": js_divergence, "kl": kl_divergence}
+def hellinger_divergence(p: np.ndarray, q: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Squared Hellinger distance h^2 = (1/2) sum (sqrt p - sqrt q)^2, in [0, 1].
+
+    On probability vectors ln(2) h^2 <= JS <= h^2 (element by element: JS and h^2 are both
+    sums of b f(a/b) terms whose ratio lies in [ln 2, 1]), so it ranks neighbours much as JS
+    does. Unlike JS it splits into h^2 = (sum p + sum q)/2 - sum sqrt(p) sqrt(q): for many
+    pairs at once the only pairwise term is a matrix product (see the ``agreement`` measure).
+    """
+    root_p, root_q = np.sqrt(np.clip(p, 0.0, None)), np.sqrt(np.clip(q, 0.0, None))
+    return 0.5 * ((root_p - root_q) ** 2).sum(axis=axis)
+
+
+DIVERGENCES: dict[str, Callable[..., np.ndarray]] = {
+    "js": js_divergence,
+    "kl": kl_divergence,
+    "hellinger": hellinger_divergence,
+}
 
 
 def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -95,26 +111,82 @@ def effectiveness_matrix(
 ) -> np.ndarray:
     """Divergence d_ij >= 0 of client j from client i (small = effective for i), ``[N, N]``.
 
-    * ``epd``: d_ij = D(EPD_i, EPD_j), D = JS or KL (``divergence``): neighbours by label mix.
-    * ``agreement``: d_ij = mean_{x in S_i} JS(K_i(x), K_j(x)), S_i = the
+    D is ``divergence``: JS, KL(i || j) or the squared Hellinger distance h^2.
+
+    * ``epd``: d_ij = D(EPD_i, EPD_j): neighbours by label mix.
+    * ``agreement``: d_ij = mean_{x in S_i} D(K_i(x), K_j(x)), S_i = the
       ``confident_fraction`` of P where client i's max probability is highest: j is
-      effective for i when it agrees with i where i knows the answer.
+      effective for i when it agrees with i where i knows the answer. With JS this costs
+      O(N^2 |S_i| C) logarithms; with KL or h^2 the pairwise part is one matrix product
+      (BLAS), which is what lets ``agreement`` fuse thousands of sites in a second.
     """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence '{divergence}'; choose one of: {', '.join(DIVERGENCES)}")
     if measure == "epd":
-        if divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence '{divergence}'; choose one of: js, kl")
         return _epd_divergences(estimated_distribution(knowledge), divergence)
     if measure == "agreement":
-        return _agreement_divergences(knowledge, confident_fraction)
+        if divergence == "js":
+            return _agreement_divergences(knowledge, confident_fraction)
+        return _agreement_by_products(knowledge, confident_fraction, divergence)
     raise ValueError(f"unknown effectiveness measure '{measure}'; choose one of: agreement, epd")
+
+
+def _confident_sets(knowledge: np.ndarray, confident_fraction: float) -> np.ndarray:
+    """S_i as indices ``[N, |S|]``: the positions of P with client i's highest max
+    probability, most confident first (ties by position)."""
+    keep = max(1, int(round(confident_fraction * knowledge.shape[1])))
+    confidence = knowledge.max(axis=-1)  # [N, P]
+    return np.argsort(-confidence, axis=1, kind="stable")[:, :keep]
+
+
+def _agreement_by_products(knowledge: np.ndarray, confident_fraction: float, divergence: str) -> np.ndarray:
+    """The ``agreement`` measure for KL and h^2, whose pairwise part is a matrix product.
+
+    With M_i(x) = 1 on S_i and p = K_i(x), q = K_j(x) (clipped at 0):
+
+    * h^2: sum_x M_i(x) h^2(p, q) = sum_x M_i (sum p)/2 + sum_x M_i (sum q)/2
+      - <M_i sqrt K_i, sqrt K_j>, the inner product over all (x, c);
+    * KL: sum_x M_i(x) KL(p || q) = sum_x M_i sum_c p log p - <M_i K_i, log K_j>
+      (log of max(q, eps), as :func:`kl_divergence`).
+
+    Equal to the row-by-row definition up to floating-point rounding (tests/test_fusion.py
+    checks 1e-12); d_ii is exactly 0 and rounding below 0 is clipped.
+    """
+    n, p, c = knowledge.shape
+    sets = _confident_sets(knowledge, confident_fraction)
+    on_s = np.zeros((n, p))
+    np.put_along_axis(on_s, sets, 1.0, axis=1)
+    clipped = np.clip(knowledge, 0.0, None)
+    if divergence == "hellinger":
+        roots = np.sqrt(clipped)
+        sums = clipped.sum(axis=-1)  # [N, P]
+        own = 0.5 * (on_s * sums).sum(axis=1)  # [N]
+        others = 0.5 * (on_s @ sums.T)  # [N, N]: sum over S_i of client j's row sums
+        cross = (on_s[:, :, None] * roots).reshape(n, -1) @ roots.reshape(n, -1).T
+        total = own[:, None] + others - cross
+    else:  # kl
+        logs = np.log(np.clip(clipped, _EPS, None))
+        own = (on_s * (clipped * logs).sum(axis=-1)).sum(axis=1)
+        cross = (on_s[:, :, None] * clipped).reshape(n, -1) @ logs.reshape(n, -1).T
+        total = own[:, None] - cross
+    d = np.maximum(total / sets.shape[1], 0.0)
+    np.fill_diagonal(d, 0.0)
+    return d
 
 
 def _epd_divergences(epd: np.ndarray, divergence: str) -> np.ndarray:
     """D(EPD_i, EPD_j) for all pairs, ``[N, C] -> [N, N]``: :func:`js_divergence` or
     :func:`kl_divergence` on ``epd[:, None]`` and ``epd[None]``, in blocks of rows (bounded
     memory) with each log(max(EPD_j, eps)) taken once; the same floating-point operations
-    per element, so the same numbers bit for bit."""
+    per element, so the same numbers bit for bit. h^2 goes through a matrix product (equal
+    up to rounding)."""
     n = len(epd)
+    if divergence == "hellinger":
+        sums = np.clip(epd, 0.0, None).sum(axis=-1)
+        roots = np.sqrt(np.clip(epd, 0.0, None))
+        d = np.maximum(0.5 * (sums[:, None] + sums[None]) - roots @ roots.T, 0.0)
+        np.fill_diagonal(d, 0.0)
+        return d
     clipped = np.clip(epd, 0.0, None)
     logs = np.log(np.clip(clipped, _EPS, None))
     d = np.empty((n, n))
@@ -143,12 +215,11 @@ def _agreement_divergences(knowledge: np.ndarray, confident_fraction: float) -> 
     mixture m) instead of four. Every element goes through the same floating-point
     operations as :func:`js_divergence` applied row by row, so the result is identical,
     bit for bit (tests/test_fusion.py checks it). The cost stays O(N^2 |S_i| C): the
-    mixture's log has no shortcut.
+    mixture's log has no shortcut (``divergence="hellinger"`` is the fast alternative).
     """
     n, p, c = knowledge.shape
-    keep = max(1, int(round(confident_fraction * p)))
-    confidence = knowledge.max(axis=-1)  # [N, P]
-    order = np.argsort(-confidence, axis=1, kind="stable")[:, :keep]  # S_i, most confident first
+    order = _confident_sets(knowledge, confident_fraction)
+    keep = order.shape[1]
     clipped = np.clip(knowledge, 0.0, None)
     logs = np.log(np.clip(clipped, _EPS, None))
     block = max(1, _PAIR_BLOCK // (keep * c))
