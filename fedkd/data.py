@@ -11,7 +11,10 @@ A federation's data is split once, from the seed, into
   share allows it, so a local test set follows the client's own label mix.
 
 Every process (server, each client) rebuilds the same split from the same config, so
-nothing but knowledge ever crosses the network.
+nothing but knowledge ever crosses the network. On one machine (a simulation: the driver
+and every Ray actor; a study's many runs) the split of an embedded dataset is also kept
+on disk (:func:`split_cache_path`), so the processes after the first load a few arrays
+instead of importing scikit-learn and ``datasets`` and partitioning again.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
+import os
+import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -289,31 +297,126 @@ def split_federation(
 
 @functools.lru_cache(maxsize=4)
 def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (DataConfig)
-    """The federation's split for a :class:`fedkd.config.DataConfig`, cached per process."""
+    """The federation's split for a :class:`fedkd.config.DataConfig`, cached per process
+    and, for the embedded datasets, on disk (:func:`split_cache_path`)."""
     from fedkd.text import is_text_dataset, vocab_info
 
-    x, y, num_classes = load_source(
-        data_config.dataset, path=data_config.path, max_length=data_config.max_length,
-        tokenizer=data_config.tokenizer, num_examples=data_config.text_examples,
-    )  # text: tokenised here, once per process (this function is cached), never per round
-    split = split_federation(
-        x,
-        y,
-        num_classes=num_classes,
-        num_clients=data_config.num_clients,
-        partitioner=data_config.partitioner,
-        alpha=data_config.alpha,
-        classes_per_client=data_config.classes_per_client,
-        min_partition_size=data_config.min_partition_size,
-        public_fraction=data_config.public_fraction,
-        test_fraction=data_config.test_fraction,
-        val_fraction=data_config.val_fraction,
-        local_test_fraction=data_config.local_test_fraction,
-        seed=seed,
-    )
+    cache = split_cache_path(data_config, seed)
+    split = _read_split(cache) if cache is not None else None
+    if split is None:
+        x, y, num_classes = load_source(
+            data_config.dataset, path=data_config.path, max_length=data_config.max_length,
+            tokenizer=data_config.tokenizer, num_examples=data_config.text_examples,
+        )  # text: tokenised here, once per process (this function is cached), never per round
+        split = split_federation(
+            x,
+            y,
+            num_classes=num_classes,
+            num_clients=data_config.num_clients,
+            partitioner=data_config.partitioner,
+            alpha=data_config.alpha,
+            classes_per_client=data_config.classes_per_client,
+            min_partition_size=data_config.min_partition_size,
+            public_fraction=data_config.public_fraction,
+            test_fraction=data_config.test_fraction,
+            val_fraction=data_config.val_fraction,
+            local_test_fraction=data_config.local_test_fraction,
+            seed=seed,
+        )
+        if cache is not None:
+            _write_split(cache, split)
     if is_text_dataset(data_config.dataset):
         split = dataclasses.replace(split, text=vocab_info(data_config.tokenizer))
     return split
+
+
+# ------------------------------------------------------------------ split cache
+
+SPLIT_CACHE_ENV = "FEDKD_CACHE_DIR"
+"""Environment variable: the split cache's folder; empty disables the cache."""
+
+_CACHEABLE = ("digits", "topics")  # embedded: their content is fixed by the code that makes them
+_SPLIT_CODE = ("data.py", "text.py")  # the code that makes a split: part of the cache key
+
+
+def split_cache_path(data_config, seed: int) -> Path | None:  # noqa: ANN001 (DataConfig)
+    """Where the split of ``data_config`` and ``seed`` is kept on disk, or None.
+
+    Only the embedded datasets with the packaged tokenizer are cached (a user's files or a
+    hub download can change behind the key). The key hashes every data setting, the seed,
+    the source of the modules that make the split and the versions of the libraries they
+    call (numpy, scikit-learn, flwr-datasets, datasets), so a change to any of them makes
+    a new entry instead of reading a stale one. Folder: ``$FEDKD_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fedkd``, else ``~/.cache/fedkd``; ``FEDKD_CACHE_DIR=""`` disables it.
+    """
+    if data_config.dataset not in _CACHEABLE or data_config.path or data_config.tokenizer:
+        return None
+    root = os.environ.get(SPLIT_CACHE_ENV)
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedkd")
+    if not root:
+        return None
+    key = json.dumps([dataclasses.asdict(data_config), seed, _split_code_version()], sort_keys=True)
+    return Path(root) / "splits" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+
+
+@functools.lru_cache(maxsize=1)
+def _split_code_version() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).parent
+    parts = [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _SPLIT_CODE]
+    for package in ("numpy", "scikit-learn", "flwr-datasets", "datasets"):
+        try:
+            parts.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return parts
+
+
+def _split_arrays(split: FederatedSplit) -> dict[str, np.ndarray]:
+    arrays = {"num_classes": np.int64(split.num_classes), "input_shape": np.asarray(split.input_shape, np.int64)}
+    parts = {"public": split.public, "test": split.test}
+    for i, client in enumerate(split.clients):
+        parts.update({f"client{i}_{name}": getattr(client, name) for name in SPLIT_PARTS})
+    for name, data in parts.items():
+        arrays.update({f"{name}_x": data.x, f"{name}_y": data.y, f"{name}_ids": data.ids})
+    return arrays
+
+
+def _write_split(path: Path, split: FederatedSplit) -> None:
+    """Save atomically (a reader never sees half a file); a cache that cannot be written
+    (read-only home, full disk) is skipped, not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.savez(tmp, **_split_arrays(split))
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
+
+
+def _read_split(path: Path) -> FederatedSplit | None:
+    """The cached split, or None when absent or unreadable (then it is rebuilt and rewritten)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = dict(f)
+
+        def part(name: str) -> ArrayDataset:
+            return ArrayDataset(arrays[f"{name}_x"], arrays[f"{name}_y"], arrays[f"{name}_ids"])
+
+        num_clients = sum(1 for key in arrays if key.endswith("_train_x"))
+        return FederatedSplit(
+            public=part("public"),
+            test=part("test"),
+            clients=tuple(
+                ClientData(**{name: part(f"client{i}_{name}") for name in SPLIT_PARTS}) for i in range(num_clients)
+            ),
+            num_classes=int(arrays["num_classes"]),
+            input_shape=tuple(int(v) for v in arrays["input_shape"]),
+        )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 # ------------------------------------------------------------------ site-local files

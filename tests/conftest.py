@@ -5,6 +5,17 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def split_cache(tmp_path_factory):
+    """The split cache (fedkd.data.split_cache_path) in a temporary folder for the whole
+    session: tests share it (as a user's runs do) but never write to the user's ~/.cache.
+    Set in os.environ so the processes tests start (Ray actors, CLI runs) inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDKD_CACHE_DIR", str(tmp_path_factory.mktemp("fedkd-cache")))
+        yield
+
+
+
 @pytest.fixture
 def flower_env(tmp_path, monkeypatch):
     """Flower's environment for a test that runs Flower: no telemetry, no update check,
