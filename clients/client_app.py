@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedkd.adversary import corrupt
 from fedkd.config import Config, build_config
 from fedkd.data import ArrayDataset, FederatedSplit
-from fedkd.knowledge import decode, encode
+from fedkd.knowledge import decode, site_record
 from fedkd.privacy import PrivacyLedger
 from fedkd.site import (
     build_site_model,
@@ -120,10 +120,9 @@ def train(msg: Message, context: Context) -> Message:
     arrays = {"knowledge": result.knowledge}
     if client in config.adversaries:
         arrays = corrupt(result.knowledge, config.adversaries[client], np.random.default_rng(client))
-    knowledge = ArrayRecord(
-        {name: Array(encode(a, config.knowledge.wire_format) if a.dtype.kind == "f" else a)
-         for name, a in arrays.items()}
-    )
+    wire = site_record(arrays, num_classes=split.num_classes, wire_format=config.knowledge.wire_format,
+                       top_k=config.shield.top_k)
+    knowledge = ArrayRecord({name: Array(a) for name, a in wire.items()})
     metrics = MetricRecord(
         {"partition-id": client, "rounds-trained": rounds_trained, **result.metrics}
     )

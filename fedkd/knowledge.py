@@ -8,6 +8,14 @@ two wire formats (``knowledge.wire-format``, both directions):
   largest-remainder method, so every row sums to exactly 255 and decodes to
   p' = q / 255 with |p' - p| < 1/255 and rows that sum to 1 exactly.
 
+With ``shield.top-k = k`` (0 < k < C) a released row is its k largest probabilities plus
+the rest of the mass spread evenly over the other C - k classes, so the uplink sends only
+what the row holds (:func:`pack_release`): ``top-classes`` [P, k] (uint8, or uint16 above
+256 classes) and ``top-values``, float16 [P, k] (the rest is 1 - their sum) or, in the
+uint8 format, [P, k + 1] integers summing to 255 (the k values and the rest, quantised
+together). Top-3 of 10 classes: 9 bytes a row instead of 20 (float16), 7 instead of 10
+(uint8). The downlink stays dense: fused knowledge mixes many sites' top-k sets.
+
 The server trusts nothing it receives: :func:`validate_knowledge` checks record and
 array names, dtype, shape, size, finiteness, non-negativity and row sums, and raises
 :class:`InvalidPayload` with a reason a log line can show. A bad payload excludes that
@@ -26,6 +34,7 @@ WIRE_FORMATS = {"float16": np.dtype(np.float16), "uint8": np.dtype(np.uint8)}
 QUANT_LEVELS = 255  # uint8 rows sum to exactly this
 REPLY_RECORDS = frozenset({"knowledge", "metrics"})
 KNOWLEDGE_ARRAYS = frozenset({"knowledge"})
+TOP_K_ARRAYS = frozenset({"top-classes", "top-values"})
 ROW_SUM_TOLERANCE = 1e-2  # float16 rounding of C probabilities stays well inside this
 MAX_PAYLOAD_BYTES = 64 * 2**20
 
@@ -74,6 +83,107 @@ def decode(wire: np.ndarray) -> np.ndarray:
     return wire.astype(np.float64)
 
 
+def _sparse(top_k: int, num_classes: int) -> bool:
+    return 0 < top_k < num_classes
+
+
+def _class_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+
+
+def pack_release(probs: np.ndarray, wire_format: str = "float16", top_k: int = 0) -> dict[str, np.ndarray]:
+    """A site's released rows [P, C] -> the arrays of its knowledge record (module doc).
+
+    Dense (``{"knowledge": encode(probs)}``) unless 0 < ``top_k`` < C; then the k largest
+    entries of each row and their classes. Rows released by ``shield.top-k`` are exactly
+    recovered by :func:`unpack_top_k` (up to the wire format's rounding): their other
+    entries all equal the spread rest, which is never above the k-th largest.
+    """
+    probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+    num_classes = probs.shape[-1]
+    if not _sparse(top_k, num_classes):
+        return {"knowledge": encode(probs, wire_format)}
+    classes = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    values = np.take_along_axis(probs, classes, axis=-1)
+    if _wire_dtype(wire_format) == np.uint8:
+        rest = np.clip(probs.sum(axis=-1, keepdims=True) - values.sum(axis=-1, keepdims=True), 0.0, None)
+        wire_values = quantize(np.concatenate([values, rest], axis=-1)).astype(np.uint8)
+    else:
+        wire_values = values.astype(np.float16)
+    return {"top-classes": classes.astype(_class_dtype(num_classes)), "top-values": np.ascontiguousarray(wire_values)}
+
+
+def site_record(
+    arrays: Mapping[str, np.ndarray], *, num_classes: int, wire_format: str = "float16", top_k: int = 0
+) -> dict[str, np.ndarray]:
+    """The knowledge record a site sends, from the arrays it releases.
+
+    A release (one ``knowledge`` array of finite, non-negative float rows [P, C]) goes
+    through :func:`pack_release`. Anything else (the malformed payloads of
+    :mod:`fedkd.adversary`) is sent as it is, float arrays in the wire dtype, so the
+    server's checks, not the sender's packing, decide what becomes of it.
+    """
+    k = arrays.get("knowledge")
+    if (
+        set(arrays) == KNOWLEDGE_ARRAYS and k.dtype.kind == "f" and k.ndim == 2 and k.shape[1] == num_classes
+        and np.isfinite(k).all() and (k >= 0).all()
+    ):
+        return pack_release(k, wire_format, top_k)
+    return {name: encode(a, wire_format) if a.dtype.kind == "f" else a for name, a in arrays.items()}
+
+
+def unpack_top_k(classes: np.ndarray, values: np.ndarray, num_classes: int) -> np.ndarray:
+    """``top-classes`` and ``top-values`` -> dense float64 rows [P, C]: the k values at their
+    classes, the rest of the mass (uint8: the last value / 255; float16: 1 - the sum, at
+    least 0) spread evenly over the other classes."""
+    rows, k = classes.shape
+    if values.dtype == np.uint8:
+        top, rest = values[:, :k] / QUANT_LEVELS, values[:, k] / QUANT_LEVELS
+    else:
+        top = values.astype(np.float64)
+        rest = np.clip(1.0 - top.sum(axis=-1), 0.0, None)
+    dense = np.repeat((rest / (num_classes - k))[:, None], num_classes, axis=-1)
+    np.put_along_axis(dense, classes.astype(np.int64), top, axis=-1)
+    return dense
+
+
+def _check_top_k(
+    arrays: Mapping[str, np.ndarray], *, expected_rows: int, num_classes: int, top_k: int, quantized: bool
+) -> np.ndarray:
+    """Checks of a sparse top-k reply (see :func:`validate_knowledge`); returns dense rows."""
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise InvalidPayload(f"{name} must be an array; got {type(a).__name__}")
+    classes, values = arrays["top-classes"], arrays["top-values"]
+    if classes.dtype != _class_dtype(num_classes):
+        raise InvalidPayload(f"top-classes must be {_class_dtype(num_classes)}; got {classes.dtype}")
+    if classes.shape != (expected_rows, top_k):
+        raise InvalidPayload(f"top-classes must have shape ({expected_rows}, {top_k}); got {classes.shape}")
+    if len(classes) and int(classes.max()) >= num_classes:
+        raise InvalidPayload(f"top-classes holds a class >= {num_classes}")
+    if top_k > 1 and len(classes) and (np.diff(np.sort(classes, axis=-1), axis=-1) == 0).any():
+        raise InvalidPayload("top-classes repeats a class within a row")
+    want_shape = (expected_rows, top_k + 1) if quantized else (expected_rows, top_k)
+    if quantized:
+        if values.dtype != np.uint8:
+            raise InvalidPayload(f"top-values must be uint8 (wire format uint8); got {values.dtype}")
+    elif values.dtype.kind != "f":
+        raise InvalidPayload(f"top-values must be a floating-point array; got {values.dtype}")
+    if values.shape != want_shape:
+        raise InvalidPayload(f"top-values must have shape {want_shape}; got {values.shape}")
+    if quantized:
+        sums = values.sum(axis=1, dtype=np.int64)
+        if len(values) and (sums != QUANT_LEVELS).any():
+            raise InvalidPayload(
+                f"uint8 top-values rows must sum to {QUANT_LEVELS}; {int((sums != QUANT_LEVELS).sum())} rows do not"
+            )
+    else:
+        finite = np.isfinite(values.astype(np.float64))
+        if not finite.all():
+            raise InvalidPayload(f"knowledge has {int((~finite).sum())} non-finite values")
+    return unpack_top_k(classes, values, num_classes)
+
+
 def validate_knowledge(
     *,
     record_names: Iterable[str],
@@ -82,26 +192,37 @@ def validate_knowledge(
     num_classes: int,
     max_bytes: int = MAX_PAYLOAD_BYTES,
     wire_format: str = "float16",
+    top_k: int = 0,
 ) -> np.ndarray:
     """Check one reply and return its knowledge as float64 rows renormalised to sum 1.
 
     ``record_names`` are the reply's record names (``{"knowledge", "metrics"}`` expected),
-    ``arrays`` the arrays of its knowledge record (``{"knowledge"}`` expected),
-    ``wire_format`` the federation's (a float16 reply to a uint8 federation is refused,
-    and the other way round: sites and server must agree on the bytes).
+    ``arrays`` the arrays of its knowledge record (``{"knowledge"}`` expected, or
+    ``{"top-classes", "top-values"}`` when 0 < ``top_k`` < C: the federation's
+    ``shield.top-k``), ``wire_format`` the federation's (a float16 reply to a uint8
+    federation is refused, and the other way round: sites and server must agree on the
+    bytes).
     """
     expected_dtype = _wire_dtype(wire_format)
+    quantized = expected_dtype == np.uint8
     records = set(record_names)
     if records != REPLY_RECORDS:
         raise InvalidPayload(
             f"reply records must be {sorted(REPLY_RECORDS)}; got {sorted(records)}"
         )
-    if set(arrays) != KNOWLEDGE_ARRAYS:
+    expected_arrays = TOP_K_ARRAYS if _sparse(top_k, num_classes) else KNOWLEDGE_ARRAYS
+    if set(arrays) != expected_arrays:
         raise InvalidPayload(
-            f"knowledge record must hold exactly {sorted(KNOWLEDGE_ARRAYS)}; got {sorted(arrays)}"
+            f"knowledge record must hold exactly {sorted(expected_arrays)}; got {sorted(arrays)}"
         )
+    if expected_arrays is TOP_K_ARRAYS:
+        size = sum(a.nbytes for a in arrays.values() if isinstance(a, np.ndarray))
+        if size > max_bytes:
+            raise InvalidPayload(f"knowledge is {size} bytes; the limit is {max_bytes}")
+        return _check_rows(_check_top_k(
+            arrays, expected_rows=expected_rows, num_classes=num_classes, top_k=top_k, quantized=quantized
+        ))
     k = arrays["knowledge"]
-    quantized = expected_dtype == np.uint8
     if not isinstance(k, np.ndarray) or (k.dtype != np.uint8 if quantized else k.dtype.kind != "f"):
         kind = k.dtype if isinstance(k, np.ndarray) else type(k).__name__
         want = "a uint8 array (wire format uint8)" if quantized else "a floating-point array"
@@ -117,7 +238,11 @@ def validate_knowledge(
         if len(k) and (sums != QUANT_LEVELS).any():
             bad = int((sums != QUANT_LEVELS).sum())
             raise InvalidPayload(f"uint8 knowledge rows must sum to {QUANT_LEVELS}; {bad} rows do not")
-    k = decode(k)
+    return _check_rows(decode(k))
+
+
+def _check_rows(k: np.ndarray) -> np.ndarray:
+    """Finite, non-negative rows summing to 1 within tolerance; renormalised."""
     if not np.isfinite(k).all():
         raise InvalidPayload(f"knowledge has {int((~np.isfinite(k)).sum())} non-finite values")
     if (k < 0).any():

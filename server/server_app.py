@@ -207,11 +207,12 @@ class Federation:
                     expected_rows=len(release),
                     num_classes=self.split.num_classes,
                     wire_format=self.config.knowledge.wire_format,
+                    top_k=self.config.shield.top_k,
                 )
             except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
                 self._exclude(round_number, node, f"invalid reply: {err}")
                 continue
-            self.bytes_up.append(int(arrays["knowledge"].nbytes))
+            self.bytes_up.append(sum(int(a.nbytes) for a in arrays.values()))
             accepted[client] = knowledge
             if self.config.audit.enabled and client == self.config.audit.site:
                 save_released(self.recorder.run_dir, round_number, positions=release, knowledge=knowledge)

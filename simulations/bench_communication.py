@@ -6,7 +6,9 @@ Knowledge: one short federation per wire format / top-k setting through the floo
 runner (the same bytes the ServerApp records: ``bytes`` in summary.json, the arrays
 of the knowledge record up and of the fused record down; Flower's message framing and
 the metrics record are not counted, for either side). Round 1 sends no fused knowledge
-down, so the table gives the steady state (round 2 on): up = down = |P| x C values.
+down, so the table gives the steady state (round 2 on): down = |P| x C values, and up the
+same except with ``shield.top-k = k``, where a site sends its k kept entries and their
+classes (fedkd.knowledge.pack_release).
 
 FedAvg: the weights of the same student, float32, each way, for every image model in
 fedkd/models.py (parameters counted by :func:`fedkd.fedavg.parameter_count`) and, when
@@ -85,10 +87,9 @@ def main(args: argparse.Namespace) -> int:
         lines += ["", f"Text ({m['data']}): knowledge is |P| = {m['public']:,} x C = {m['classes']} values: "
                   f"{m['public'] * m['classes'] * 2:,} bytes float16 / {m['public'] * m['classes']:,} bytes "
                   "uint8 each way (computed: |P| x C x bytes per value)."]
-    sparse = p * 3 * 3
-    lines += ["", f"Top-k (shield.top-k = 3) changes what a row reveals, not its size: the wire array "
-              f"stays dense |P| x C. A sparse top-3 encoding (float16 value + uint8 class per kept "
-              f"entry) would take {sparse:,} bytes each way; it is not implemented."]
+    lines += ["", "Top-k (shield.top-k = 3): the uplink carries each row's 3 kept values and their "
+              "classes (float16: 3 x 2 + 3 bytes a row; uint8: 3 + 1 values summing to 255 + 3 class "
+              "bytes); the downlink stays dense |P| x C (fused rows mix many sites' top-k sets)."]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

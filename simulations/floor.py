@@ -42,7 +42,7 @@ from fedkd.data import FederatedSplit, load_federation
 from fedkd.distillation import accuracy, distil, train_supervised
 from fedkd.fedavg import average_weights, weight_bytes
 from fedkd.fusion import fuse
-from fedkd.knowledge import decode, encode, validate_knowledge
+from fedkd.knowledge import decode, encode, site_record, validate_knowledge
 from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger
 from fedkd.reporting import RunRecorder, alma_summary
@@ -200,16 +200,16 @@ def _run_floor(config: Config, started: float) -> Path:
             arrays = {"knowledge": result.knowledge}
             if c in adversaries:
                 arrays = corrupt(result.knowledge, adversaries[c], np.random.default_rng(c))
-            wire_arrays = {name: (encode(a, wire_format) if a.dtype.kind == "f" else a)
-                           for name, a in arrays.items()}
+            wire_arrays = site_record(arrays, num_classes=split.num_classes, wire_format=wire_format,
+                                      top_k=config.shield.top_k)
             try:
                 knowledge = validate_knowledge(record_names={"knowledge", "metrics"}, arrays=wire_arrays,
                                                expected_rows=len(release), num_classes=split.num_classes,
-                                               wire_format=wire_format)
+                                               wire_format=wire_format, top_k=config.shield.top_k)
             except ValueError as err:
                 recorder.record("excluded", round=r, node=c, client=c, reason=f"invalid reply: {err}")
                 continue
-            bytes_up.append(int(wire_arrays["knowledge"].nbytes))
+            bytes_up.append(sum(int(a.nbytes) for a in wire_arrays.values()))
             accepted[c] = knowledge
             rounds_trained = {"rounds-trained": r}
             recorder.record("client-train", round=r, client=c, **rounds_trained, **result.metrics)

@@ -95,9 +95,10 @@ def test_floor_reproduces_the_simulation_exactly(tmp_path, monkeypatch):
     """Same config, same seeds: the floor and Flower's simulation engine agree on every
     recorded number (per-site metrics, ALMA, worst, global student, fusion weights, bytes,
     privacy ledger). Equality, not closeness: both run the same code on the same inputs.
-    One run covers personalised fusion, an adversary, DP-SGD and the 8-bit wire format."""
+    One run covers personalised fusion, an adversary, DP-SGD, the 8-bit wire format and
+    the sparse top-k uplink."""
     overrides = {"fusion.method": "knfu", "adversary.clients": "3:flip", "privacy.enabled": True,
-                 "privacy.target-epsilon": 4.0, "knowledge.wire-format": "uint8"}
+                 "privacy.target-epsilon": 4.0, "knowledge.wire-format": "uint8", "shield.top-k": 3}
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
@@ -121,4 +122,7 @@ def test_floor_reproduces_the_simulation_exactly(tmp_path, monkeypatch):
     for name in sim_weights:
         np.testing.assert_array_equal(flo_weights[name], sim_weights[name])
     assert flo["bytes"] == sim["bytes"]
+    # top-3 of 10 classes in uint8: 3 class bytes + 3 values + the rest = 7 bytes a row
+    assert sim["bytes"]["uplink-per-client-round"] == 540 * 7
+    assert sim["history"][-1]["accepted"] == [0, 1, 2, 3]
     assert flo["privacy"] == sim["privacy"]

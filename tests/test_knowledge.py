@@ -11,7 +11,10 @@ from fedkd.knowledge import (
     InvalidPayload,
     decode,
     encode,
+    pack_release,
     quantize,
+    site_record,
+    unpack_top_k,
     validate_client_id,
     validate_knowledge,
 )
@@ -227,3 +230,111 @@ def test_uint8_rows_that_do_not_sum_to_255_are_refused():
 def test_unknown_wire_format_is_an_error():
     with pytest.raises(ValueError, match="float16"):
         encode(_valid(), "int4")
+
+
+# ----------------------------------------------------------------- sparse top-k uplink
+
+
+def _top_k_rows(k: int, rows: int = 200, classes: int = 10, seed: int = 5) -> np.ndarray:
+    from fedkd.shielding import top_k_release
+
+    rng = np.random.default_rng(seed)
+    p = np.concatenate([rng.dirichlet(np.full(classes, a), size=rows) for a in (0.05, 1.0, 50.0)])
+    return top_k_release(p, k)
+
+
+def _check_sparse(arrays, rows, classes, **kwargs):
+    return validate_knowledge(record_names=RECORDS, arrays=arrays, expected_rows=rows, num_classes=classes, **kwargs)
+
+
+@pytest.mark.parametrize("wire_format", ["float16", "uint8"])
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_top_k_release_round_trips_through_the_sparse_record(wire_format, k):
+    released = _top_k_rows(k)
+    arrays = pack_release(released, wire_format, top_k=k)
+    assert set(arrays) == {"top-classes", "top-values"}
+    assert arrays["top-classes"].dtype == np.uint8 and arrays["top-classes"].shape == (600, k)
+    per_row = 3 * k if wire_format == "float16" else 2 * k + 1  # bytes a row on the wire
+    assert sum(a.nbytes for a in arrays.values()) == 600 * per_row
+    out = _check_sparse(arrays, 600, 10, wire_format=wire_format, top_k=k)
+    dense = _check_sparse(pack_release(released, wire_format), 600, 10, wire_format=wire_format)
+    # as close to the released rows as the dense encoding of the same format
+    tolerance = 2e-3 if wire_format == "float16" else 1 / QUANT_LEVELS
+    assert np.abs(out - released).max() < tolerance
+    assert np.abs(dense - released).max() < tolerance
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    # the decoded row still reveals only the top-k ranking: the other classes are equal
+    kept = np.zeros(out.shape, dtype=bool)
+    np.put_along_axis(kept, arrays["top-classes"].astype(np.int64), True, axis=1)
+    others = out[~kept].reshape(len(out), 10 - k)
+    np.testing.assert_allclose(others, others[:, :1].repeat(10 - k, axis=1), rtol=0, atol=1e-12)
+
+
+def test_top_k_record_by_hand():
+    row = np.array([[0.6, 0.05, 0.3, 0.05]])
+    arrays = pack_release(row, "uint8", top_k=2)
+    np.testing.assert_array_equal(arrays["top-classes"], [[0, 2]])
+    np.testing.assert_array_equal(arrays["top-values"], [[153, 76, 26]])  # 255 * (0.6, 0.3, 0.1), largest remainder
+    np.testing.assert_allclose(unpack_top_k(arrays["top-classes"], arrays["top-values"], 4),
+                               [[153 / 255, 13 / 255, 76 / 255, 13 / 255]])
+
+
+def test_top_k_off_or_k_at_least_c_sends_the_dense_array():
+    p = _valid(np.float64)
+    assert set(pack_release(p, "float16", top_k=0)) == {"knowledge"}
+    assert set(pack_release(p, "float16", top_k=CLASSES)) == {"knowledge"}
+    _check(pack_release(p, top_k=CLASSES)["knowledge"], top_k=CLASSES)
+
+
+def _sparse_valid(wire_format="float16", k=2):
+    return pack_release(_valid(np.float64), wire_format, top_k=k)
+
+
+@pytest.mark.parametrize(
+    "mutate, words",
+    [
+        (lambda a: a.update({"top-classes": a["top-classes"].astype(np.int64)}), "uint8"),
+        (lambda a: a["top-classes"].__setitem__((0, 0), CLASSES), "class >= 4"),
+        (lambda a: a["top-classes"].__setitem__((1, 1), a["top-classes"][1, 0]), "repeats a class"),
+        (lambda a: a.update({"top-classes": a["top-classes"][:, :1]}), "shape"),
+        (lambda a: a.update({"top-values": a["top-values"][:-1]}), "shape"),
+        (lambda a: a["top-values"].__setitem__((0, 0), np.nan), "non-finite"),
+        (lambda a: a["top-values"].__setitem__((0, 0), -0.2), "negative"),
+        (lambda a: a["top-values"].__setitem__((0, 0), 1.5), "sum to 1"),
+        (lambda a: a.update({"top-values": a["top-values"].astype(np.int32)}), "floating-point"),
+        (lambda a: a.pop("top-values"), "exactly"),
+        (lambda a: a.update({"knowledge": np.zeros((ROWS, CLASSES))}), "exactly"),
+    ],
+)
+def test_malformed_top_k_records_are_refused(mutate, words):
+    arrays = _sparse_valid()
+    mutate(arrays)
+    with pytest.raises(InvalidPayload, match=words):
+        _check_sparse(arrays, ROWS, CLASSES, top_k=2)
+
+
+def test_top_k_federation_refuses_dense_and_wrong_format_replies():
+    with pytest.raises(InvalidPayload, match="top-classes"):
+        _check(encode(_valid(np.float64)), top_k=2)  # a dense reply where top-k was agreed
+    with pytest.raises(InvalidPayload, match="uint8"):
+        _check_sparse(_sparse_valid("float16"), ROWS, CLASSES, top_k=2, wire_format="uint8")
+    arrays = _sparse_valid("uint8")
+    arrays["top-values"][0, 0] += 1
+    with pytest.raises(InvalidPayload, match="1 rows do not"):
+        _check_sparse(arrays, ROWS, CLASSES, top_k=2, wire_format="uint8")
+
+
+def test_site_record_packs_releases_and_passes_malformed_payloads_through():
+    from fedkd.adversary import corrupt
+
+    released = _valid(np.float64)
+    packed = site_record({"knowledge": released}, num_classes=CLASSES, top_k=2)
+    assert set(packed) == {"top-classes", "top-values"}
+    rng = np.random.default_rng(0)
+    for kind in ("nan", "negative", "wrong-shape", "extra-key", "int-dtype"):
+        record = site_record(corrupt(released, kind, rng), num_classes=CLASSES, top_k=2)
+        with pytest.raises(InvalidPayload):
+            _check_sparse(record, ROWS, CLASSES, top_k=2)
+    for kind in ("random", "flip"):  # valid knowledge: packed like any release, accepted
+        record = site_record(corrupt(released, kind, rng), num_classes=CLASSES, top_k=2)
+        assert _check_sparse(record, ROWS, CLASSES, top_k=2).shape == (ROWS, CLASSES)
