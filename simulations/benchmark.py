@@ -50,6 +50,15 @@ METHOD_LABELS = {
 }
 
 
+def method_label(method: str, args: argparse.Namespace) -> str:
+    """The table's name for ``method``; knfu names its effectiveness measure and, when not
+    JS, its divergence (``--set fusion.divergence=hellinger`` gives "knfu (agreement, hellinger)")."""
+    if method != "knfu":
+        return METHOD_LABELS.get(method, method)
+    fusion = load_config(args.config, overrides=_base_overrides(args)).fusion
+    return f"knfu ({fusion.measure})" if fusion.divergence == "js" else f"knfu ({fusion.measure}, {fusion.divergence})"
+
+
 # ------------------------------------------------------------------ running grid points
 
 
@@ -168,7 +177,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
                     continue
                 alma = _mean_std([s["final"].get("alma") for s in summaries])
                 rows.append({
-                    "dp": dp, "method": method, "alpha": alpha, "seeds": len(summaries),
+                    "dp": dp, "method": method, "label": method_label(method, args), "alpha": alpha,
+                    "seeds": len(summaries),
                     "alma": alma[0], "alma-std": alma[1],
                     "worst": _mean_std([s["final"].get("worst") for s in summaries])[0],
                     "global": _mean_std([s["final"].get("global-accuracy") for s in summaries])[0],
@@ -204,13 +214,17 @@ def accuracy_table(rows: list[dict], alphas: Iterable[float]) -> str:
                 cells.append("-" if r is None else
                              f"{_cell(r['alma'], r['alma-std'], r['seeds'])} / {_cell(r['worst'])} / "
                              f"{_cell(r['global'])}")
-            out.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+            out.append(f"| {_label(subset, method)} | " + " | ".join(cells) + " |")
         seeds = sorted({r["seeds"] for r in subset})
         rounds = sorted({r["rounds"] for r in subset})
         out.append("")
         out.append(f"Seeds per cell: {', '.join(map(str, seeds))}; rounds: {', '.join(map(str, rounds))}.")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _label(rows: list[dict], method: str) -> str:
+    return next((r["label"] for r in rows if r["method"] == method and "label" in r), METHOD_LABELS.get(method, method))
 
 
 def plot_accuracy(rows: list[dict], out: Path) -> None:
@@ -229,7 +243,7 @@ def plot_accuracy(rows: list[dict], out: Path) -> None:
             if own:
                 ax.errorbar([r["alpha"] for r in own], [r["alma"] for r in own],
                             yerr=[r["alma-std"] for r in own], marker="o", capsize=3,
-                            label=METHOD_LABELS.get(method, method))
+                            label=_label(own, method))
         ax.set(xscale="log", xlabel="Dirichlet α (label skew: small = strong)", ylabel="ALMA",
                ylim=(0, 1.02), title="with DP-SGD" if dp else "without DP")
         ax.grid(alpha=0.3)
@@ -305,7 +319,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         clean_alma = honest_alma(clean_dir, adversaries)[0] if _finished(args.out, f"{method}/clean") else float("nan")
         mean_share, max_share = adversary_weight(run_dir, adversaries)
         setting = name.split("/", 1)[1]
-        rows.append({"method": method, "setting": setting, "adversaries": len(adversaries),
+        rows.append({"method": method, "label": method_label(method, args), "setting": setting,
+                     "adversaries": len(adversaries),
                      "honest-alma": alma, "honest-worst": worst, "clean-alma-same-sites": clean_alma,
                      "adversary-weight": mean_share, "adversary-weight-max": max_share})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +342,7 @@ def robustness_table(rows: list[dict]) -> str:
         weight = "-" if clean else f"{r['adversary-weight']:.3f} / {r['adversary-weight-max']:.3f}"
         ref = "-" if clean else f"{r['clean-alma-same-sites']:.3f}"
         change = "-" if clean else f"{r['honest-alma'] - r['clean-alma-same-sites']:+.3f}"
-        lines.append(f"| {METHOD_LABELS.get(r['method'], r['method'])} | {setting} | {r['honest-alma']:.3f} | "
+        lines.append(f"| {_label([r], r['method'])} | {setting} | {r['honest-alma']:.3f} | "
                      f"{ref} | {change} | {r['honest-worst']:.3f} | {weight} |")
     return "\n".join(lines)
 
@@ -351,7 +366,7 @@ def plot_robustness(rows: list[dict], out: Path) -> None:
             pts += [(r["adversaries"], r) for r in own]
             if not pts:
                 continue
-            label = METHOD_LABELS.get(method, method)
+            label = _label([p[1] for p in pts], method)
             axes[0, col].plot([p[0] for p in pts], [p[1]["honest-alma"] for p in pts], marker="o", label=label)
             axes[1, col].plot([p[0] for p in pts if p[0]], [p[1]["adversary-weight"] for p in pts if p[0]],
                               marker="o", label=label)
