@@ -232,7 +232,8 @@ class FusionConfig:
         "agreement", choices=("epd", "agreement"), help="effectiveness measure for knfu"
     )
     divergence: str = option(
-        "js", choices=("js", "kl", "hellinger"), help="divergence D of both measures (hellinger: fast agreement)"
+        "hellinger", choices=("hellinger", "js", "kl"),
+        help="divergence D of both measures (squared Hellinger; JS: KnFu's, O(N^2) logs with agreement)",
     )
     beta: float = option(10.0, low=0, help="weight sharpness: w ~ exp(-beta * d)")
     threshold: Any = option(

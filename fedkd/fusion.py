@@ -11,7 +11,7 @@ Methods (looked up by name in :data:`FUSION_METHODS`):
 * ``mean``  -- FedMD: F_i = (1/N) sum_j K_j for every i.
 * ``era``   -- DS-FL entropy reduction aggregation: F_i = softmax(mean_j K_j / T_era).
 * ``knfu``  -- effective neighbours (KnFu, Seyedmohammadi et al. 2024):
-  d_ij from :func:`effectiveness_matrix` (divergence JS, KL or squared Hellinger); N(i) = {i} plus the clients with
+  d_ij from :func:`effectiveness_matrix` (divergence squared Hellinger, JS or KL); N(i) = {i} plus the clients with
   d_ij <= tau_i (tau_i = median of row i by default), capped at ``max_neighbours``
   members (self included) by smallest d_ij; w_ij = exp(-beta d_ij) / sum_{l in N(i)}
   exp(-beta d_il); F_i(x) = sum_{j in N(i)} w_ij K_j(x).
@@ -106,12 +106,12 @@ def effectiveness_matrix(
     knowledge: np.ndarray,
     *,
     measure: str = "agreement",
-    divergence: str = "js",
+    divergence: str = "hellinger",
     confident_fraction: float = 0.5,
 ) -> np.ndarray:
     """Divergence d_ij >= 0 of client j from client i (small = effective for i), ``[N, N]``.
 
-    D is ``divergence``: JS, KL(i || j) or the squared Hellinger distance h^2.
+    D is ``divergence``: the squared Hellinger distance h^2 (the default), JS or KL(i || j).
 
     * ``epd``: d_ij = D(EPD_i, EPD_j): neighbours by label mix.
     * ``agreement``: d_ij = mean_{x in S_i} D(K_i(x), K_j(x)), S_i = the
@@ -393,7 +393,7 @@ def _fuse_knfu(
     mask: np.ndarray,
     *,
     measure: str = "agreement",
-    divergence: str = "js",
+    divergence: str = "hellinger",
     confident_fraction: float = 0.5,
     beta: float = 10.0,
     threshold: float | str = "median",

@@ -45,18 +45,18 @@ METHOD_LABELS = {
     "none": "none (local only)",
     "mean": "mean (FedMD)",
     "era": "era (DS-FL)",
-    "knfu": "knfu (agreement)",
+    "knfu": "knfu",
     "fedavg": "FedAvg (weights)",
 }
 
 
 def method_label(method: str, args: argparse.Namespace) -> str:
-    """The table's name for ``method``; knfu names its effectiveness measure and, when not
-    JS, its divergence (``--set fusion.divergence=hellinger`` gives "knfu (agreement, hellinger)")."""
+    """The table's name for ``method``; knfu names its effectiveness measure and divergence
+    from the run's settings, e.g. "knfu (agreement, hellinger)"."""
     if method != "knfu":
         return METHOD_LABELS.get(method, method)
     fusion = load_config(args.config, overrides=_base_overrides(args)).fusion
-    return f"knfu ({fusion.measure})" if fusion.divergence == "js" else f"knfu ({fusion.measure}, {fusion.divergence})"
+    return f"knfu ({fusion.measure}, {fusion.divergence})"
 
 
 # ------------------------------------------------------------------ running grid points
