@@ -50,12 +50,12 @@ METHOD_LABELS = {
 }
 
 
-def method_label(method: str, args: argparse.Namespace) -> str:
-    """The table's name for ``method``; knfu names its effectiveness measure and divergence
-    from the run's settings, e.g. "knfu (agreement, hellinger)"."""
+def method_label(method: str, run_dir: Path) -> str:
+    """The table's name for ``method``; knfu names the effectiveness measure and divergence
+    its finished run in ``run_dir`` used (its saved config), e.g. "knfu (agreement, hellinger)"."""
     if method != "knfu":
         return METHOD_LABELS.get(method, method)
-    fusion = load_config(args.config, overrides=_base_overrides(args)).fusion
+    fusion = load_config(run_dir / "config.toml").fusion
     return f"knfu ({fusion.measure}, {fusion.divergence})"
 
 
@@ -169,15 +169,14 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     for dp in _dp_modes(args.dp):
         for method in args.methods:
             for alpha in args.alphas:
-                summaries = [
-                    s for seed in args.seeds
-                    if (s := _finished(args.out, f"{'dp' if dp else 'nodp'}/{method}/alpha-{alpha:g}/seed-{seed}"))
-                ]
+                names = [f"{'dp' if dp else 'nodp'}/{method}/alpha-{alpha:g}/seed-{seed}" for seed in args.seeds]
+                names = [name for name in names if _finished(args.out, name)]
+                summaries = [_finished(args.out, name) for name in names]
                 if not summaries:
                     continue
                 alma = _mean_std([s["final"].get("alma") for s in summaries])
                 rows.append({
-                    "dp": dp, "method": method, "label": method_label(method, args), "alpha": alpha,
+                    "dp": dp, "method": method, "label": method_label(method, args.out / names[0]), "alpha": alpha,
                     "seeds": len(summaries),
                     "alma": alma[0], "alma-std": alma[1],
                     "worst": _mean_std([s["final"].get("worst") for s in summaries])[0],
@@ -319,7 +318,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         clean_alma = honest_alma(clean_dir, adversaries)[0] if _finished(args.out, f"{method}/clean") else float("nan")
         mean_share, max_share = adversary_weight(run_dir, adversaries)
         setting = name.split("/", 1)[1]
-        rows.append({"method": method, "label": method_label(method, args), "setting": setting,
+        rows.append({"method": method, "label": method_label(method, run_dir), "setting": setting,
                      "adversaries": len(adversaries),
                      "honest-alma": alma, "honest-worst": worst, "clean-alma-same-sites": clean_alma,
                      "adversary-weight": mean_share, "adversary-weight-max": max_share})
