@@ -136,7 +136,7 @@ def unpack_top_k(classes: np.ndarray, values: np.ndarray, num_classes: int) -> n
     """``top-classes`` and ``top-values`` -> dense float64 rows [P, C]: the k values at their
     classes, the rest of the mass (uint8: the last value / 255; float16: 1 - the sum, at
     least 0) spread evenly over the other classes."""
-    rows, k = classes.shape
+    k = classes.shape[1]
     if values.dtype == np.uint8:
         top, rest = values[:, :k] / QUANT_LEVELS, values[:, k] / QUANT_LEVELS
     else:
@@ -172,16 +172,8 @@ def _check_top_k(
     if values.shape != want_shape:
         raise InvalidPayload(f"top-values must have shape {want_shape}; got {values.shape}")
     if quantized:
-        sums = values.sum(axis=1, dtype=np.int64)
-        if len(values) and (sums != QUANT_LEVELS).any():
-            raise InvalidPayload(
-                f"uint8 top-values rows must sum to {QUANT_LEVELS}; {int((sums != QUANT_LEVELS).sum())} rows do not"
-            )
-    else:
-        finite = np.isfinite(values.astype(np.float64))
-        if not finite.all():
-            raise InvalidPayload(f"knowledge has {int((~finite).sum())} non-finite values")
-    return unpack_top_k(classes, values, num_classes)
+        _check_level_sums(values, "top-values")
+    return unpack_top_k(classes, values, num_classes)  # non-finite values: refused by _check_rows
 
 
 def validate_knowledge(
@@ -234,11 +226,15 @@ def validate_knowledge(
             f"knowledge must have shape ({expected_rows}, {num_classes}); got {k.shape}"
         )
     if quantized:
-        sums = k.sum(axis=1, dtype=np.int64)
-        if len(k) and (sums != QUANT_LEVELS).any():
-            bad = int((sums != QUANT_LEVELS).sum())
-            raise InvalidPayload(f"uint8 knowledge rows must sum to {QUANT_LEVELS}; {bad} rows do not")
+        _check_level_sums(k, "knowledge")
     return _check_rows(decode(k))
+
+
+def _check_level_sums(rows: np.ndarray, name: str) -> None:
+    """uint8 rows must sum to exactly :data:`QUANT_LEVELS` (what :func:`quantize` sends)."""
+    bad = int((rows.sum(axis=1, dtype=np.int64) != QUANT_LEVELS).sum())
+    if bad:
+        raise InvalidPayload(f"uint8 {name} rows must sum to {QUANT_LEVELS}; {bad} rows do not")
 
 
 def _check_rows(k: np.ndarray) -> np.ndarray:
