@@ -1,1 +1,1 @@
-"""Flower ClientApp for fedkd sites (thin glue over ``fedkd.site``)."""
+"""Flower ClientApp for fedkd sites (thin glue over ``fedkd.federation.site``)."""

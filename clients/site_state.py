@@ -30,7 +30,7 @@ from flwr.common.logger import log
 
 from fedkd.checkpoint import SiteStateStore
 from fedkd.config import build_config
-from fedkd.site import site_settings
+from fedkd.ops.node import site_settings
 
 ROUND_RECORD = "site-state"  # context.state record: the round the state corresponds to
 

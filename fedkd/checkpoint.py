@@ -170,25 +170,13 @@ def resume_problems(saved: Mapping[str, Any], new: Mapping[str, Any], *, checkpo
     return problems
 
 
-def trim_events(run_dir: str | Path, *, through_round: int) -> int:
-    """Drop ``metrics.jsonl`` events of rounds after ``through_round`` (what a stopped run
-    recorded past its last checkpoint, which the resumed run records again); returns how
-    many were dropped."""
-    from fedkd.reporting import METRICS_FILE
-
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        event = json.loads(line)
-        if isinstance(event.get("round"), int) and event["round"] > through_round:
-            dropped += 1
-        else:
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-    return dropped
+def read_resumable_checkpoint(run_dir: str | Path, *, config_flat: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """``(round, arrays, state)`` of the stopped run in ``run_dir``, after checking that a run
+    configured as ``config_flat`` may continue it (:func:`resume_problems`); raises
+    :class:`CheckpointError` listing every difference."""
+    round_number, arrays, state = read_server_checkpoint(run_dir)
+    problems = resume_problems(state.get("config", {}), config_flat, checkpoint_round=round_number)
+    if problems:
+        raise CheckpointError(f"cannot resume {Path(run_dir).name} with a different configuration: "
+                              + "; ".join(problems))
+    return round_number, arrays, state

@@ -146,10 +146,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     for setting in settings:  # refuse a bad setting (e.g. an unreachable epsilon) before the first run
         from fedkd.audit.sweep import setting_config
         from fedkd.data import load_federation
-        from fedkd.site import check_privacy_plans
+        from fedkd.privacy import check_privacy_plans
 
         config = setting_config(base, setting, sweep_name="check")
-        check_privacy_plans(config, load_federation(config.data, config.seed))
+        check_privacy_plans(config, [len(c.train) for c in load_federation(config.data, config.seed).clients])
     name = base.run_name or f"audit-sweep-{datetime.now():%Y%m%d-%H%M%S}"
     command = "fedkd " + " ".join(sys.argv[1:])
     sweep_dir, _ = run_sweep(

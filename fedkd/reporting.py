@@ -15,16 +15,41 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from fedkd.checkpoint import SERVER_CHECKPOINT
+
+if TYPE_CHECKING:
+    from fedkd.config import Config
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
 WEIGHTS_DIR = "weights"
+
+
+def run_directory(config: Config) -> Path:
+    """The run's directory, ``output-dir/run-name`` (a timestamped name when run-name is
+    empty). With ``checkpoint.resume`` it must hold the stopped run's checkpoint; otherwise it
+    must be new or empty (a finished run is never overwritten)."""
+    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(config.output_dir).resolve() / name
+    if config.checkpoint.resume:  # continue the stopped run there
+        if not (run_dir / SERVER_CHECKPOINT).is_file():
+            raise FileNotFoundError(
+                f"checkpoint.resume: no checkpoint in {run_dir}; is run-name / output-dir the "
+                "stopped run's, and did it complete a round?"
+            )
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} is not empty; choose another run-name")
+    return run_dir
 
 
 def alma_summary(accuracy: Mapping[int, float], examples: Mapping[int, float]) -> dict[str, float]:
@@ -199,3 +224,25 @@ def compare_table(run_dirs: Iterable[str | Path]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def trim_events(run_dir: str | Path, *, through_round: int) -> int:
+    """Drop ``metrics.jsonl`` events of rounds after ``through_round`` (what a stopped run
+    recorded past its last checkpoint, which the resumed run records again); returns how
+    many were dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        if isinstance(event.get("round"), int) and event["round"] > through_round:
+            dropped += 1
+        else:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return dropped

@@ -18,8 +18,8 @@ import tomli_w
 
 from fedkd.config import Config
 from fedkd.data import load_federation
-from fedkd.site import check_privacy_plans
-from fedkd.reporting import read_summary
+from fedkd.privacy import check_privacy_plans
+from fedkd.reporting import read_summary, run_directory
 
 # Each simulated site gets one CPU so that sites run side by side on small machines.
 CLIENT_CPUS = 1
@@ -53,10 +53,10 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
     from flwr.supercore.telemetry import EventType
 
     from clients.client_app import app as client_app
-    from server.server_app import app as server_app, run_directory
+    from server.server_app import app as server_app
 
     # Fail here, with a clear message, rather than inside the engine's threads and actors.
-    check_privacy_plans(config, load_federation(config.data, config.seed))
+    check_privacy_plans(config, [len(c.train) for c in load_federation(config.data, config.seed).clients])
     if not config.run_name:  # fix the name here so the caller knows where the run lands
         config = _with_run_name(config, run_directory(config).name)
     run_dir = Path(config.output_dir).resolve() / config.run_name
@@ -91,13 +91,13 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
 
 
 def _check_resume(config: Config, run_dir: Path) -> None:
-    from fedkd.checkpoint import read_server_checkpoint, resume_problems
+    from fedkd.checkpoint import CheckpointError, read_resumable_checkpoint
     from fedkd.config import ConfigError
 
-    round_number, _, state = read_server_checkpoint(run_dir)
-    problems = resume_problems(state["config"], config.to_flat(), checkpoint_round=round_number)
-    if problems:
-        raise ConfigError([f"cannot resume {run_dir.name}: {p}" for p in problems])
+    try:
+        read_resumable_checkpoint(run_dir, config_flat=config.to_flat())
+    except CheckpointError as err:
+        raise ConfigError([str(err)]) from None
 
 
 def _with_run_name(config: Config, name: str) -> Config:

@@ -51,7 +51,7 @@ def test_audit_plan_changes_only_the_audited_sites_training_data(text_audit):
 
 def test_inserted_secret_is_exposed_and_a_never_inserted_one_is_not(text_audit):
     from fedkd.distillation import predict_logits, train_supervised
-    from fedkd.site import build_site_model
+    from fedkd.federation.site import build_site_model
 
     config, split = text_audit
     plan = plan_for(config, split)

@@ -1,6 +1,6 @@
 """Unit tests for the deployment pieces that need no running Flower processes:
 certificates and keys (fedkd.deploy), site-local data files (fedkd.data), node configs
-(fedkd.site), checkpoints (fedkd.checkpoint), the site-state mod (clients.site_state)."""
+(fedkd.ops.node), checkpoints (fedkd.checkpoint), the site-state mod (clients.site_state)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from fedkd.reporting import trim_events
 from fedkd.checkpoint import (
     CheckpointError,
     SiteStateStore,
@@ -18,7 +19,6 @@ from fedkd.checkpoint import (
     read_server_checkpoint,
     resume_problems,
     save_checkpoint,
-    trim_events,
     write_server_checkpoint,
 )
 from fedkd.config import ConfigError, load_config
@@ -34,7 +34,7 @@ from fedkd.deploy import (
     write_certificates,
     write_supernode_keys,
 )
-from fedkd.site import load_site_split, site_settings
+from fedkd.ops.node import load_site_split, site_settings
 
 
 def _mode(path) -> int:

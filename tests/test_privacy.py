@@ -30,6 +30,8 @@ from fedkd.privacy import (
     calibrate_noise_multiplier,
     default_delta,
     epsilon_for,
+    ledger_metrics,
+    ledger_row,
     plan_privacy,
     private_training,
     train_private,
@@ -225,13 +227,21 @@ def test_state_round_trips_through_json(plan):
     again = PrivacyLedger(plan)  # the client's way: plan from config, then load state
     again.load_state_dict(json.loads(text))
     assert again.epsilon() == ledger.epsilon()
-    entry = ledger.as_ledger_entry()
-    assert entry == {
-        "target_epsilon": TARGET, "epsilon_spent": ledger.epsilon(), "delta": plan.delta,
-        "noise_multiplier": plan.noise_multiplier, "max_grad_norm": 1.0,
-        "sample_rate": plan.sample_rate, "steps": 9, "planned_steps": 21, "accountant": "rdp",
-        "exhausted": False,
+    metrics = ledger_metrics(ledger)
+    assert metrics == {
+        "epsilon": ledger.epsilon(), "dp-target-epsilon": TARGET, "dp-delta": plan.delta,
+        "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,
+        "dp-steps": 9.0, "dp-planned-steps": 21.0,
     }
+    row = ledger_row(metrics=metrics, accountant="rdp")
+    assert row == {
+        "target-epsilon": TARGET, "epsilon-spent": ledger.epsilon(), "delta": plan.delta,
+        "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+        "steps": 9, "planned-steps": 21, "accountant": "rdp", "stopped": False,
+    }
+    # a site that stopped once stays stopped in the ledger, whatever it reports later
+    assert ledger_row(metrics={**metrics, "dp-stopped": 1.0}, accountant="rdp")["stopped"]
+    assert ledger_row(metrics=metrics, accountant="rdp", previous={**row, "stopped": True})["stopped"]
 
 
 @pytest.mark.parametrize("key", ["format", "plan", "mechanism", "history"])
@@ -315,7 +325,7 @@ def test_never_exceeds_target_when_asked_for_more_rounds(data, plan):
     assert [r.stopped for r in results] == [False] * 3 + [True] * 3
     assert all(r.epsilon <= TARGET for r in results)
     assert ledger.steps == plan.planned_steps and ledger.epsilon() <= TARGET
-    assert ledger.as_ledger_entry()["exhausted"]
+    assert not ledger.can_afford(plan.steps_per_round)
     assert results[-1].steps == 0
     assert results[-1].reason.startswith(f"budget exhausted: epsilon {results[2].epsilon:.2f} of 4 spent")
 

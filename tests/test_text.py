@@ -20,7 +20,7 @@ from fedkd.config import ConfigError, load_config
 from fedkd.data import ArrayDataset, DataUnavailableError, load_federation, load_source
 from fedkd.distillation import distil, kd_loss, predict_logits
 from fedkd.models import build_model, model_modality
-from fedkd.privacy import PrivacyLedger, plan_privacy, private_training, train_private
+from fedkd.privacy import PrivacyLedger, plan_privacy, private_training, site_privacy_plan, train_private
 from fedkd.text import (
     INSTALL_HINT,
     TOPICS,
@@ -354,7 +354,7 @@ def _site_config(**overrides):
 @needs_extra  # the default tokenizer
 @pytest.mark.parametrize("privacy", [False, True])
 def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, privacy):
-    import fedkd.site as site
+    import fedkd.federation.site as site
 
     config = _site_config(**{"privacy.enabled": privacy, "privacy.target-epsilon": 50.0})
     split = load_federation(config.data, config.seed)
@@ -372,21 +372,21 @@ def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, priv
         monkeypatch.setattr(site, name, spy)
     ledger = None
     if privacy:
-        plan = site.site_privacy_plan(config, split.clients[0].train, 0)
+        plan = site_privacy_plan(config, len(split.clients[0].train), 0)
         assert plan.epochs_per_round == config.teacher.epochs
         ledger = PrivacyLedger(plan)
     fused = np.full((len(split.public), len(TOPICS)), 1 / len(TOPICS), dtype=np.float32)
-    result = site.run_site_round(
+    knowledge, metrics = site.local_round(
         model=student, config=config, client=0, round_number=2, data=split.clients[0],
         public_x=split.public.x, release_positions=np.arange(10), fused=fused,
         fused_positions=np.arange(len(split.public)), ledger=ledger, teacher=teacher,
     )
     assert readers == [teacher]  # the student learns from public data only
-    assert result.knowledge.shape == (10, len(TOPICS))
-    np.testing.assert_allclose(result.knowledge.sum(axis=1), 1.0, rtol=1e-5)
+    assert knowledge.shape == (10, len(TOPICS))
+    np.testing.assert_allclose(knowledge.sum(axis=1), 1.0, rtol=1e-5)
     for key in ("train-loss", "distil-loss", "teacher-val-accuracy", "student-val-accuracy"):
-        assert key in result.metrics
-    assert ("epsilon" in result.metrics) == privacy
+        assert key in metrics
+    assert ("epsilon" in metrics) == privacy
     if privacy:
         assert ledger.steps == ledger.plan.steps_per_round
     scores = site.evaluate_site(student, split.clients[0], teacher=teacher, release="teacher")
@@ -395,7 +395,7 @@ def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, priv
 
 @needs_extra  # the default tokenizer
 def test_pii_scorer_flattens_the_knowledge_on_public_texts_with_personal_data():
-    import fedkd.site as site
+    import fedkd.federation.site as site
     from fedkd.shielding import pii_sensitivity
     from fedkd.text import detokenize
 
@@ -408,10 +408,10 @@ def test_pii_scorer_flattens_the_knowledge_on_public_texts_with_personal_data():
     flagged = np.flatnonzero(s > 0)[:5]
     clean = np.flatnonzero(s == 0)[:5]
     release = np.concatenate([flagged, clean])
-    result = site.run_site_round(
+    _, metrics = site.local_round(
         model=site.build_site_model(config, split, 1), config=config, client=1, round_number=1,
         data=split.clients[1], public_x=split.public.x, release_positions=release,
     )
     expected_t = 1.0 + 3.0 * s[release].mean()
-    assert result.metrics["shield-temperature"] == pytest.approx(expected_t)
-    assert result.metrics["shield-sensitivity"] == pytest.approx(s[release].mean())
+    assert metrics["shield-temperature"] == pytest.approx(expected_t)
+    assert metrics["shield-sensitivity"] == pytest.approx(s[release].mean())

@@ -257,8 +257,10 @@ def federation_parts():
 def test_bad_replies_are_excluded_and_every_honest_site_is_kept(
     tmp_path_factory, task_identity, federation_parts, bad, honest_count, seed, data
 ):
+    from fedkd.federation.loop import collect_knowledge
+    from fedkd.federation.server import ServerState
     from fedkd.reporting import RunRecorder, read_events
-    from server.server_app import Federation
+    from server.server_app import GridTransport
 
     config, split = federation_parts
     rows = config.knowledge.public_subset
@@ -278,8 +280,8 @@ def test_bad_replies_are_excluded_and_every_honest_site_is_kept(
 
     grid = FakeGrid({node: answer_for(site) for node, site in nodes.items()})
     recorder = RunRecorder(tmp_path_factory.mktemp("run"), config.to_toml())
-    federation = Federation(grid=grid, config=config, split=split, recorder=recorder)
-    accepted = federation.collect_knowledge(1, release)
+    accepted = collect_knowledge(config=config, split=split, state=ServerState(), transport=GridTransport(grid, config),
+                                 recorder=recorder, round_number=1, release=release)
 
     assert sorted(accepted) == list(range(honest_count))  # no honest contribution lost
     for site, knowledge in honest_knowledge.items():
@@ -300,8 +302,10 @@ def test_timeouts_errors_and_duplicates_do_not_cost_honest_sites(tmp_path, task_
     metrics are excluded for the round; the honest ones are all kept."""
     from flwr.app import Error, Message
 
+    from fedkd.federation.loop import collect_knowledge
+    from fedkd.federation.server import ServerState
     from fedkd.reporting import RunRecorder, read_events
-    from server.server_app import Federation
+    from server.server_app import GridTransport
 
     config, split = federation_parts
     rows = config.knowledge.public_subset
@@ -317,8 +321,9 @@ def test_timeouts_errors_and_duplicates_do_not_cost_honest_sites(tmp_path, task_
     answers[204] = lambda msg: _reply(msg, {"knowledge": good[1]}, {"partition-id": 99})
     recorder = RunRecorder(tmp_path / "run", config.to_toml())
     config = dataclasses.replace(config, round_timeout=1.0)  # the silent site is waited for 1 s
-    federation = Federation(grid=FakeGrid(answers), config=config, split=split, recorder=recorder)
-    accepted = federation.collect_knowledge(1, release)
+    accepted = collect_knowledge(config=config, split=split, state=ServerState(),
+                                 transport=GridTransport(FakeGrid(answers), config), recorder=recorder,
+                                 round_number=1, release=release)
     assert sorted(accepted) == [0, 1, 2]
     reasons = {e["node"]: e["reason"] for e in read_events(recorder.run_dir, "excluded")}
     assert set(reasons) == {200, 201, 202, 203, 204}

@@ -83,11 +83,11 @@ def _site_model(config: Config, split: FederatedSplit, site: int, seed_offset: i
     """The audited site's released model (student, or teacher under ``teacher.release =
     teacher``) as built for the run; ``seed_offset`` != 0 gives other initial weights."""
     from fedkd.models import build_model
-    from fedkd.site import site_seed
+    from fedkd.seeds import site_seed
 
     teacher = config.teacher_for(site)
     name = teacher if teacher and config.teacher.release == "teacher" else config.architecture_for(site)
-    seed = site_seed(config, site) + (1 if teacher and name == teacher else 0)
+    seed = site_seed(config.seed, site) + (1 if teacher and name == teacher else 0)
     return build_model(name, input_shape=split.input_shape, num_classes=split.num_classes,
                        seed=(seed + seed_offset) % 2**31, **split.model_options)
 
@@ -147,20 +147,20 @@ def load_inputs(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
 
 def release(config: Config, logits: np.ndarray, *, rng: np.random.Generator,
             inputs: np.ndarray | None = None) -> np.ndarray:
-    """What the site would release for ``logits``: the run's shielding, then float16 as
-    on the wire (rows renormalised)."""
-    from fedkd.shielding import shield
+    """What the server would see from the site for ``logits``: the site's own release step
+    (:func:`fedkd.federation.site.release_knowledge`: the run's shielding), packed in the
+    run's wire format (``knowledge.wire-format``, ``shield.top-k``) and decoded as the server
+    decodes it (rows summing to 1)."""
+    from fedkd.federation.server import accept_reply
+    from fedkd.federation.site import release_knowledge
+    from fedkd.knowledge import REPLY_RECORDS, site_record
 
-    s = config.shield
-    kwargs: dict[str, Any] = {}
-    if s.scorer == "pii" and inputs is not None:
-        from fedkd.text import detokenize
-
-        kwargs["texts"] = detokenize(inputs, tokenizer=config.data.tokenizer)
-    probs, _ = shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,
-                      scorer=s.scorer, top_k=s.top_k, rng=rng, **kwargs)
-    probs = probs.astype(np.float16).astype(np.float64)
-    return probs / probs.sum(axis=1, keepdims=True)
+    probs, _ = release_knowledge(config, logits, rng=rng, public_x=inputs)
+    num_classes = probs.shape[1]
+    wire = site_record({"knowledge": probs}, num_classes=num_classes, wire_format=config.knowledge.wire_format,
+                       top_k=config.shield.top_k)
+    return accept_reply(config=config, num_classes=num_classes, release=np.arange(len(probs)),
+                        record_names=REPLY_RECORDS, arrays=wire)
 
 
 def distil_surrogate(config: Config, split: FederatedSplit, site: int,
@@ -185,9 +185,9 @@ def train_like_site(config: Config, model: nn.Module, data: ArrayDataset, *, sit
     t = config.train
     if config.privacy.enabled:
         from fedkd.privacy import PrivacyLedger
-        from fedkd.site import site_privacy_plan, train_private_site
+        from fedkd.privacy import site_privacy_plan, train_private_site
 
-        ledger = PrivacyLedger(site_privacy_plan(config, data, site))
+        ledger = PrivacyLedger(site_privacy_plan(config, len(data), site))
         for r in range(config.num_server_rounds):
             train_private_site(model, data, config=config, ledger=ledger, lr=config.privacy.lr,
                                seed=seed * 1000 + r)

@@ -1,4 +1,4 @@
-"""Record-level differential privacy for a site's private data: one budget for the whole run.
+"""Privacy accounting: one (epsilon, delta) budget for a site's whole run, and its ledger.
 
 A site promises "(epsilon, delta)-DP for my private examples over the whole federation".
 It trains on its private data only with DP-SGD (Abadi et al. 2016, "Deep Learning with
@@ -51,31 +51,25 @@ No Flower imports here. In a client's train handler (glue)::
         ledger.load_state_dict(json.loads(stored))  # refuses a state made for another plan
     result = train_private(model, train, plan=plan, ledger=ledger, lr=lr, seed=seed)
     # store ledger.to_json() back; report result.epsilon, result.stopped, result.reason
-    # and, in the run summary, ledger.as_ledger_entry()
+    # report ledger_metrics(ledger); the server keeps ledger_row(metrics=...) per site
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-from fedkd.data import ArrayDataset
-from fedkd.distillation import as_input_tensor
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
-    from opacus.optimizers import DPOptimizer
+
+    from fedkd.config import Config, PrivacyConfig
 
 
 # Opacus is imported on first use: a site without DP (and every Flower ClientApp process,
@@ -92,12 +86,6 @@ def get_noise_multiplier(**kwargs: Any) -> float:
     from opacus.accountants.utils import get_noise_multiplier as _get_noise_multiplier
 
     return _get_noise_multiplier(**kwargs)
-
-
-def PrivacyEngine(*args: Any, **kwargs: Any):  # noqa: ANN201, N802  (opacus.PrivacyEngine)
-    from opacus import PrivacyEngine as _PrivacyEngine
-
-    return _PrivacyEngine(*args, **kwargs)
 
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -465,22 +453,6 @@ class PrivacyLedger:
             raise PrivacyStateError(f"stored privacy ledger is not valid JSON: {err}") from None
         return cls.from_state_dict(state)
 
-    def as_ledger_entry(self) -> dict[str, Any]:
-        """One row of the run's privacy ledger (summary report); ``exhausted``: another
-        planned round would exceed the target."""
-        return {
-            "target_epsilon": self.plan.target_epsilon,
-            "epsilon_spent": self.epsilon(),
-            "delta": self.plan.delta,
-            "noise_multiplier": self.plan.noise_multiplier,
-            "max_grad_norm": self.plan.max_grad_norm,
-            "sample_rate": self.plan.sample_rate,
-            "steps": self.steps,
-            "planned_steps": self.plan.planned_steps,
-            "accountant": self.plan.accountant,
-            "exhausted": not self.can_afford(self.plan.steps_per_round),
-        }
-
     def __repr__(self) -> str:
         return (
             f"PrivacyLedger(epsilon={self.epsilon():.4g} of {self.plan.target_epsilon:g}, "
@@ -532,218 +504,91 @@ def _parse_state(state: Mapping[str, Any]) -> tuple[PrivacyPlan, History]:
     return plan, history
 
 
-# --------------------------------------------------------------------------- training
 
 
-@dataclass(frozen=True)
-class PrivateTrainResult:
-    """Outcome of one round of :func:`train_private`.
-
-    ``loss``: mean cross-entropy over the round's non-empty batches (nan if none);
-    ``steps``: DP-SGD steps taken this round; ``epsilon``: the run's spend after the round;
-    ``stopped``: True when the round was refused (budget); ``reason`` says why ("" if not).
-    """
-
-    loss: float
-    steps: int
-    epsilon: float
-    stopped: bool
-    reason: str
+# ----------------------------------------------------------------------- a site's plan
 
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
-"""Opacus per-example gradient modes fedkd uses: ``hooks`` materialises every example's
-gradient (``p.grad_sample``); ``ghost`` (ghost clipping, Li et al. 2022 / Bu et al. 2023)
-computes only per-example gradient *norms* in a first backward pass and then backpropagates
-the clipping-weighted loss sum_i min(1, C / ||g_i||) l_i in a second one: the same clipped
-sum, without a [B, *param] tensor per parameter."""
+def site_privacy_plan(config: Config, num_examples: int, client: int | None = None) -> PrivacyPlan:
+    """Site ``client``'s whole-run plan: (``privacy.target-epsilon``, delta) over
+    ``num-server-rounds`` rounds of ``privacy.local-epochs`` epochs (``teacher.epochs`` on a
+    teacher site, where the teacher is the only model that reads private data) on its
+    ``num_examples`` private examples; sigma calibrated once (:func:`plan_privacy`)."""
+    epochs = config.privacy.local_epochs
+    if client is not None and config.teacher_for(client):
+        epochs = config.teacher.epochs
+    return _cached_plan(config.privacy, int(num_examples), config.train.batch_size, epochs,
+                        config.num_server_rounds)
 
 
-class PrivateTraining(NamedTuple):
-    """Objects of a DP-SGD session: the Opacus-wrapped module, the ``DPOptimizer``, the
-    Poisson ``DPDataLoader`` and the loss to use: ``F.cross_entropy`` in ``hooks`` mode,
-    Opacus's two-pass ``DPLossFastGradientClipping`` around cross-entropy in ``ghost`` mode."""
-
-    module: nn.Module
-    optimizer: DPOptimizer
-    data_loader: DataLoader
-    criterion: Any = F.cross_entropy
-
-
-def _round_seeds(seed: int, steps_so_far: int) -> tuple[int, int]:
-    """Sampler and noise seeds for a round, from the caller's seed *and* the ledger's step
-    count: a caller that passes the same seed every round still gets fresh Poisson masks
-    and fresh noise (re-used noise would cancel between two rounds' models, which the
-    accountant's independence assumption does not allow)."""
-    words = np.random.SeedSequence([int(seed), int(steps_so_far)]).generate_state(2, dtype=np.uint64)
-    return int(words[0] >> np.uint64(1)), int(words[1] >> np.uint64(1))
-
-
-def _check_matches(data: ArrayDataset, plan: PrivacyPlan, ledger: PrivacyLedger) -> None:
-    if ledger.plan != plan:
-        raise ValueError("ledger.plan differs from plan: pass the plan the ledger was made for")
-    if len(data) != plan.num_examples:
-        raise ValueError(
-            f"plan was made for {plan.num_examples} private examples but data has {len(data)}: "
-            "the sample rate, and so the guarantee, depend on n; make the plan from this data"
-        )
-
-
-@contextlib.contextmanager
-def private_training(
-    model: nn.Module,
-    data: ArrayDataset,
-    *,
-    plan: PrivacyPlan,
-    ledger: PrivacyLedger,
-    lr: float,
-    seed: int = 0,
-    secure_mode: bool = False,
-    grad_sample_mode: str = "hooks",
-) -> Iterator[PrivateTraining]:
-    """Opacus DP-SGD objects for ``model`` on ``data`` whose accounting goes to ``ledger``.
-
-    Inside the block every ``optimizer.step()`` clips per-example gradients to
-    ``plan.max_grad_norm``, adds N(0, (sigma C)^2) to their sum, divides by the expected
-    batch size q n (``loss_reduction="mean"``: the loss must be a per-example mean), and
-    Opacus's step hook appends (sigma, q, 1) to ``ledger.accountant``. On exit the hooks
-    and Opacus's per-parameter attributes are removed and gradients cleared, so ``model``
-    (whose parameters are the ones that were updated) is a plain module again.
-
-    How the ledger is plugged in: ``PrivacyEngine.make_private`` attaches
-    ``self.accountant.get_optimizer_hook_fn(sample_rate=1/len(data_loader))`` to the
-    optimizer, so the engine's ``accountant`` attribute is set to the ledger's accountant
-    before ``make_private``; the sample rate Opacus derives equals ``plan.sample_rate``
-    (checked). Optimizer: Adam (see :func:`train_private`) over the parameters that
-    require gradients (frozen ones, such as text embeddings under
-    :func:`fedkd.text.frozen_embeddings`, are neither clipped nor noised). Integer inputs
-    (token ids) stay int64. ``grad_sample_mode``: see :data:`GRAD_SAMPLE_MODES`; compute the
-    loss with the session's ``criterion``. Does not check the budget; :func:`train_private` does.
-    """
-    _check_matches(data, plan, ledger)
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(
-            f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}; got {grad_sample_mode!r}"
-        )
-    if secure_mode:
-        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=True)
-        loader_gen = noise_gen = None
-    else:
-        # seeded pseudo-random sampling and noise: reproducible, but not hardened against
-        # floating-point attacks on the noise (Opacus warns once; secure_mode=True for that)
-        engine = PrivacyEngine(accountant=plan.accountant)
-        sampler_seed, noise_seed = _round_seeds(seed, ledger.steps)
-        loader_gen = torch.Generator().manual_seed(sampler_seed)
-        noise_gen = torch.Generator().manual_seed(noise_seed)
-    engine.accountant = ledger.accountant  # the run's one accountant, not a per-round one
-
-    x = as_input_tensor(data.x)
-    y = torch.as_tensor(data.y, dtype=torch.long)
-    loader = DataLoader(TensorDataset(x, y), batch_size=plan.batch_size, generator=loader_gen)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    private = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        poisson_sampling=True,
-        loss_reduction="mean",
-        noise_generator=noise_gen,
-        grad_sample_mode=grad_sample_mode,
-        criterion=nn.CrossEntropyLoss(reduction="mean"),
+@functools.lru_cache(maxsize=256)
+def _cached_plan(privacy: PrivacyConfig, n: int, batch_size: int, epochs: int, rounds: int) -> PrivacyPlan:
+    # calibration is a binary search over the accountant (~1-2 s); do it once per process
+    return plan_privacy(
+        target_epsilon=privacy.target_epsilon,
+        delta=privacy.delta or None,
+        num_examples=n,
+        batch_size=batch_size,
+        epochs_per_round=epochs,
+        rounds=rounds,
+        accountant=privacy.accountant,
+        max_grad_norm=privacy.max_grad_norm,
     )
-    if grad_sample_mode == "ghost":
-        module, dp_optimizer, criterion, dp_loader = private
-    else:
-        (module, dp_optimizer, dp_loader), criterion = private, F.cross_entropy
-    try:
-        if dp_loader.sample_rate != plan.sample_rate:  # defence: accounting must match the plan
-            raise RuntimeError(
-                f"Opacus samples at rate {dp_loader.sample_rate!r} but the plan assumes "
-                f"{plan.sample_rate!r}"
-            )
-        yield PrivateTraining(module, dp_optimizer, dp_loader, criterion)
-    finally:
-        module.to_standard_module()  # removes hooks and grad_sample attributes
-        for p in model.parameters():
-            if hasattr(p, "summed_grad"):  # set by DPOptimizer, not removed by Opacus
-                del p.summed_grad
-            p.grad = None
 
 
-def train_private(
-    model: nn.Module,
-    data: ArrayDataset,
-    *,
-    plan: PrivacyPlan,
-    ledger: PrivacyLedger,
-    lr: float,
-    epochs: float | None = None,
-    seed: int = 0,
-    secure_mode: bool = False,
-    grad_sample_mode: str = "hooks",
-) -> PrivateTrainResult:
-    """One round of DP-SGD (cross-entropy, per-example mean) on the site's private ``data``.
+def check_privacy_plans(config: Config, train_sizes: Sequence[int]) -> list[PrivacyPlan]:
+    """Plan every site's budget (site c holds ``train_sizes[c]`` private examples) before
+    the run starts; refuse the config with one :class:`~fedkd.config.ConfigError` naming each
+    site whose target cannot be met. Empty when privacy is off."""
+    from fedkd.config import ConfigError
 
-    Steps this round S = ceil(epochs / q) (``epochs`` defaults to
-    ``plan.epochs_per_round``, giving ``plan.steps_per_round``). If
-    ``ledger.can_afford(S)`` is False nothing is trained and the result has
-    ``stopped=True`` and a reason: a site never spends beyond its target, even when asked
-    for more rounds than it planned; releasing knowledge from the current model stays free.
+    if not config.privacy.enabled:
+        return []
+    plans, problems = [], []
+    for client, n in enumerate(train_sizes):
+        try:
+            plans.append(site_privacy_plan(config, n, client))
+        except PrivacyConfigError as err:
+            problems.append(f"privacy (site {client}, {n} private examples): {err}")
+    if problems:
+        raise ConfigError(problems)
+    return plans
 
-    Otherwise ``model`` is trained in place (its own parameters are updated; Opacus's
-    wrapper and hooks are removed afterwards) with Adam on the privatised gradient. Adam
-    rather than SGD: it is invariant to the gradient's scale, so the learning rate used for
-    non-private training (``train.lr``) stays sensible after clipping shrinks the gradient
-    to norm <= C; the guarantee is unaffected (the optimizer only post-processes the noisy
-    gradient). Each round's sampler and noise seeds come from (``seed``, steps so far).
-    ``grad_sample_mode`` picks Opacus's per-example gradients (:data:`GRAD_SAMPLE_MODES`);
-    parameters with ``requires_grad=False`` are left out of the DP step.
-    """
-    _check_matches(data, plan, ledger)
-    epochs = plan.epochs_per_round if epochs is None else epochs
-    if not _is_real(epochs) or not (math.isfinite(epochs) and epochs >= 0):
-        raise ValueError(f"epochs must be a finite number >= 0; got {epochs!r}")
-    steps = steps_for(epochs=float(epochs), sample_rate=plan.sample_rate)
-    if steps == 0:
-        return PrivateTrainResult(float("nan"), 0, ledger.epsilon(), False, "")
-    if not ledger.can_afford(steps):
-        spent = ledger.epsilon()
-        return PrivateTrainResult(
-            float("nan"),
-            0,
-            spent,
-            True,
-            f"budget exhausted: epsilon {spent:.2f} of {plan.target_epsilon:g} spent; "
-            f"another {steps} steps would reach {ledger.epsilon_after(steps):.2f}",
-        )
-    model.train()
-    losses: list[float] = []
-    taken = 0
-    stand_in = (as_input_tensor(data.x[:1]), torch.as_tensor(data.y[:1], dtype=torch.long))
-    session = private_training(
-        model, data, plan=plan, ledger=ledger, lr=lr, seed=seed, secure_mode=secure_mode,
-        grad_sample_mode=grad_sample_mode,
-    )
-    with session as dp:
-        while taken < steps:
-            for xb, yb in dp.data_loader:  # one pass = 1/q Poisson-sampled batches
-                dp.optimizer.zero_grad()
-                if len(yb):
-                    loss = dp.criterion(dp.module(xb), yb)
-                    losses.append(loss.item())
-                else:
-                    # empty Poisson batch: still a step (noise only), as the analysis assumes.
-                    # Some models (transformers) cannot run on zero rows, so one stand-in row
-                    # goes through with weight 0: its gradient, hence its clipped
-                    # contribution, is exactly zero, as an empty batch's would be.
-                    loss = dp.criterion(dp.module(stand_in[0]), stand_in[1]) * 0.0
-                loss.backward()
-                dp.optimizer.step()
-                taken += 1
-                if taken == steps:
-                    break
-    return PrivateTrainResult(
-        float(np.mean(losses)) if losses else float("nan"), taken, ledger.epsilon(), False, ""
-    )
+
+# ------------------------------------------------------------------- the ledger's rows
+
+LEDGER_METRICS = ("epsilon", "dp-target-epsilon", "dp-delta", "dp-noise-multiplier",
+                  "dp-sample-rate", "dp-steps", "dp-planned-steps")
+"""The metrics a DP site reports every round (numbers only, as Flower's MetricRecord needs)."""
+
+
+def ledger_metrics(ledger: PrivacyLedger) -> dict[str, float]:
+    """The ledger's state as the round metrics :data:`LEDGER_METRICS`."""
+    plan = ledger.plan
+    return {
+        "epsilon": ledger.epsilon(),
+        "dp-target-epsilon": plan.target_epsilon,
+        "dp-delta": plan.delta,
+        "dp-noise-multiplier": plan.noise_multiplier,
+        "dp-sample-rate": plan.sample_rate,
+        "dp-steps": float(ledger.steps),
+        "dp-planned-steps": float(plan.planned_steps),
+    }
+
+
+def ledger_row(*, metrics: Mapping[str, Any], accountant: str, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One site's row of the run's privacy ledger (``summary.json``'s ``privacy.ledger``),
+    from the site's latest round metrics (:func:`ledger_metrics`, plus ``dp-stopped``).
+    ``stopped`` stays True once a site has stopped private training (``previous``: the row
+    it replaces). The only place this row is built."""
+    return {
+        "target-epsilon": metrics["dp-target-epsilon"],
+        "epsilon-spent": metrics["epsilon"],
+        "delta": metrics["dp-delta"],
+        "noise-multiplier": metrics["dp-noise-multiplier"],
+        "sample-rate": metrics["dp-sample-rate"],
+        "steps": int(metrics["dp-steps"]),
+        "planned-steps": int(metrics["dp-planned-steps"]),
+        "accountant": accountant,
+        "stopped": bool(metrics.get("dp-stopped")) or bool((previous or {}).get("stopped", False)),
+    }

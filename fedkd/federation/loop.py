@@ -1,0 +1,258 @@
+"""The federation's round loop, written once, over a small :class:`Transport` interface.
+
+:func:`run_federation` runs every round of a run (DESIGN section 1):
+
+    wait for sites
+    for r in completed + 1 .. num-server-rounds:
+        release = this round's public positions
+        up to round-retries + 1 times: collect_knowledge (train exchange, validation)
+            until at least min-clients replies are valid, else stop with a status
+        server_round: fuse, F_i per site, global student; save the weight matrix
+        every eval-every rounds (and the last): evaluation exchange -> ALMA, worst
+        record the round, checkpoint the server state
+
+The transport moves inboxes and replies and nothing else. Two implement it: Flower's Grid
+(``server/server_app.py``: simulation engine and deployment) and an in-process one
+(``simulations/inprocess.py``) that calls the site functions directly; given the same config
+both give the same numbers (tests/e2e/test_transports.py). The loop lives here, not in the
+ServerApp, so that both drive the same code: one place for retries, ``min-clients``,
+exclusions, the privacy ledger, evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from fedkd.checkpoint import write_server_checkpoint
+from fedkd.config import Config
+from fedkd.data import FederatedSplit
+from fedkd.federation.server import (
+    ServerState,
+    accept_reply,
+    evaluation_scores,
+    privacy_row,
+    release_positions,
+    reply_client,
+    run_summary,
+    server_round,
+    site_inbox,
+)
+from fedkd.federation.site import SiteInbox
+from fedkd.knowledge import InvalidPayload
+from fedkd.reporting import RunRecorder, alma_summary
+
+logger = logging.getLogger("fedkd")
+
+RESERVED_METRICS = frozenset({"event", "round", "client"})
+"""Names a site's metrics may not use: the run records' own fields."""
+
+
+class RoundFailed(RuntimeError):
+    """Too few sites connected, or too few valid replies for a round after retries."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer a transport collected from ``node`` (a transport's own id for a site).
+
+    ``error`` set: the site failed or did not answer (the reason, in words). Otherwise
+    ``metrics`` are the reply's metrics (None: it had no metrics record), ``arrays`` its
+    knowledge record (train replies; None: none) and ``records`` the names of its records."""
+
+    node: int
+    metrics: Mapping[str, Any] | None = None
+    arrays: Mapping[str, np.ndarray] | None = None
+    records: frozenset[str] = field(default_factory=frozenset)
+    error: str | None = None
+
+
+class Transport(Protocol):
+    """How the loop reaches the sites: messages out, replies in, nothing else."""
+
+    def wait_for_sites(self) -> int:
+        """Block until the sites are there (or a deadline); return how many are."""
+
+    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox]) -> list[Reply]:
+        """Send every site ``inbox_for(partition id, or None if unknown)`` as a train
+        message; return the replies, failures included (one per site that did not answer)."""
+
+    def evaluate(self, round_number: int) -> list[Reply]:
+        """Ask every site to evaluate its model; return the replies."""
+
+    def identified(self, node: int, client: int) -> None:
+        """``node`` said (in a valid reply) that it holds partition ``client``."""
+
+    def client_of(self, node: int) -> int | None:
+        """The partition id ``node`` holds, if known."""
+
+
+# ------------------------------------------------------------------ one exchange
+
+
+def _exclude(state: ServerState, recorder: RunRecorder, transport: Transport, round_number: int,
+             node: int, reason: str) -> None:
+    client = transport.client_of(node)
+    who = f"site {client}" if client is not None else f"node {node}"
+    logger.warning("fedkd round %d: %s excluded: %s", round_number, who, reason)
+    entry = {"round": round_number, "node": node, "client": client, "reason": reason}
+    state.dropouts.append(entry)
+    recorder.record("excluded", **entry)
+
+
+def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerState, transport: Transport,
+                      recorder: RunRecorder, round_number: int, release: np.ndarray,
+                      on_accept: Callable[[int, np.ndarray], None] | None = None) -> dict[int, np.ndarray]:
+    """One train exchange: every site's inbox out, replies validated; returns the accepted
+    knowledge by partition id. A failed, late or invalid reply excludes that site for the
+    round (one ``excluded`` record each); the others are kept."""
+
+    def inbox_for(client: int | None) -> SiteInbox:
+        inbox = site_inbox(config=config, split=split, state=state, client=client,
+                           round_number=round_number, release=release)
+        state.bytes_down.append(inbox.nbytes)
+        return inbox
+
+    accepted: dict[int, np.ndarray] = {}
+    for reply in transport.train(round_number, inbox_for):
+        if reply.error is not None:
+            _exclude(state, recorder, transport, round_number, reply.node, reply.error)
+            continue
+        try:
+            client = reply_client(reply.metrics, config=config)
+            if client in accepted:
+                raise InvalidPayload(f"partition-id {client} already replied this round")
+            transport.identified(reply.node, client)
+            metrics = {k: v for k, v in dict(reply.metrics).items() if k != "partition-id"}
+            reserved = sorted(RESERVED_METRICS & set(metrics))
+            if reserved:
+                raise InvalidPayload(f"metric name(s) {', '.join(reserved)} are reserved")
+            knowledge = accept_reply(config=config, num_classes=split.num_classes, release=release,
+                                     record_names=reply.records, arrays=reply.arrays or {})
+            row = privacy_row(config=config, metrics=metrics, previous=state.privacy.get(client))
+        except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
+            _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}")
+            continue
+        state.bytes_up.append(sum(int(a.nbytes) for a in reply.arrays.values()))
+        accepted[client] = knowledge
+        if on_accept is not None:
+            on_accept(client, knowledge)
+        recorder.record("client-train", round=round_number, client=client, **metrics)
+        if row is not None:
+            if row["stopped"] and not state.privacy.get(client, {}).get("stopped"):
+                logger.warning("fedkd round %d: site %d stopped private training: epsilon %.3f of %g "
+                               "spent, the next round would exceed it; it keeps releasing knowledge",
+                               round_number, client, row["epsilon-spent"], row["target-epsilon"])
+            state.privacy[client] = row
+    return accepted
+
+
+def evaluate_sites(*, config: Config, transport: Transport, recorder: RunRecorder,
+                   round_number: int) -> dict[str, float]:
+    """One evaluation exchange (:meth:`Transport.evaluate`), recorded by :func:`record_evaluation`."""
+    return record_evaluation(config=config, recorder=recorder, round_number=round_number,
+                             replies=transport.evaluate(round_number))
+
+
+def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: int,
+                      replies: list[Reply]) -> dict[str, float]:
+    """Each site's accuracy on its local test split (one ``client-eval`` record each) ->
+    ALMA, example-weighted mean, worst (:func:`fedkd.reporting.alma_summary`). A failed or
+    malformed reply, or a second reply for the same site, is left out with a log line."""
+    acc: dict[int, float] = {}
+    examples: dict[int, float] = {}
+    for reply in replies:
+        if reply.error is not None:
+            logger.warning("fedkd round %d: evaluation failed on node %d: %s", round_number, reply.node, reply.error)
+            continue
+        try:
+            client = reply_client(reply.metrics, config=config)
+            if client in acc:
+                raise InvalidPayload(f"partition-id {client} already replied this round")
+            accuracy, num_examples = evaluation_scores(reply.metrics)
+        except Exception as err:  # noqa: BLE001  a bad evaluation reply is skipped, not fatal
+            logger.warning("fedkd round %d: evaluation reply from node %d ignored: %s",
+                           round_number, reply.node, err)
+            continue
+        acc[client], examples[client] = accuracy, num_examples
+        recorder.record("client-eval", round=round_number, client=client, accuracy=accuracy,
+                        **{"num-examples": num_examples})
+    return alma_summary(acc, examples)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, recorder: RunRecorder,
+               state: ServerState, on_accept: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
+               clock: Callable[[], float] | None = None) -> str:
+    """Rounds ``state.completed_round + 1 .. num-server-rounds``; returns the status line
+    ("completed", or why the run stopped early). ``on_accept(round, client, positions, knowledge)`` sees
+    every accepted release (the audit keeps the audited site's)."""
+    import time
+
+    clock = clock or time.monotonic
+    torch.manual_seed(config.seed)
+    if transport.wait_for_sites() < config.min_clients:
+        raise RoundFailed(f"fewer sites connected than min-clients ({config.min_clients})")
+    for r in range(state.completed_round + 1, config.num_server_rounds + 1):
+        round_start = clock()
+        release = release_positions(config, split, r)
+        hook = (lambda client, k, r=r, rel=release: on_accept(r, client, rel, k)) if on_accept is not None else None
+        accepted: dict[int, np.ndarray] = {}
+        for attempt in range(config.round_retries + 1):
+            accepted = collect_knowledge(config=config, split=split, state=state, transport=transport,
+                                         recorder=recorder, round_number=r, release=release, on_accept=hook)
+            if len(accepted) >= config.min_clients:
+                break
+            logger.warning("fedkd round %d: %d valid replies < min-clients %d (attempt %d)",
+                           r, len(accepted), config.min_clients, attempt + 1)
+        if len(accepted) < config.min_clients:
+            status = f"stopped in round {r}: {len(accepted)} valid replies, min-clients is {config.min_clients}"
+            logger.warning("fedkd: %s", status)
+            return status
+        record = server_round(config=config, split=split, state=state, round_number=r, release=release,
+                              accepted=accepted)
+        recorder.save_weights(r, record.clients, record.weights)
+        entry = dict(record.entry)
+        if r % config.eval_every == 0 or r == config.num_server_rounds:
+            entry.update(evaluate_sites(config=config, transport=transport, recorder=recorder, round_number=r))
+        entry["seconds"] = clock() - round_start
+        recorder.record("round", **entry)
+        state.history.append(entry)
+        arrays, meta = state.state_dict()
+        meta.update({"config": config.to_flat(), "public-fingerprint": split.public_fingerprint})
+        write_server_checkpoint(recorder.run_dir, round_number=r, arrays=arrays, state=meta)
+        state.completed_round = r
+        logger.info("fedkd round %d/%d: %d sites | ALMA %s | worst %s | global %s | %.1fs",
+                    r, config.num_server_rounds, len(accepted), _pct(entry.get("alma")),
+                    _pct(entry.get("worst")), _pct(entry.get("global-accuracy")), entry["seconds"])
+    return "completed"
+
+
+def run_federation(*, config: Config, split: FederatedSplit, transport: Transport, recorder: RunRecorder,
+                   state: ServerState | None = None, runner: str | None = None,
+                   on_accept: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None) -> dict[str, Any]:
+    """The whole run: :func:`run_rounds`, then ``summary.json`` (:func:`run_summary`) and the
+    plots. ``state``: a resumed run's state (:meth:`ServerState.load_state_dict`). On an
+    error the summary so far is still written (status ``failed: ...``) before it is raised."""
+    state = state if state is not None else ServerState()
+    try:
+        status = run_rounds(config=config, split=split, transport=transport, recorder=recorder, state=state,
+                            on_accept=on_accept)
+    except BaseException as err:
+        recorder.finish(run_summary(config=config, split=split, state=state, status=f"failed: {err}",
+                                    runner=runner))  # keep what the run produced
+        raise
+    summary = run_summary(config=config, split=split, state=state, status=status, runner=runner)
+    recorder.finish(summary)
+    return summary
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

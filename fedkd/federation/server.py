@@ -1,0 +1,270 @@
+"""The server's side of a round, as plain NumPy/PyTorch code (no Flower).
+
+Per round r (DESIGN section 1, steps 1 and 3):
+
+1. :func:`site_inbox` -- what site i is sent: the round, the public-set fingerprint, the
+   config digest, this round's public positions (:func:`fedkd.seeds.public_subset`) and its
+   own fused knowledge F_i from the last round, on the wire (``knowledge.wire-format``);
+2. :func:`accept_reply` -- a reply's partition id and knowledge, validated
+   (:mod:`fedkd.knowledge`: record and array names, dtype, shape, size, finiteness, sign,
+   row sums); a bad reply raises :class:`~fedkd.knowledge.InvalidPayload`;
+3. :func:`server_round` -- fuse the accepted knowledge (:func:`fedkd.fusion.fuse`), keep each
+   site's F_i, and distil the global student on the mean of the fused knowledge.
+
+:class:`ServerState` is everything a run carries from round to round (fused knowledge per
+partition id, the student, bytes, dropouts, history, privacy ledger);
+:meth:`ServerState.state_dict` is what a checkpoint stores, :func:`run_summary` what
+``summary.json`` reports. The loop that calls these is :func:`fedkd.federation.loop.run_federation`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedkd.config import Config
+from fedkd.data import FederatedSplit
+from fedkd.distillation import accuracy, distil
+from fedkd.federation.site import SiteInbox
+from fedkd.fusion import fuse
+from fedkd.knowledge import InvalidPayload, encode, validate_client_id, validate_knowledge
+from fedkd.models import build_model
+from fedkd.privacy import LEDGER_METRICS, ledger_row
+from fedkd.seeds import public_subset
+
+FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy")
+STATE_KEYS = frozenset({"fused-clients", "student", "bytes-up", "bytes-down", "dropouts", "history",
+                        "privacy", "resumed-from"})
+
+
+@dataclass
+class ServerState:
+    """What the server carries from round to round.
+
+    ``fused``: partition id -> (public positions, F_i) of the last round it was fused;
+    ``student``: the global student (None until its first round); ``bytes_up`` /
+    ``bytes_down``: bytes of every accepted reply / every inbox sent; ``dropouts``: every
+    exclusion; ``history``: one entry per completed round; ``privacy``: partition id -> its
+    row of the privacy ledger; ``completed_round``: the last round checkpointed."""
+
+    fused: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    student: nn.Module | None = None
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: list[int] = field(default_factory=list)
+    dropouts: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    privacy: dict[int, dict] = field(default_factory=dict)
+    resumed_from: list[int] = field(default_factory=list)
+    completed_round: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _student_weights: dict[str, np.ndarray] | None = None
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``(arrays, state)``: fused knowledge by partition id (node ids are not kept: they
+        change when a site re-registers), the student's weights, and JSON-able records."""
+        arrays: dict[str, np.ndarray] = {}
+        for client, (positions, knowledge) in self.fused.items():
+            arrays[f"fused/{client}/positions"] = positions
+            arrays[f"fused/{client}/knowledge"] = knowledge
+        if self.student is not None:
+            for name, tensor in self.student.state_dict().items():
+                arrays[f"student/{name}"] = tensor.detach().cpu().numpy()
+        state = {
+            "fused-clients": sorted(self.fused),
+            "student": self.student is not None,
+            "bytes-up": self.bytes_up,
+            "bytes-down": self.bytes_down,
+            "dropouts": self.dropouts,
+            "history": self.history,
+            "privacy": {str(c): v for c, v in self.privacy.items()},
+            "resumed-from": self.resumed_from,
+        }
+        return arrays, state
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any], *, round_number: int) -> None:
+        """Continue after checkpointed round ``round_number``; refuses a state that lacks a
+        key (naming it)."""
+        missing = sorted(STATE_KEYS - set(state))
+        if missing:
+            raise KeyError(f"server state has no key(s) {', '.join(missing)}")
+        self.fused = {
+            int(c): (arrays[f"fused/{c}/positions"], arrays[f"fused/{c}/knowledge"])
+            for c in state["fused-clients"]
+        }
+        prefix = "student/"
+        self._student_weights = (
+            {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)} if state["student"] else None
+        )
+        self.student = None
+        self.bytes_up, self.bytes_down = list(state["bytes-up"]), list(state["bytes-down"])
+        self.dropouts, self.history = list(state["dropouts"]), list(state["history"])
+        self.privacy = {int(c): v for c, v in state["privacy"].items()}
+        self.resumed_from = [*state["resumed-from"], round_number]
+        self.completed_round = round_number
+
+    def global_student(self, config: Config, split: FederatedSplit) -> nn.Module:
+        """The global student, built (seeded) on first use or from a checkpoint's weights."""
+        if self.student is None:
+            g = config.global_student
+            self.student = build_model(g.model, input_shape=split.input_shape, num_classes=split.num_classes,
+                                       seed=config.seed, **split.model_options)
+            if self._student_weights is not None:
+                self.student.load_state_dict({k: torch.from_numpy(v) for k, v in self._student_weights.items()})
+                self._student_weights = None
+        return self.student
+
+
+# ------------------------------------------------------------------ messages
+
+
+def release_positions(config: Config, split: FederatedSplit, round_number: int) -> np.ndarray:
+    """The public positions every site releases in ``round_number`` (``knowledge.public-subset``)."""
+    return public_subset(config.seed, round_number, num_public=len(split.public),
+                         size=config.knowledge.public_subset)
+
+
+def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, client: int | None,
+               round_number: int, release: np.ndarray) -> SiteInbox:
+    """What site ``client`` is sent in ``round_number`` (``client`` None: a node the server
+    does not know yet, which gets no fused knowledge). Positions are sent only when they are
+    not the whole public set."""
+    num_public = len(split.public)
+    fused = fused_positions = None
+    if client is not None and client in state.fused:
+        positions, knowledge = state.fused[client]
+        fused = encode(knowledge, config.knowledge.wire_format)
+        fused_positions = positions if len(positions) < num_public else None
+    return SiteInbox(
+        round_number=round_number,
+        public_fingerprint=split.public_fingerprint,
+        config_digest=config.digest(),
+        release_positions=release if len(release) < num_public else None,
+        fused=fused,
+        fused_positions=fused_positions,
+    )
+
+
+def reply_client(metrics: Mapping[str, Any] | None, *, config: Config) -> int:
+    """The partition id a reply claims (its ``partition-id`` metric), checked."""
+    return validate_client_id(dict(metrics or {}), num_clients=config.data.num_clients)
+
+
+def accept_reply(*, config: Config, num_classes: int, release: np.ndarray, record_names: Iterable[str],
+                 arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A train reply's knowledge, validated, as float64 rows summing to 1 [len(release), C];
+    raises :class:`~fedkd.knowledge.InvalidPayload` naming the first problem."""
+    return validate_knowledge(
+        record_names=record_names,
+        arrays=arrays,
+        expected_rows=len(release),
+        num_classes=num_classes,
+        wire_format=config.knowledge.wire_format,
+        top_k=config.shield.top_k,
+    )
+
+
+def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict | None:
+    """The site's new privacy-ledger row from its train metrics, or None when it reports no
+    epsilon (privacy off)."""
+    if "epsilon" not in metrics:
+        return None
+    missing = [key for key in LEDGER_METRICS if key not in metrics]
+    if missing:
+        raise InvalidPayload(f"metrics report 'epsilon' without {', '.join(missing)}")
+    return ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
+
+
+def evaluation_scores(metrics: Mapping[str, Any]) -> tuple[float, float]:
+    """``(accuracy, num-examples)`` of an evaluation reply, checked to be in range."""
+    accuracy_, examples = float(metrics["accuracy"]), float(metrics["num-examples"])
+    if not (0.0 <= accuracy_ <= 1.0 or np.isnan(accuracy_)) or not examples >= 0:
+        raise InvalidPayload(f"accuracy {accuracy_} / num-examples {examples} out of range")
+    return accuracy_, examples
+
+
+# ------------------------------------------------------------------ the round
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What :func:`server_round` produced: the fusion weight matrix over ``clients`` (rows
+    receivers, columns senders, in ``clients`` order) and the round's history entry so far."""
+
+    clients: list[int]
+    weights: np.ndarray
+    entry: dict[str, Any]
+
+
+def server_round(*, config: Config, split: FederatedSplit, state: ServerState, round_number: int,
+                 release: np.ndarray, accepted: Mapping[int, np.ndarray]) -> RoundRecord:
+    """Step 3: fuse the accepted knowledge K_j (partition id -> [len(release), C]), keep each
+    site's F_i in ``state.fused``, and distil the global student (``global-student.*``) on
+    the mean of the fused knowledge, mean_i F_i (mean_j K_j when the method fuses nothing)."""
+    clients = sorted(accepted)
+    knowledge = np.stack([accepted[c] for c in clients])
+    f = config.fusion
+    result = fuse(
+        knowledge=knowledge,
+        method=f.method,
+        measure=f.measure,
+        divergence=f.divergence,
+        beta=f.beta,
+        threshold=f.threshold,
+        max_neighbours=f.max_neighbours,
+        confident_fraction=f.confident_fraction,
+        uniform_entropy=f.uniform_entropy,
+        sharpen_temperature=f.sharpen_temperature,
+        era_temperature=f.era_temperature,
+    )
+    if result.fused is None:
+        targets = knowledge.mean(axis=0)
+    else:
+        for row, client in enumerate(clients):
+            state.fused[client] = (release, result.fused[row])
+        targets = result.fused.mean(axis=0)
+    entry: dict[str, Any] = {"round": round_number, "accepted": clients}
+    g, t = config.global_student, config.train
+    if g.enabled:
+        student = state.global_student(config, split)
+        distil(student, split.public.x[release], targets, epochs=g.epochs, batch_size=t.batch_size,
+               lr=t.lr, temperature=t.kd_temperature, seed=config.seed + round_number)
+        entry["global-accuracy"] = accuracy(student, split.test)
+    return RoundRecord(clients=clients, weights=result.weights, entry=entry)
+
+
+def run_summary(*, config: Config, split: FederatedSplit, state: ServerState, status: str,
+                method: str | None = None, runner: str | None = None) -> dict[str, Any]:
+    """The figures of the run so far (``summary.json``): status, the latest value of each
+    final metric, history, mean bytes per site and round each way, dropouts, privacy ledger."""
+    final: dict[str, float] = {}
+    for entry in state.history:  # latest value of each metric
+        final.update({k: entry[k] for k in FINAL_METRICS if k in entry})
+    up = float(np.mean(state.bytes_up)) if state.bytes_up else 0.0
+    down = float(np.mean(state.bytes_down)) if state.bytes_down else 0.0
+    summary: dict[str, Any] = {
+        "status": status,
+        "method": method or config.fusion.method,
+    }
+    if runner:
+        summary["runner"] = runner
+    summary.update({
+        "rounds-completed": state.history[-1]["round"] if state.history else 0,
+        "rounds-planned": config.num_server_rounds,
+        "final": final,
+        "history": state.history,
+        "bytes": {"uplink-per-client-round": up, "downlink-per-client-round": down,
+                  "total-per-client-round": up + down},
+        "dropouts": state.dropouts,
+        "resumed-from": state.resumed_from,
+        "privacy": {"enabled": config.privacy.enabled,
+                    "ledger": {str(c): state.privacy[c] for c in sorted(state.privacy)}},
+        "seconds": time.monotonic() - state.started,
+        "public-fingerprint": split.public_fingerprint,
+    })
+    return summary

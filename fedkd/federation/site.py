@@ -1,0 +1,397 @@
+"""The site's side of a round, as plain PyTorch/NumPy code (no Flower).
+
+A round at site i (DESIGN section 1, step 2), :func:`site_round`:
+
+0. *check*: the server's config digest and public-set fingerprint equal the site's own
+   (a site whose run config or public set differs refuses the round, with a clear error);
+a. *distil*: fit the model to the fused knowledge F_i on the public positions it covers;
+b. *local train*: cross-entropy on the private train split, with DP-SGD through the
+   site's :class:`~fedkd.privacy.PrivacyLedger` when ``privacy.enabled``
+   (``train.mode = "joint"`` merges a and b into CE + kd_weight * KD per step; not under
+   DP, where the public KD step stays outside the DP optimizer);
+c. *extract*: logits on this round's public positions;
+d. *shield*: per-example temperature and logit noise -> released knowledge K_i;
+e. *pack*: the knowledge record on the wire (``knowledge.wire-format``, ``shield.top-k``);
+   a simulated adversary (``adversary.clients``) corrupts it first.
+
+A *teacher site* (``teacher.sites``) also runs a larger teacher, such as a pretrained
+MiniLM next to a tiny BERT student (:func:`teacher_steps`): only the teacher reads the
+private data (fine-tuning, DP-SGD under privacy); the student learns from the teacher's
+predictions and the fused knowledge on the public set; ``teacher.release`` names the
+model that takes F_i, releases knowledge and is evaluated. See docs/text.md.
+
+What travels: a :class:`SiteInbox` in (from :func:`fedkd.federation.server.site_inbox`), a
+:class:`SiteReply` out. What persists between rounds: a :class:`SiteState` (model, teacher,
+privacy ledger, rounds trained), whose :meth:`SiteState.state_dict` the Flower ClientApp
+keeps in ``context.state`` and the in-process transport keeps in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedkd.adversary import corrupt
+from fedkd.config import Config
+from fedkd.data import ClientData, FederatedSplit
+from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
+from fedkd.knowledge import decode, site_record
+from fedkd.models import build_model
+from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
+from fedkd.seeds import site_seed, teacher_seed
+from fedkd.shielding import shield
+
+
+class SiteRefusal(ValueError):
+    """The site will not take part in this round (its config or public set differs)."""
+
+
+# ------------------------------------------------------------------ messages
+
+
+@dataclass(frozen=True)
+class SiteInbox:
+    """What the server sends site i for a round (DESIGN section 1, step 1).
+
+    ``release_positions``: the public positions to release this round (None: all of P);
+    ``fused``: F_i on the wire (``knowledge.wire-format``, [len(fused_positions), C]; None in
+    round 1, under method ``none``, or for a site the server does not know yet);
+    ``fused_positions``: the public positions F_i covers (None: all of P)."""
+
+    round_number: int
+    public_fingerprint: str
+    config_digest: str
+    release_positions: np.ndarray | None = None
+    fused: np.ndarray | None = None
+    fused_positions: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The inbox's arrays by name (what goes on the wire besides the round config)."""
+        named = {"release-positions": self.release_positions, "fused": self.fused,
+                 "fused-positions": self.fused_positions}
+        return {name: a for name, a in named.items() if a is not None}
+
+    @property
+    def nbytes(self) -> int:
+        """Downlink bytes of this inbox: its arrays (the round config is not counted)."""
+        return sum(int(a.nbytes) for a in self.arrays().values())
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """What site i sends back: its knowledge record (``arrays``, the wire encoding of K_i)
+    and its round metrics (numbers only; ``partition-id`` says which site it is)."""
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+# ------------------------------------------------------------------ state
+
+
+def build_site_model(config: Config, split: FederatedSplit, client: int, *, architecture: str = "") -> nn.Module:
+    """Site ``client``'s model: ``architecture`` (a site's own choice, node config
+    ``model``) or its turn in ``model.architectures``; initial weights from its seed."""
+    return build_model(
+        architecture or config.architecture_for(client),
+        input_shape=split.input_shape,
+        num_classes=split.num_classes,
+        seed=site_seed(config.seed, client),
+        **split.model_options,
+    )
+
+
+def build_site_teacher(config: Config, split: FederatedSplit, client: int) -> nn.Module | None:
+    """Site ``client``'s teacher (``teacher.sites``), or None for a site without one."""
+    name = config.teacher_for(client)
+    if not name:
+        return None
+    return build_model(name, input_shape=split.input_shape, num_classes=split.num_classes,
+                       seed=teacher_seed(config.seed, client), **split.model_options)
+
+
+STATE_KEYS = frozenset({"model", "teacher", "privacy", "rounds-trained"})
+
+
+@dataclass
+class SiteState:
+    """What a site keeps between rounds: its model, its teacher (teacher sites), its
+    privacy ledger (privacy on) and how many rounds it has trained.
+
+    :meth:`state_dict` gives plain values (tensors by name, the ledger as JSON text, an int);
+    :meth:`load_state_dict` refuses unknown or missing keys, naming them, as Opacus's
+    accountants do."""
+
+    model: nn.Module
+    teacher: nn.Module | None = None
+    ledger: PrivacyLedger | None = None
+    rounds_trained: int = 0
+
+    @classmethod
+    def fresh(cls, *, config: Config, split: FederatedSplit, client: int, architecture: str = "") -> SiteState:
+        """A site's state before its first round: fresh seeded models, an empty ledger."""
+        ledger = None
+        if config.privacy.enabled:
+            ledger = PrivacyLedger(site_privacy_plan(config, len(split.clients[client].train), client))
+        return cls(model=build_site_model(config, split, client, architecture=architecture),
+                   teacher=build_site_teacher(config, split, client), ledger=ledger)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model.state_dict(), "rounds-trained": self.rounds_trained}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        if self.ledger is not None:
+            state["privacy"] = self.ledger.to_json()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = sorted(set(state) - STATE_KEYS)
+        if unknown:
+            raise KeyError(f"site state has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(STATE_KEYS))}")
+        for key, present in (("model", True), ("rounds-trained", True),
+                             ("teacher", self.teacher is not None), ("privacy", self.ledger is not None)):
+            if present and key not in state:
+                raise KeyError(f"site state has no key '{key}'")
+            if not present and key in state:
+                raise KeyError(f"site state has key '{key}' but this site has no {key}")
+        self.model.load_state_dict(state["model"])
+        if self.teacher is not None:
+            self.teacher.load_state_dict(state["teacher"])
+        if self.ledger is not None:
+            self.ledger.load_state_dict(json.loads(str(state["privacy"])))
+        self.rounds_trained = int(state["rounds-trained"])
+
+
+# ------------------------------------------------------------------ the round
+
+
+def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: SiteInbox, state: SiteState) -> SiteReply:
+    """Steps 0-e above for site ``client``; ``state`` is updated in place.
+
+    ``split`` is the site's view of the federation (the public set and its own
+    ``split.clients[client]``). Raises :class:`SiteRefusal` when the server's config digest
+    or public fingerprint differ from the site's own."""
+    if inbox.config_digest != config.digest():
+        raise SiteRefusal(
+            f"site {client} refuses round {inbox.round_number}: its run config differs "
+            "from the server's (config digest mismatch)"
+        )
+    if inbox.public_fingerprint != split.public_fingerprint:
+        raise SiteRefusal(
+            f"site {client} refuses round {inbox.round_number}: its public transfer set "
+            f"(fingerprint {split.public_fingerprint[:12]}) differs from the server's "
+            f"({str(inbox.public_fingerprint)[:12]}); check data.* settings"
+        )
+    everything = np.arange(len(split.public))  # absent positions mean the whole public set
+    release = everything if inbox.release_positions is None else inbox.release_positions
+    fused = fused_positions = None
+    if inbox.fused is not None:
+        fused = decode(inbox.fused).astype(np.float32)
+        fused_positions = everything if inbox.fused_positions is None else inbox.fused_positions
+    knowledge, metrics = local_round(
+        model=state.model, config=config, client=client, round_number=inbox.round_number,
+        data=split.clients[client], public_x=split.public.x, release_positions=release,
+        fused=fused, fused_positions=fused_positions, ledger=state.ledger, teacher=state.teacher,
+    )
+    state.rounds_trained += 1
+    arrays = {"knowledge": knowledge}
+    if client in config.adversaries:
+        arrays = corrupt(knowledge, config.adversaries[client], np.random.default_rng(client))
+    wire = site_record(arrays, num_classes=split.num_classes, wire_format=config.knowledge.wire_format,
+                       top_k=config.shield.top_k)
+    return SiteReply(wire, {"partition-id": client, "rounds-trained": state.rounds_trained, **metrics})
+
+
+def site_evaluation(*, config: Config, split: FederatedSplit, client: int, state: SiteState) -> dict[str, float]:
+    """The site's evaluation reply metrics: :func:`evaluate_site` and its ``partition-id``."""
+    scores = evaluate_site(state.model, split.clients[client], teacher=state.teacher,
+                           release=config.teacher.release)
+    return {"partition-id": client, **scores}
+
+
+def _seeded(round_fn):  # noqa: ANN001, ANN202
+    """Run a site's round under torch's global RNG seeded from (seed, site, round), so
+    dropout and the like are reproducible; the caller's RNG state is left untouched."""
+
+    @functools.wraps(round_fn)
+    def wrapper(**kwargs):  # noqa: ANN003, ANN202
+        with torch.random.fork_rng():
+            torch.manual_seed(site_seed(kwargs["config"].seed, kwargs["client"], kwargs["round_number"]))
+            return round_fn(**kwargs)
+
+    return wrapper
+
+
+def _private_step(model: nn.Module, data, *, config: Config, ledger: PrivacyLedger, lr: float,  # noqa: ANN001
+                  seed: int, metrics: dict[str, float]) -> None:
+    """One round of DP-SGD through the site's ledger, its figures into ``metrics``."""
+    private = train_private_site(model, data, config=config, ledger=ledger, lr=lr, seed=seed)
+    metrics.update(ledger_metrics(ledger))
+    metrics["train-loss"] = private.loss
+    metrics["dp-stopped"] = float(private.stopped)
+    metrics["dp-round-steps"] = float(private.steps)
+
+
+def teacher_steps(
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    config: Config,
+    seed: int,
+    data: ClientData,
+    public_x: np.ndarray,
+    fused: np.ndarray | None,
+    fused_positions: np.ndarray | None,
+    ledger: PrivacyLedger | None,
+    metrics: dict[str, float],
+) -> nn.Module:
+    """A teacher site's training; returns the released model (``teacher.release``).
+
+    1. release = teacher only: the teacher distils F_i on the public set (free).
+    2. The teacher trains on the private data: ``teacher.epochs`` epochs at ``teacher.lr``,
+       DP-SGD through the site's ledger when privacy is on. It is the only model on the
+       site that reads private data, so the site's one budget is the teacher's.
+    3. The student distils on the whole public set towards
+       p(x) = softmax(z_teacher(x) / T), mixed with F_i where the student is released:
+       p(x) = w p_teacher(x) + (1 - w) F_i(x) (w = ``teacher.weight``) on the positions F_i
+       covers. Public inputs and the DP-trained teacher only: post-processing, no privacy cost.
+    """
+    t, tc = config.train, config.teacher
+    has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
+    release_teacher = tc.release == "teacher"
+    if release_teacher and has_fused:
+        metrics["distil-loss"] = distil(
+            teacher, public_x[fused_positions], fused, epochs=tc.epochs, batch_size=t.batch_size,
+            lr=tc.lr, temperature=t.kd_temperature, seed=seed,
+        )
+    if ledger is None:
+        metrics["train-loss"] = train_supervised(
+            teacher, data.train, epochs=tc.epochs, batch_size=t.batch_size, lr=tc.lr, seed=seed
+        )
+    else:
+        _private_step(teacher, data.train, config=config, ledger=ledger, lr=tc.lr, seed=seed, metrics=metrics)
+    logits = torch.as_tensor(predict_logits(teacher, public_x))
+    target = torch.softmax(logits, dim=-1).numpy()
+    mixed = has_fused and not release_teacher
+    if mixed:
+        target[fused_positions] = tc.weight * target[fused_positions] + (1 - tc.weight) * fused
+    metrics["distil-loss" if mixed else "teacher-kd-loss"] = distil(
+        student, public_x, target, epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
+        temperature=t.kd_temperature, seed=seed,
+    )
+    metrics["teacher-val-accuracy"] = accuracy(teacher, data.val)
+    metrics["student-val-accuracy"] = accuracy(student, data.val)
+    return teacher if release_teacher else student
+
+
+@_seeded
+def local_round(
+    *,
+    model: nn.Module,
+    config: Config,
+    client: int,
+    round_number: int,
+    data: ClientData,
+    public_x: np.ndarray,
+    release_positions: np.ndarray,
+    fused: np.ndarray | None = None,
+    fused_positions: np.ndarray | None = None,
+    ledger: PrivacyLedger | None = None,
+    teacher: nn.Module | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Steps a-d above: returns the released knowledge ``[len(release_positions), C]`` and
+    the round's metrics. ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
+    under fusion method ``none``). ``model`` (and ``ledger``) are updated in place.
+    With a ``teacher`` (a teacher site) steps a-b are :func:`teacher_steps`, and c-d use
+    the released model (``teacher.release``).
+
+    With a ``ledger`` (privacy on) local training is DP-SGD and the metrics carry the
+    run's epsilon so far; once the next round would exceed the target, the site stops
+    private training (``dp-stopped`` = 1) and keeps releasing knowledge from its model."""
+    t = config.train
+    seed = site_seed(config.seed, client, round_number)
+    metrics: dict[str, float] = {}
+    has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
+    if ledger is not None and t.mode == "joint":
+        raise ValueError("train.mode 'joint' mixes public KD into the DP step; use 'sequential'")
+    if teacher is not None:
+        model = teacher_steps(
+            student=model, teacher=teacher, config=config, seed=seed, data=data,
+            public_x=public_x, fused=fused, fused_positions=fused_positions, ledger=ledger,
+            metrics=metrics,
+        )
+    elif has_fused and t.mode == "joint":
+        metrics["train-loss"] = train_joint(
+            model, data.train, public_x[fused_positions], fused,
+            epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
+            temperature=t.kd_temperature, kd_weight=t.kd_weight, seed=seed,
+        )
+    else:
+        if has_fused:
+            metrics["distil-loss"] = distil(
+                model, public_x[fused_positions], fused,
+                epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
+                temperature=t.kd_temperature, seed=seed,
+            )
+        if ledger is None:
+            metrics["train-loss"] = train_supervised(
+                model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
+            )
+        else:
+            _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
+                          seed=seed, metrics=metrics)
+    knowledge, stats = release_knowledge(
+        config, predict_logits(model, public_x[release_positions]),
+        rng=np.random.default_rng(seed), public_x=public_x[release_positions],
+        reference=fused if has_fused and np.array_equal(fused_positions, release_positions) else None,
+    )
+    metrics.update(
+        {
+            "num-examples": float(len(data.train)),
+            "val-accuracy": accuracy(model, data.val),
+            "shield-sensitivity": stats.mean_sensitivity,
+            "shield-temperature": stats.mean_temperature,
+            "shield-entropy": stats.mean_entropy,
+        }
+    )
+    return knowledge, metrics
+
+
+def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Generator,
+                      public_x: np.ndarray | None = None, reference: np.ndarray | None = None):  # noqa: ANN201
+    """Step d: the run's shielding (``shield.*``) of ``logits`` [P, C] on the public inputs
+    ``public_x`` -> ``(knowledge [P, C], ShieldStats)``. ``reference``: last round's fused
+    knowledge on the same positions (the ``divergence`` scorer's public reference). The
+    ``pii`` scorer reads ``public_x`` as token ids. The wire format's rounding comes after
+    (:func:`fedkd.knowledge.site_record`)."""
+    s = config.shield
+    texts = None
+    if s.scorer == "pii" and public_x is not None:  # the scorer reads the public inputs as text
+        from fedkd.text import detokenize
+
+        texts = detokenize(public_x, tokenizer=config.data.tokenizer)
+    return shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,
+                  scorer=s.scorer, reference=reference, top_k=s.top_k, rng=rng, texts=texts)
+
+
+def evaluate_site(
+    model: nn.Module, data: ClientData, *, teacher: nn.Module | None = None, release: str = "student"
+) -> dict[str, float]:
+    """Accuracy on the site's own local test split; on a teacher site the released model's
+    (``release``), with ``student-accuracy`` and ``teacher-accuracy`` beside it."""
+    if teacher is None:
+        return {"accuracy": accuracy(model, data.test), "num-examples": float(len(data.test))}
+    student_acc, teacher_acc = accuracy(model, data.test), accuracy(teacher, data.test)
+    return {
+        "accuracy": teacher_acc if release == "teacher" else student_acc,
+        "num-examples": float(len(data.test)),
+        "student-accuracy": student_acc,
+        "teacher-accuracy": teacher_acc,
+    }
