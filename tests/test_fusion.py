@@ -561,3 +561,33 @@ def test_sparse_fusion_with_fully_masked_positions_equals_row_by_row():
     from fedkd.fusion import weighted_fusion
 
     np.testing.assert_array_equal(weighted_fusion(k, w, mask), _reference_weighted_fusion(k, w, mask))
+
+
+def test_agreement_hand_worked_with_hellinger_and_ties():
+    """``agreement`` with h^2 on three clients, two public examples, two classes, worked by
+    hand. h^2(p, q) = 1/2 sum_c (sqrt p_c - sqrt q_c)^2 = 1 - sum_c sqrt(p_c q_c) for rows
+    summing to 1. With confident_fraction 0.5, |S_i| = 1: S_0 = {x0} (0.9 > 0.6),
+    S_1 = {x1} (0.6 > 0.5), S_2 = {x0}: a tie (0.7 = 0.7) goes to the first position."""
+    k = np.array([
+        [[0.9, 0.1], [0.6, 0.4]],
+        [[0.5, 0.5], [0.6, 0.4]],
+        [[0.7, 0.3], [0.3, 0.7]],
+    ])
+
+    def h2(p, q):  # noqa: ANN001, ANN202
+        return 1.0 - sum(math.sqrt(a * b) for a, b in zip(p, q))
+
+    expected = np.array([
+        [0.0, h2([0.9, 0.1], [0.5, 0.5]), h2([0.9, 0.1], [0.7, 0.3])],  # on x0
+        [h2([0.6, 0.4], [0.6, 0.4]), 0.0, h2([0.6, 0.4], [0.3, 0.7])],  # on x1
+        [h2([0.7, 0.3], [0.9, 0.1]), h2([0.7, 0.3], [0.5, 0.5]), 0.0],  # on x0 (the tie)
+    ])
+    assert expected[0, 1] == pytest.approx(1 - 2 / math.sqrt(5))  # 1 - sqrt(.45) - sqrt(.05)
+    assert expected[1, 0] == pytest.approx(0.0)  # site 1 agrees with 0 where 1 is confident
+    d = effectiveness_matrix(k, measure="agreement", divergence="hellinger", confident_fraction=0.5)
+    np.testing.assert_allclose(d, expected, atol=1e-12)
+    # neighbours of site 0 (median threshold over {d01, d02}): d02 < d01, so N(0) = {0, 2};
+    # w_0j = exp(-beta d_0j) / (exp(0) + exp(-beta d_02)) on N(0), 0 for site 1
+    w = neighbour_weights(d, beta=10.0, threshold="median", max_neighbours=10)
+    z = 1.0 + math.exp(-10.0 * expected[0, 2])
+    np.testing.assert_allclose(w[0], [1 / z, 0.0, math.exp(-10.0 * expected[0, 2]) / z], atol=1e-12)

@@ -400,3 +400,32 @@ def test_plan_must_match_data_and_ledger(data, plan):
     other = plan_privacy(**{**PLAN_ARGS, "rounds": 4})
     with pytest.raises(ValueError, match="ledger.plan differs"):
         train_private(_model(), data, plan=plan, ledger=PrivacyLedger(other), lr=1e-3)
+
+
+def test_noise_std_is_sigma_times_clip_over_expected_batch():
+    """DP-SGD's noise, measured: with every per-example gradient exactly zero (loss * 0),
+    the privatised gradient is pure noise N(0, (sigma C)^2) / (q n) per coordinate
+    (Abadi et al. 2016, Alg. 1; Opacus ``DPOptimizer`` with ``loss_reduction="mean"``).
+    Here n = 64, batch 16 -> q = 1/4, q n = 16; sigma and C come from the plan."""
+    n, batch = 64, 16
+    rng = np.random.default_rng(1)
+    data = ArrayDataset(rng.random((n, FEATURES)).astype(np.float32), rng.integers(0, CLASSES, n), np.arange(n))
+    plan = plan_privacy(target_epsilon=2.0, delta=1e-5, num_examples=n, batch_size=batch, epochs_per_round=4,
+                        rounds=5, max_grad_norm=0.5)
+    assert plan.sample_rate == 0.25
+    model = _model(3)
+    samples = []
+    with private_training(model, data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3, seed=0) as dp:
+        for _ in range(3):
+            for xb, yb in dp.data_loader:
+                dp.optimizer.zero_grad()
+                rows = xb if len(yb) else torch.as_tensor(data.x[:1])
+                labels = yb if len(yb) else torch.as_tensor(data.y[:1], dtype=torch.long)
+                (dp.criterion(dp.module(rows), labels) * 0.0).backward()
+                dp.optimizer.pre_step()  # clip, add noise, scale: p.grad is what Adam would see
+                samples.extend(p.grad.detach().flatten().numpy().copy() for p in model.parameters())
+    noise = np.concatenate(samples)
+    expected = plan.noise_multiplier * plan.max_grad_norm / (plan.sample_rate * n)
+    assert len(noise) > 10_000
+    assert abs(noise.mean()) < 4 * expected / np.sqrt(len(noise))
+    assert noise.std() == pytest.approx(expected, rel=0.03)  # std error of a std: ~1 / sqrt(2 m) < 0.7%

@@ -1,0 +1,87 @@
+"""clients/client_app.py: the ClientApp's handlers on hand-built Flower Messages.
+
+The handlers only convert: a train Message -> SiteInbox, context.state -> SiteState, then
+back. So the reply to a hand-built message must carry exactly what
+:func:`fedkd.federation.site.site_round` returns for the same inbox and state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Metadata, RecordDict
+from flwr.app.message.message import make_message
+
+from fedkd.config import load_config
+from fedkd.data import load_federation
+from fedkd.federation.site import SiteInbox, SiteState, site_round
+from fedkd.knowledge import encode
+
+
+@pytest.fixture(scope="module")
+def parts():
+    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1})
+    return config, load_federation(config.data, config.seed)
+
+
+def _message(kind: str, records: RecordDict):  # noqa: ANN202
+    metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                        group_id="", ttl=60.0, message_type=kind, created_at=0.0)
+    return make_message(metadata, records)
+
+
+def _train_records(config, split, round_number, *, release=None, fused=None, positions=None):  # noqa: ANN001, ANN202
+    content = RecordDict({"config": ConfigRecord({"round": round_number, "public-fingerprint": split.public_fingerprint,
+                                                  "config-digest": config.digest()})})
+    if release is not None:
+        content["plan"] = ArrayRecord({"release-positions": Array(release)})
+    if fused is not None:
+        arrays = {"knowledge": Array(fused)}
+        if positions is not None:
+            arrays["positions"] = Array(positions)
+        content["fused"] = ArrayRecord(arrays)
+    return content
+
+
+def test_train_handler_replies_what_the_site_round_returns(parts):
+    from clients.client_app import evaluate, train
+
+    config, split = parts
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config=config.to_flat())
+    release = np.array([2, 4, 6, 8])
+    reply = train(_message("train", _train_records(config, split, 1, release=release)), context)
+    expected_state = SiteState.fresh(config=config, split=split, client=1)
+    expected = site_round(config=config, split=split, client=1, state=expected_state,
+                          inbox=SiteInbox(round_number=1, public_fingerprint=split.public_fingerprint,
+                                          config_digest=config.digest(), release_positions=release))
+    assert set(reply.content.keys()) == {"knowledge", "metrics"}
+    np.testing.assert_array_equal(reply.content["knowledge"]["knowledge"].numpy(), expected.arrays["knowledge"])
+    assert dict(reply.content["metrics"]) == expected.metrics
+    assert reply.content["metrics"]["partition-id"] == 1 and reply.content["metrics"]["rounds-trained"] == 1
+    assert {"model", "site"} <= set(context.state.keys())
+
+    # round 2 with F_i on 3 positions: distilled, and the model continues from context.state
+    fused = encode(np.full((3, split.num_classes), 1 / split.num_classes))
+    message = _message("train", _train_records(config, split, 2, fused=fused, positions=np.array([0, 1, 2])))
+    second = train(message, context)
+    site_round(config=config, split=split, client=1, state=expected_state,
+               inbox=SiteInbox(round_number=2, public_fingerprint=split.public_fingerprint,
+                               config_digest=config.digest(), fused=fused, fused_positions=np.array([0, 1, 2])))
+    assert second.content["metrics"]["rounds-trained"] == 2 and "distil-loss" in second.content["metrics"]
+    assert second.content["knowledge"]["knowledge"].numpy().shape == (len(split.public), split.num_classes)
+    scores = evaluate(_message("evaluate", RecordDict({"config": ConfigRecord({"round": 2})})), context)
+    assert dict(scores.content["metrics"])["partition-id"] == 1
+    from fedkd.distillation import accuracy
+
+    assert scores.content["metrics"]["accuracy"] == accuracy(expected_state.model, split.clients[1].test)
+
+
+def test_query_handler_says_which_partition(parts):
+    from clients.client_app import identify
+
+    config, _ = parts
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2}, state=RecordDict(),
+                      run_config=config.to_flat())
+    reply = identify(_message("query", RecordDict({"config": ConfigRecord({"question": "partition-id"})})), context)
+    assert dict(reply.content["metrics"]) == {"partition-id": 2}

@@ -1,0 +1,170 @@
+"""fedkd.federation.loop: one exchange's checks, retries, min-clients, eval-every, checkpoints.
+
+The loop is driven here by a scripted transport (replies built by hand for each round):
+the loop is what is tested; the two real transports are compared in tests/test_floor.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedkd.checkpoint import read_server_checkpoint
+from fedkd.config import load_config
+from fedkd.data import load_federation
+from fedkd.federation.loop import Reply, collect_knowledge, run_federation
+from fedkd.federation.server import ServerState
+from fedkd.reporting import RunRecorder, read_events, read_summary
+
+CLASSES = 10
+
+
+@pytest.fixture(scope="module")
+def parts():
+    config = load_config(overrides={"data.num-clients": 4, "fusion.method": "mean", "min-clients": 2,
+                                    "global-student.enabled": False, "knowledge.public-subset": 6,
+                                    "round-retries": 1, "num-server-rounds": 3, "eval-every": 2})
+    return config, load_federation(config.data, config.seed)
+
+
+def _knowledge(site: int, rows: int = 6) -> np.ndarray:
+    k = np.full((rows, CLASSES), 0.02, dtype=np.float64)
+    k[:, site] = 1.0 - 0.02 * (CLASSES - 1)
+    return k.astype(np.float16)
+
+
+def _train(site: int, **metrics) -> Reply:  # noqa: ANN003
+    return Reply(node=100 + site, metrics={"partition-id": site, **metrics},
+                 arrays={"knowledge": _knowledge(site)}, records=frozenset({"knowledge", "metrics"}))
+
+
+class Scripted:
+    """A transport whose sites answer what ``train_replies(round, attempt)`` says."""
+
+    def __init__(self, train_replies, evaluations=None, sites=4) -> None:  # noqa: ANN001
+        self.train_replies, self.evaluations, self.sites = train_replies, evaluations, sites
+        self.nodes: dict[int, int] = {}
+        self.inboxes: list[tuple[int, int | None, int]] = []
+        self.attempts: dict[int, int] = {}
+        self.evaluated: list[int] = []
+
+    def wait_for_sites(self) -> int:
+        return self.sites
+
+    def train(self, round_number, inbox_for):  # noqa: ANN001, ANN201
+        attempt = self.attempts.get(round_number, 0)
+        self.attempts[round_number] = attempt + 1
+        for node in range(self.sites):
+            inbox = inbox_for(self.nodes.get(100 + node))
+            self.inboxes.append((round_number, self.nodes.get(100 + node), inbox.nbytes))
+        return self.train_replies(round_number, attempt)
+
+    def evaluate(self, round_number):  # noqa: ANN001, ANN201
+        self.evaluated.append(round_number)
+        if self.evaluations is not None:
+            return self.evaluations(round_number)
+        return [Reply(node=100 + s, metrics={"partition-id": s, "accuracy": 0.25 * s, "num-examples": 10.0 * (s + 1)})
+                for s in range(self.sites)]
+
+    def identified(self, node, client):  # noqa: ANN001, ANN201
+        self.nodes[node] = client
+
+    def client_of(self, node):  # noqa: ANN001, ANN201
+        return self.nodes.get(node)
+
+
+def _collect(parts, tmp_path, replies):  # noqa: ANN001, ANN202
+    config, split = parts
+    recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    state = ServerState()
+    accepted = collect_knowledge(config=config, split=split, state=state, transport=Scripted(lambda r, a: replies),
+                                 recorder=recorder, round_number=1, release=np.arange(6))
+    return accepted, state, {e["node"]: e["reason"] for e in read_events(recorder.run_dir, "excluded")}
+
+
+def test_one_bad_reply_excludes_only_that_site(parts, tmp_path):
+    replies = [
+        _train(0),
+        _train(1, round=3.0),  # a metric named like a record field
+        _train(2, epsilon=0.5),  # epsilon without the dp-* figures
+        Reply(node=105, error="site failed: boom"),
+        Reply(node=104, metrics={"partition-id": 0}, arrays={"knowledge": _knowledge(0)},
+              records=frozenset({"knowledge", "metrics"})),  # a second reply for site 0
+        _train(3, client=1.0),
+    ]
+    accepted, state, reasons = _collect(parts, tmp_path, replies)
+    assert sorted(accepted) == [0]
+    assert "reserved" in reasons[101] and "round" in reasons[101]
+    assert "'epsilon' without" in reasons[102]
+    assert reasons[105] == "site failed: boom"
+    assert "partition-id 0 already replied" in reasons[104]
+    assert "reserved" in reasons[103] and "client" in reasons[103]
+    assert state.bytes_up == [6 * CLASSES * 2]  # only the accepted reply counts
+    assert len(state.dropouts) == 5
+
+
+def test_run_stops_with_a_status_when_too_few_sites_reply_after_retries(parts, tmp_path):
+    config, split = parts
+
+    def replies(round_number, attempt):  # noqa: ANN001, ANN202
+        if round_number == 2:  # round 2: one valid reply, on both attempts
+            return [_train(0), Reply(node=101, error="no reply within 600s")]
+        return [_train(s) for s in range(4)]
+
+    transport = Scripted(replies)
+    recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    summary = run_federation(config=config, split=split, transport=transport, recorder=recorder)
+    assert summary["status"] == "stopped in round 2: 1 valid replies, min-clients is 2"
+    assert transport.attempts == {1: 1, 2: 2}  # round-retries = 1: two attempts
+    assert summary["rounds-completed"] == 1 and [h["round"] for h in summary["history"]] == [1]
+    assert read_summary(recorder.run_dir)["status"] == summary["status"]
+    round_number, _, state = read_server_checkpoint(recorder.run_dir)
+    assert round_number == 1 and state["fused-clients"] == [0, 1, 2, 3]
+
+
+def test_eval_every_and_the_last_round_are_evaluated(parts, tmp_path):
+    config, split = parts
+    transport = Scripted(lambda r, a: [_train(s) for s in range(4)])
+    recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    summary = run_federation(config=config, split=split, transport=transport, recorder=recorder)
+    assert summary["status"] == "completed" and transport.evaluated == [2, 3]  # eval-every 2, and round 3
+    # accuracies 0, .25, .5, .75 over 10, 20, 30, 40 examples: ALMA .375, weighted 50/100, worst 0
+    final = summary["final"]
+    assert final["alma"] == pytest.approx(0.375) and final["alma-weighted"] == pytest.approx(0.5)
+    assert final["worst"] == 0.0
+    # downlink: round 1 sends the 6 subset positions (int64) only; later rounds add F_i
+    # (6 x 10 float16) and the 6 positions it covers (last round's subset)
+    per_round = {r: [b for rr, _, b in transport.inboxes if rr == r] for r in (1, 2, 3)}
+    assert per_round[1] == [48] * 4 and per_round[2] == [48 + 6 * CLASSES * 2 + 48] * 4
+    assert summary["bytes"]["uplink-per-client-round"] == 6 * CLASSES * 2
+
+
+def test_duplicate_and_malformed_evaluations_are_left_out(parts, tmp_path):
+    config, split = parts
+
+    def evaluations(round_number):  # noqa: ANN001, ANN202
+        return [Reply(node=100, metrics={"partition-id": 0, "accuracy": 1.0, "num-examples": 5.0}),
+                Reply(node=999, metrics={"partition-id": 0, "accuracy": 0.0, "num-examples": 500.0}),
+                Reply(node=101, metrics={"partition-id": 1, "accuracy": 2.0, "num-examples": 5.0}),
+                Reply(node=102, error="node unavailable")]
+
+    one_round = load_config(overrides={**config.to_flat(), "num-server-rounds": 1})
+    transport = Scripted(lambda r, a: [_train(s) for s in range(4)], evaluations=evaluations)
+    summary = run_federation(config=one_round, split=split, transport=transport,
+                             recorder=RunRecorder(tmp_path / "run", one_round.to_toml()))
+    assert summary["final"]["alma"] == 1.0 and summary["final"]["worst"] == 1.0  # only site 0's first reply
+
+
+def test_a_failed_run_keeps_its_summary(parts, tmp_path):
+    config, split = parts
+
+    def replies(round_number, attempt):  # noqa: ANN001, ANN202
+        if round_number == 2:
+            raise RuntimeError("the network went away")
+        return [_train(s) for s in range(4)]
+
+    recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    with pytest.raises(RuntimeError, match="network"):
+        run_federation(config=config, split=split, transport=Scripted(replies), recorder=recorder)
+    summary = read_summary(recorder.run_dir)
+    assert summary["status"] == "failed: the network went away" and summary["rounds-completed"] == 1

@@ -1,0 +1,128 @@
+"""fedkd.federation.site: the site's round, its inbox, reply and persistent state."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedkd.config import load_config
+from fedkd.data import load_federation
+from fedkd.federation.site import SiteInbox, SiteRefusal, SiteState, site_evaluation, site_round
+from fedkd.knowledge import decode, encode
+
+
+@pytest.fixture(scope="module")
+def parts():
+    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1})
+    return config, load_federation(config.data, config.seed)
+
+
+def _inbox(config, split, **fields):  # noqa: ANN001, ANN202
+    return SiteInbox(round_number=fields.pop("round_number", 1), public_fingerprint=split.public_fingerprint,
+                     config_digest=config.digest(), **fields)
+
+
+def test_inbox_bytes_are_its_arrays():
+    inbox = SiteInbox(round_number=2, public_fingerprint="f", config_digest="d",
+                      release_positions=np.arange(5), fused=np.zeros((5, 10), np.float16))
+    # 5 int64 positions (40 bytes) + 5 x 10 float16 (100 bytes); the round config is not counted
+    assert inbox.nbytes == 5 * 8 + 5 * 10 * 2
+    assert set(inbox.arrays()) == {"release-positions", "fused"}
+    assert SiteInbox(round_number=1, public_fingerprint="f", config_digest="d").nbytes == 0
+
+
+def test_a_site_refuses_another_config_or_public_set(parts):
+    config, split = parts
+    state = SiteState.fresh(config=config, split=split, client=0)
+    with pytest.raises(SiteRefusal, match="site 0 refuses round 1: its run config differs"):
+        site_round(config=config, split=split, client=0, state=state,
+                   inbox=SiteInbox(round_number=1, public_fingerprint=split.public_fingerprint, config_digest="x"))
+    with pytest.raises(SiteRefusal, match="its public transfer set .* differs from the server's \\(abc\\)"):
+        site_round(config=config, split=split, client=0, state=state,
+                   inbox=SiteInbox(round_number=1, public_fingerprint="abc", config_digest=config.digest()))
+    assert state.rounds_trained == 0  # nothing happened
+
+
+def test_round_reply_releases_one_row_per_requested_position(parts):
+    config, split = parts
+    state = SiteState.fresh(config=config, split=split, client=1)
+    positions = np.array([3, 7, 11])
+    reply = site_round(config=config, split=split, client=1, state=state,
+                       inbox=_inbox(config, split, release_positions=positions))
+    assert set(reply.arrays) == {"knowledge"}
+    knowledge = reply.arrays["knowledge"]
+    assert knowledge.dtype == np.float16 and knowledge.shape == (3, split.num_classes)
+    np.testing.assert_allclose(knowledge.astype(np.float64).sum(axis=1), 1.0, atol=5e-3)
+    assert reply.metrics["partition-id"] == 1 and reply.metrics["rounds-trained"] == 1
+    assert reply.metrics["num-examples"] == len(split.clients[1].train)
+    assert "distil-loss" not in reply.metrics  # round 1: nothing to distil
+    assert state.rounds_trained == 1
+
+
+def test_fused_knowledge_is_distilled_only_where_it_covers(parts):
+    config, split = parts
+    state = SiteState.fresh(config=config, split=split, client=0)
+    fused = np.full((4, split.num_classes), 1.0 / split.num_classes)
+    reply = site_round(config=config, split=split, client=0, state=state,
+                       inbox=_inbox(config, split, round_number=2, fused=encode(fused),
+                                    fused_positions=np.arange(4)))
+    assert np.isfinite(reply.metrics["distil-loss"])
+    assert reply.arrays["knowledge"].shape == (len(split.public), split.num_classes)  # all of P released
+
+
+def test_an_adversary_corrupts_its_own_reply(parts):
+    config, split = parts
+    flipped = load_config(overrides={**config.to_flat(), "adversary.clients": "2:flip"})
+    honest = site_round(config=config, split=split, client=2, state=SiteState.fresh(config=config, split=split, client=2),
+                        inbox=_inbox(config, split))
+    liar = site_round(config=flipped, split=split, client=2,
+                      state=SiteState.fresh(config=flipped, split=split, client=2), inbox=_inbox(flipped, split))
+    # flip moves class c's probability to c + 1: the honest release rolled by one class
+    np.testing.assert_array_equal(decode(liar.arrays["knowledge"]),
+                                  np.roll(decode(honest.arrays["knowledge"]), 1, axis=1))
+
+
+def test_state_dict_round_trip_and_key_checks(parts):
+    config, split = parts
+    state = SiteState.fresh(config=config, split=split, client=0)
+    site_round(config=config, split=split, client=0, state=state, inbox=_inbox(config, split))
+    saved = state.state_dict()
+    assert set(saved) == {"model", "rounds-trained"}
+    again = SiteState.fresh(config=config, split=split, client=0)
+    again.load_state_dict(saved)
+    assert again.rounds_trained == 1
+    for name, tensor in state.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor)
+    with pytest.raises(KeyError, match="unknown key\\(s\\) weights"):
+        again.load_state_dict({**saved, "weights": 1})
+    with pytest.raises(KeyError, match="no key 'rounds-trained'"):
+        again.load_state_dict({"model": saved["model"]})
+    with pytest.raises(KeyError, match="has key 'privacy' but this site has no privacy"):
+        again.load_state_dict({**saved, "privacy": "{}"})
+
+
+def test_a_private_site_keeps_its_ledger_in_its_state(parts):
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0})
+    state = SiteState.fresh(config=private, split=split, client=0)
+    reply = site_round(config=private, split=split, client=0, state=state, inbox=_inbox(private, split))
+    saved = state.state_dict()
+    assert json.loads(saved["privacy"])["history"]  # the ledger's accountant history
+    assert 0 < reply.metrics["epsilon"] <= 8.0 and reply.metrics["dp-stopped"] == 0.0
+    again = SiteState.fresh(config=private, split=split, client=0)
+    again.load_state_dict(saved)
+    assert again.ledger.epsilon() == state.ledger.epsilon() == reply.metrics["epsilon"]
+
+
+def test_evaluation_is_the_local_test_accuracy(parts):
+    config, split = parts
+    state = SiteState.fresh(config=config, split=split, client=2)
+    scores = site_evaluation(config=config, split=split, client=2, state=state)
+    test = split.clients[2].test
+    with torch.no_grad():
+        predicted = state.model(torch.as_tensor(test.x, dtype=torch.float32)).argmax(1).numpy()
+    assert scores == {"partition-id": 2, "accuracy": float((predicted == test.y).mean()),
+                      "num-examples": float(len(test))}
