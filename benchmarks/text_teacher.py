@@ -54,10 +54,11 @@ def run_one(mode: str, *, examples: int, max_length: int, batch_size: int, threa
     import torch
 
     from fedkd.data import ArrayDataset, load_source
+    from fedkd.data.text import TOPICS
     from fedkd.distillation import train_supervised
     from fedkd.models import build_model
+    from fedkd.models.text import frozen_embeddings
     from fedkd.privacy import PrivacyLedger, plan_privacy, train_private
-    from fedkd.text import TOPICS, frozen_embeddings
 
     torch.set_num_threads(threads)
     x, y, _ = load_source("topics", max_length=max_length, num_examples=examples)

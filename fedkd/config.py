@@ -657,7 +657,7 @@ def _modality_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> l
     if not valid("data.dataset"):
         return []
     from fedkd.models import model_modality
-    from fedkd.text import is_text_dataset
+    from fedkd.data.text import is_text_dataset
 
     dataset = get("data.dataset")
     wanted = "text" if is_text_dataset(dataset) else "vector"

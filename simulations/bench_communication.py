@@ -11,7 +11,7 @@ same except with ``shield.top-k = k``, where a site sends its k kept entries and
 classes (fedkd.knowledge.pack_release).
 
 FedAvg: the weights of the same student, float32, each way, for every image model in
-fedkd/models.py (parameters counted by :func:`fedkd.fedavg.parameter_count`) and, when
+fedkd/models/registry.py (parameters counted by :func:`fedkd.fedavg.parameter_count`) and, when
 the text models can be built offline, the text models at the topic corpus's vocabulary.
 """
 

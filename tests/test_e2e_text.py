@@ -14,7 +14,7 @@ import pytest
 
 from fedkd.config import load_config
 from fedkd.reporting import read_events, read_summary
-from fedkd.text import INSTALL_HINT
+from fedkd.data.text import INSTALL_HINT
 
 pytestmark = [
     pytest.mark.e2e,

@@ -10,7 +10,7 @@ from fedkd.models import MODELS, SmallCNN, build_model, model_modality
 
 EXPECTED = {"mlp-small", "mlp-large", "cnn-small"}
 VECTOR_MODELS = [n for n in MODELS.names() if model_modality(n) == "vector"]
-"""Models of float inputs (text models, which read token ids, are tested in test_text.py)."""
+"""Models of float inputs (text models, which read token ids, are tested in test_models_text.py)."""
 
 
 def test_registered_models():

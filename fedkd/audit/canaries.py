@@ -112,7 +112,7 @@ def audit_plan(config: Config, train: ArrayDataset, *, num_classes: int, text: b
 
 def secret_inputs(config: Config, digits_list: list[tuple[int, ...]]) -> np.ndarray:
     """Token ids [n, L] of the secret format filled with each digits tuple."""
-    from fedkd.text import tokenize
+    from fedkd.data.text import tokenize
 
     texts = [fill(config.audit.secret_format, d) for d in digits_list]
     return tokenize(texts, max_length=config.data.max_length, tokenizer=config.data.tokenizer)

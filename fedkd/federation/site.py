@@ -374,7 +374,7 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
     s = config.shield
     texts = None
     if s.scorer == "pii" and public_x is not None:  # the scorer reads the public inputs as text
-        from fedkd.text import detokenize
+        from fedkd.data.text import detokenize
 
         texts = detokenize(public_x, tokenizer=config.data.tokenizer)
     return shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,

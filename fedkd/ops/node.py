@@ -135,7 +135,7 @@ def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
     if split is not None:
         text = split.text
     else:
-        from fedkd.text import is_text_dataset, vocab_info
+        from fedkd.data.text import is_text_dataset, vocab_info
 
         if is_text_dataset(config.data.dataset):  # token ids: the model needs the vocabulary
             text = vocab_info(config.data.tokenizer)

@@ -263,7 +263,7 @@ def train_private_site(
     """:func:`train_private` with a site's Opacus settings: per-example gradients by
     ``privacy.grad-sample-mode`` ('auto': ghost clipping for text models, hooks otherwise),
     text embeddings frozen in the DP step when ``privacy.freeze-embeddings``."""
-    from fedkd.text import TextClassifier, frozen_embeddings
+    from fedkd.models.text import TextClassifier, frozen_embeddings
 
     p = config.privacy
     mode = p.grad_sample_mode

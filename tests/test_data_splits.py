@@ -1,34 +1,19 @@
-"""Tests for fedkd.data (DESIGN section 2): partitions, the federated split, sources."""
+"""Tests for fedkd.data.splits (DESIGN section 2): partitions, the federated split, the
+public set's fingerprint."""
 
 from __future__ import annotations
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
 
-from fedkd.data import (
-    DataUnavailableError,
-    load_source,
-    partition_indices,
-    public_fingerprint,
-    split_federation,
-)
+from fedkd.data import load_source, partition_indices, public_fingerprint, split_federation
 
 
 @pytest.fixture(scope="module")
 def digits():
     return load_source("digits")
-
-
-def test_digits_source(digits):
-    x, y, num_classes = digits
-    assert x.shape == (1797, 64) and x.dtype == np.float32
-    assert y.shape == (1797,) and y.dtype == np.int64
-    assert num_classes == 10
-    assert x.min() >= 0.0 and x.max() <= 1.0
-    assert set(np.unique(y)) == set(range(10))
 
 
 # ----------------------------------------------------------------- partition_indices
@@ -162,107 +147,3 @@ def test_public_fingerprint_is_sha256_of_ordered_ids(split):
     assert public_fingerprint(changed) != expected
     assert public_fingerprint(ids[::-1]) != expected  # order matters
     assert public_fingerprint(ids[:-1]) != expected
-
-
-# ----------------------------------------------------------------- named datasets offline
-
-
-def test_named_dataset_offline_raises_clear_error(monkeypatch, tmp_path):
-    import datasets
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    # `datasets` reads these variables once, at import; it may already be imported (by the
-    # partitioner tests), so set its resolved flags too, and point its caches at an empty folder
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    start = time.monotonic()
-    with pytest.raises(DataUnavailableError) as err:
-        load_source("mnist")
-    elapsed = time.monotonic() - start
-    message = str(err.value)
-    assert "mnist" in message
-    assert "data.path" in message
-    assert elapsed < 10.0, f"offline failure took {elapsed:.1f} s"
-
-
-def test_named_dataset_missing_local_path_raises_clear_error(tmp_path):
-    missing = tmp_path / "no-such-folder"
-    with pytest.raises(DataUnavailableError) as err:
-        load_source("cifar10", path=str(missing))
-    assert "cifar10" in str(err.value)
-    assert str(missing) in str(err.value)
-
-
-# ----------------------------------------------------------------- the split cache
-
-
-def _assert_same_split(a, b):
-    assert (a.num_classes, a.input_shape) == (b.num_classes, b.input_shape)
-    assert len(a.clients) == len(b.clients)
-    pairs = [(a.public, b.public), (a.test, b.test)]
-    for ca, cb in zip(a.clients, b.clients):
-        pairs += [(ca.train, cb.train), (ca.val, cb.val), (ca.test, cb.test)]
-    for da, db in pairs:
-        for name in ("x", "y", "ids"):
-            xa, xb = getattr(da, name), getattr(db, name)
-            assert xa.dtype == xb.dtype
-            np.testing.assert_array_equal(xa, xb)
-
-
-def _uncached_load(data_config, seed):
-    from fedkd import data
-
-    data.load_federation.cache_clear()  # the per-process cache would hide the disk cache
-    return data.load_federation(data_config, seed)
-
-
-def test_split_cache_gives_the_same_split_and_skips_rebuilding(tmp_path, monkeypatch):
-    from fedkd import data
-    from fedkd.config import DataConfig
-
-    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
-    config = DataConfig(num_clients=4, alpha=0.5)
-    built = _uncached_load(config, 3)
-    path = data.split_cache_path(config, 3)
-    assert path is not None and path.parent.parent == tmp_path and path.is_file()
-
-    def no_rebuild(*args, **kwargs):
-        raise AssertionError("the split was rebuilt although it is cached")
-
-    monkeypatch.setattr(data, "split_federation", no_rebuild)
-    _assert_same_split(_uncached_load(config, 3), built)
-    # another seed or setting is another entry
-    assert data.split_cache_path(config, 4) != path
-    assert data.split_cache_path(DataConfig(num_clients=4, alpha=0.6), 3) != path
-    data.load_federation.cache_clear()
-
-
-def test_split_cache_rebuilds_a_damaged_file(tmp_path, monkeypatch):
-    from fedkd import data
-    from fedkd.config import DataConfig
-
-    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
-    config = DataConfig(num_clients=3)
-    built = _uncached_load(config, 0)
-    path = data.split_cache_path(config, 0)
-    path.write_bytes(path.read_bytes()[:100])  # truncated, as after a crash mid-copy
-    _assert_same_split(_uncached_load(config, 0), built)
-    _assert_same_split(data._read_split(path), built)  # rewritten whole
-    data.load_federation.cache_clear()
-
-
-def test_split_cache_off_and_not_for_user_files(tmp_path, monkeypatch):
-    from fedkd import data
-    from fedkd.config import DataConfig
-
-    monkeypatch.setenv("FEDKD_CACHE_DIR", "")
-    assert data.split_cache_path(DataConfig(), 0) is None
-    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
-    assert data.split_cache_path(DataConfig(dataset="mnist", path=str(tmp_path / "mnist")), 0) is None
-    assert data.split_cache_path(DataConfig(dataset="ag_news"), 0) is None
-    assert data.split_cache_path(DataConfig(dataset="topics", tokenizer=str(tmp_path)), 0) is None
-    assert data.split_cache_path(DataConfig(dataset="topics"), 0) is not None

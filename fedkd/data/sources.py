@@ -1,0 +1,271 @@
+"""Where a federation's arrays come from, and the on-disk cache of its split.
+
+* **Sources** (:func:`load_source`): the embedded datasets (``digits``, shipped with
+  scikit-learn; ``topics``, the generated corpus of :mod:`fedkd.data.text`), Hugging Face
+  image datasets (``mnist``, ``cifar10``, any hub id) and text datasets (``ag_news``,
+  ``text:<hub id>``), read through ``datasets`` from a local copy or the hub.
+* **The federation** (:func:`load_federation`): a :class:`fedkd.config.DataConfig`'s
+  source, split by :func:`fedkd.data.splits.split_federation`, cached per process.
+* **The split cache** (:func:`split_cache_path`): on one machine (a simulation: the
+  driver and every Ray actor; a study's many runs) the split of an embedded dataset is
+  also kept on disk, so the processes after the first load a few arrays instead of
+  importing scikit-learn and ``datasets`` and partitioning again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fedkd.data.splits import (
+    SPLIT_PARTS,
+    ArrayDataset,
+    ClientData,
+    DataUnavailableError,
+    FederatedSplit,
+    split_federation,
+)
+from fedkd.data.text import TOPICS, _HF_TEXT_NAMES, is_text_dataset, tokenize, topic_corpus, vocab_info
+
+
+# ---------------------------------------------------------------------------- sources
+
+_HF_NAMES = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", "img")}
+
+
+def load_source(
+    name: str, *, path: str = "", max_length: int = 32, tokenizer: str = "", num_examples: int = 3000
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Return ``(x, y, num_classes)`` for dataset ``name``.
+
+    Text sources (``topics``, the embedded generated corpus; ``ag_news``; ``text:<hub
+    id>``) give token ids ``x`` int64 [n, max_length] from the federation's tokenizer
+    (``tokenizer``: a local folder, default the packaged MiniLM's), at most
+    ``num_examples`` examples (see :func:`load_text_source`).
+
+    ``digits`` is scikit-learn's 1,797 8x8 handwritten digits (shipped with
+    scikit-learn, offline), scaled to [0, 1]. Other names (``mnist``, ``cifar10``, or any
+    Hugging Face image-classification dataset id) are read through ``datasets``: from
+    ``path`` (a ``save_to_disk`` folder) when given, else from the hub, which needs
+    network access.
+    """
+    if is_text_dataset(name):
+        return load_text_source(
+            name, path=path, max_length=max_length, tokenizer=tokenizer, num_examples=num_examples
+        )
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = (bunch.data / 16.0).astype(np.float32)
+        return x, bunch.target.astype(np.int64), 10
+    return _load_hf_images(name, path)
+
+
+def _load_hf_images(name: str, path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    import datasets
+
+    hub_id, image_column = _HF_NAMES.get(name, (name, "image"))
+    try:
+        if path:
+            loaded = datasets.load_from_disk(path)
+        else:
+            loaded = datasets.load_dataset(hub_id)
+    except Exception as err:  # offline, missing path, unknown id: one clear message
+        where = f"from '{path}'" if path else f"'{hub_id}' from the Hugging Face hub"
+        raise DataUnavailableError(
+            f"could not load dataset '{name}' {where} ({type(err).__name__}). "
+            "Without network access, save it once elsewhere with "
+            f"datasets.load_dataset('{hub_id}').save_to_disk(DIR), copy DIR here and set "
+            "data.path = DIR; or use the embedded default data.dataset = 'digits'."
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets(list(loaded.values()))
+    columns = loaded.column_names
+    image_column = image_column if image_column in columns else columns[0]
+    label_column = "label" if "label" in columns else columns[-1]
+    x = np.stack([np.asarray(img, dtype=np.float32) / 255.0 for img in loaded[image_column]])
+    if x.ndim == 4:  # HWC -> CHW
+        x = x.transpose(0, 3, 1, 2)
+    y = np.asarray(loaded[label_column], dtype=np.int64)
+    return x, y, int(y.max()) + 1
+
+
+def load_text_corpus(
+    name: str, *, path: str = "", num_examples: int, seed: int = 0
+) -> tuple[list[str], np.ndarray, int]:
+    """``(texts, labels, num_classes)`` of text source ``name`` (see
+    :func:`fedkd.data.text.is_text_dataset`).
+
+    ``topics`` is generated (``num_examples`` sentences); named corpora are read through
+    ``datasets`` from ``path`` (a ``save_to_disk`` folder) or from the hub, and reduced to
+    at most ``num_examples`` examples by a seeded draw (all splits pooled). Offline and
+    without a local copy, a :class:`fedkd.data.DataUnavailableError` says how to provide one.
+    """
+    if name == "topics":
+        texts, labels = topic_corpus(num_examples=num_examples, seed=seed)
+        return texts, labels, len(TOPICS)
+    import datasets
+
+    hub_id = _HF_TEXT_NAMES.get(name, name.removeprefix("text:"))
+    try:
+        loaded = datasets.load_from_disk(path) if path else datasets.load_dataset(hub_id)
+    except Exception as err:  # offline, missing path, unknown id: one clear message
+        where = f"from '{path}'" if path else f"'{hub_id}' from the Hugging Face hub"
+        raise DataUnavailableError(
+            f"could not load text dataset '{name}' {where} ({type(err).__name__}). "
+            "Without network access, save it once elsewhere with "
+            f"datasets.load_dataset('{hub_id}').save_to_disk(DIR), copy DIR here and set "
+            "data.path = DIR; or use the embedded text corpus data.dataset = 'topics'."
+        ) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.concatenate_datasets(list(loaded.values()))
+    columns = loaded.column_names
+    text_column = "text" if "text" in columns else next(
+        c for c in columns if loaded.features[c].dtype == "string"
+    )
+    label_column = "label" if "label" in columns else columns[-1]
+    if len(loaded) > num_examples:
+        keep = np.sort(np.random.default_rng(seed).choice(len(loaded), num_examples, replace=False))
+        loaded = loaded.select(keep)
+    labels = np.asarray(loaded[label_column], dtype=np.int64)
+    return list(loaded[text_column]), labels, int(labels.max()) + 1
+
+
+def load_text_source(
+    name: str, *, path: str = "", max_length: int, tokenizer: str = "", num_examples: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(token ids int64 [n, max_length], labels, num_classes)``: the corpus, tokenised once."""
+    texts, labels, num_classes = load_text_corpus(name, path=path, num_examples=num_examples, seed=seed)
+    return tokenize(texts, max_length=max_length, tokenizer=tokenizer), labels, num_classes
+
+
+
+@functools.lru_cache(maxsize=4)
+def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (DataConfig)
+    """The federation's split for a :class:`fedkd.config.DataConfig`, cached per process
+    and, for the embedded datasets, on disk (:func:`split_cache_path`)."""
+    cache = split_cache_path(data_config, seed)
+    split = _read_split(cache) if cache is not None else None
+    if split is None:
+        x, y, num_classes = load_source(
+            data_config.dataset, path=data_config.path, max_length=data_config.max_length,
+            tokenizer=data_config.tokenizer, num_examples=data_config.text_examples,
+        )  # text: tokenised here, once per process (this function is cached), never per round
+        split = split_federation(
+            x,
+            y,
+            num_classes=num_classes,
+            num_clients=data_config.num_clients,
+            partitioner=data_config.partitioner,
+            alpha=data_config.alpha,
+            classes_per_client=data_config.classes_per_client,
+            min_partition_size=data_config.min_partition_size,
+            public_fraction=data_config.public_fraction,
+            test_fraction=data_config.test_fraction,
+            val_fraction=data_config.val_fraction,
+            local_test_fraction=data_config.local_test_fraction,
+            seed=seed,
+        )
+        if cache is not None:
+            _write_split(cache, split)
+    if is_text_dataset(data_config.dataset):
+        split = dataclasses.replace(split, text=vocab_info(data_config.tokenizer))
+    return split
+
+
+# ------------------------------------------------------------------ split cache
+
+SPLIT_CACHE_ENV = "FEDKD_CACHE_DIR"
+"""Environment variable: the split cache's folder; empty disables the cache."""
+
+_CACHEABLE = ("digits", "topics")  # embedded: their content is fixed by the code that makes them
+_SPLIT_CODE = ("splits.py", "sources.py", "text.py")  # the code that makes a split: part of the cache key
+
+
+def split_cache_path(data_config, seed: int) -> Path | None:  # noqa: ANN001 (DataConfig)
+    """Where the split of ``data_config`` and ``seed`` is kept on disk, or None.
+
+    Only the embedded datasets with the packaged tokenizer are cached (a user's files or a
+    hub download can change behind the key). The key hashes every data setting, the seed,
+    the source of the modules that make the split and the versions of the libraries they
+    call (numpy, scikit-learn, flwr-datasets, datasets), so a change to any of them makes
+    a new entry instead of reading a stale one. Folder: ``$FEDKD_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/fedkd``, else ``~/.cache/fedkd``; ``FEDKD_CACHE_DIR=""`` disables it.
+    """
+    if data_config.dataset not in _CACHEABLE or data_config.path or data_config.tokenizer:
+        return None
+    root = os.environ.get(SPLIT_CACHE_ENV)
+    if root is None:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedkd")
+    if not root:
+        return None
+    key = json.dumps([dataclasses.asdict(data_config), seed, _split_code_version()], sort_keys=True)
+    return Path(root) / "splits" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+
+
+@functools.lru_cache(maxsize=1)
+def _split_code_version() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).parent
+    parts = [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _SPLIT_CODE]
+    for package in ("numpy", "scikit-learn", "flwr-datasets", "datasets"):
+        try:
+            parts.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return parts
+
+
+def _split_arrays(split: FederatedSplit) -> dict[str, np.ndarray]:
+    arrays = {"num_classes": np.int64(split.num_classes), "input_shape": np.asarray(split.input_shape, np.int64)}
+    parts = {"public": split.public, "test": split.test}
+    for i, client in enumerate(split.clients):
+        parts.update({f"client{i}_{name}": getattr(client, name) for name in SPLIT_PARTS})
+    for name, data in parts.items():
+        arrays.update({f"{name}_x": data.x, f"{name}_y": data.y, f"{name}_ids": data.ids})
+    return arrays
+
+
+def _write_split(path: Path, split: FederatedSplit) -> None:
+    """Save atomically (a reader never sees half a file); a cache that cannot be written
+    (read-only home, full disk) is skipped, not an error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            np.savez(tmp, **_split_arrays(split))
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
+
+
+def _read_split(path: Path) -> FederatedSplit | None:
+    """The cached split, or None when absent or unreadable (then it is rebuilt and rewritten)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = dict(f)
+
+        def part(name: str) -> ArrayDataset:
+            return ArrayDataset(arrays[f"{name}_x"], arrays[f"{name}_y"], arrays[f"{name}_ids"])
+
+        num_clients = sum(1 for key in arrays if key.endswith("_train_x"))
+        return FederatedSplit(
+            public=part("public"),
+            test=part("test"),
+            clients=tuple(
+                ClientData(**{name: part(f"client{i}_{name}") for name in SPLIT_PARTS}) for i in range(num_clients)
+            ),
+            num_classes=int(arrays["num_classes"]),
+            input_shape=tuple(int(v) for v in arrays["input_shape"]),
+        )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None

@@ -1,0 +1,230 @@
+"""The federated split: datasets as arrays, the partition over clients, the public set.
+
+A federation's data is split once, from the seed, into
+
+* the *public transfer set* P (inputs shared by every site and the server; its labels
+  are kept only for audits and benchmarks and never reach fusion),
+* a *global test set* (for the optional global student),
+* the private *client pool*, partitioned across clients with a ``flwr_datasets``
+  partitioner (Dirichlet label skew, pathological k-classes-per-client, or IID); each
+  client's share is split into train / validation / local test, stratified where the
+  share allows it, so a local test set follows the client's own label mix.
+
+Every process (server, each client) rebuilds the same split from the same config, so
+nothing but knowledge ever crosses the network. This module holds the split's types
+(:class:`ArrayDataset`, :class:`ClientData`, :class:`FederatedSplit`), the partitioning
+(:func:`partition_indices`, :func:`split_federation`), the public set's fingerprint and
+the data errors; where the arrays come from is :mod:`fedkd.data.sources`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+
+if TYPE_CHECKING:
+    from fedkd.data.text import TextVocab
+
+
+class DataUnavailableError(RuntimeError):
+    """A named dataset could not be loaded (usually: offline, no local copy)."""
+
+
+class SiteDataError(ValueError):
+    """A site's local data file is missing, unreadable or does not fit the federation."""
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """Inputs ``x`` [n, *input_shape] (float32 features, or int64 token ids [n, L] for text;
+    attention mask = ids != pad id), labels ``y`` [n] (int64), global ``ids`` [n]."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, positions: np.ndarray) -> ArrayDataset:
+        return ArrayDataset(self.x[positions], self.y[positions], self.ids[positions])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+
+
+SPLIT_PARTS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    public: ArrayDataset
+    test: ArrayDataset
+    clients: tuple[ClientData, ...]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    text: TextVocab | None = None
+    """Text federations: the shared tokenizer's vocabulary size and pad id (None for images)."""
+
+    @property
+    def model_options(self) -> dict[str, int]:
+        """Extra arguments of :func:`fedkd.models.build_model` for this data: text models
+        size their embeddings to the federation's tokenizer."""
+        if self.text is None:
+            return {}
+        return {"vocab_size": self.text.vocab_size, "pad_id": self.text.pad_id}
+
+    @property
+    def public_fingerprint(self) -> str:
+        """sha256 of the ordered public example ids: sites must agree on it."""
+        return public_fingerprint(self.public.ids)
+
+
+def public_fingerprint(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------- partitioning
+
+
+def partition_indices(
+    labels: np.ndarray,
+    *,
+    num_partitions: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.1,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Split positions ``0..len(labels)-1`` into ``num_partitions`` disjoint sets.
+
+    Uses ``flwr_datasets`` partitioners on an in-memory ``datasets.Dataset``:
+    ``dirichlet`` draws each class's split over clients from Dir(alpha) (alpha 0.05 is
+    extreme skew, 100 is close to IID); ``pathological`` gives each client
+    ``classes_per_client`` classes; ``iid`` shuffles evenly.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if num_partitions > len(labels):
+        raise ValueError(
+            f"cannot split {len(labels)} examples over {num_partitions} clients"
+        )
+    if partitioner == "dirichlet":
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    elif partitioner == "pathological":
+        part = PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="deterministic",
+            seed=seed,
+        )
+    elif partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    else:
+        raise ValueError(
+            f"unknown partitioner '{partitioner}'; choose one of: dirichlet, iid, pathological"
+        )
+    part.dataset = Dataset.from_dict(
+        {"label": np.asarray(labels).tolist(), "position": list(range(len(labels)))}
+    )
+    try:
+        with warnings.catch_warnings():
+            # the Dirichlet partitioner warns on every redraw below min_partition_size;
+            # redraws are expected at strong skew, and a failure still raises below
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            return [
+                np.asarray(part.load_partition(i)["position"], dtype=np.int64)
+                for i in range(num_partitions)
+            ]
+    except ValueError as err:
+        raise ValueError(
+            f"{partitioner} partitioning of {len(labels)} examples over {num_partitions} "
+            f"clients failed: {err}"
+        ) from None
+
+
+def _split(
+    positions: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``positions`` into (rest, held-out fraction), stratified where possible."""
+    if fraction <= 0 or len(positions) < 2:
+        return positions, positions[:0]
+    from sklearn.model_selection import train_test_split  # lazy: sites reading site files skip it
+
+    try:
+        rest, held = train_test_split(
+            positions, test_size=fraction, random_state=seed, stratify=labels[positions]
+        )
+    except ValueError:  # a class with one example, or fewer held-out slots than classes
+        rest, held = train_test_split(positions, test_size=fraction, random_state=seed)
+    return np.sort(rest), np.sort(held)
+
+
+def split_federation(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_classes: int,
+    num_clients: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.1,
+    classes_per_client: int = 2,
+    min_partition_size: int = 10,
+    public_fraction: float = 0.3,
+    test_fraction: float = 0.15,
+    val_fraction: float = 0.1,
+    local_test_fraction: float = 0.2,
+    seed: int = 0,
+) -> FederatedSplit:
+    """Split ``(x, y)`` into public set, global test set and client shares (see module doc)."""
+    everything = ArrayDataset(x, y, np.arange(len(y)))
+    all_positions = np.arange(len(y))
+    pool, public = _split(all_positions, y, public_fraction, seed)
+    pool, test = _split(pool, y, test_fraction / (1 - public_fraction), seed + 1)
+    shares = partition_indices(
+        y[pool],
+        num_partitions=num_clients,
+        partitioner=partitioner,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        min_partition_size=min_partition_size,
+        seed=seed,
+    )
+    clients = []
+    for i, share in enumerate(shares):
+        own = pool[share]
+        own, local_test = _split(own, y, local_test_fraction, seed + 10 + i)
+        train, val = _split(own, y, val_fraction / (1 - local_test_fraction), seed + 10 + i)
+        clients.append(
+            ClientData(everything.subset(train), everything.subset(val), everything.subset(local_test))
+        )
+    return FederatedSplit(
+        public=everything.subset(public),
+        test=everything.subset(test),
+        clients=tuple(clients),
+        num_classes=num_classes,
+        input_shape=tuple(x.shape[1:]),
+    )

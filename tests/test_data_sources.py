@@ -1,0 +1,163 @@
+"""Tests for fedkd.data.sources: the embedded and named datasets, the text federation's
+tokenisation, and the on-disk split cache."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fedkd.data import DataUnavailableError, load_federation, load_source
+from fedkd.data.text import TOPICS
+from text_support import L, needs_extra, site_config
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_source("digits")
+
+
+def test_digits_source(digits):
+    x, y, num_classes = digits
+    assert x.shape == (1797, 64) and x.dtype == np.float32
+    assert y.shape == (1797,) and y.dtype == np.int64
+    assert num_classes == 10
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert set(np.unique(y)) == set(range(10))
+
+
+# ----------------------------------------------------------------- named datasets offline
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """No network for ``datasets`` and ``huggingface_hub``, and empty caches."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # `datasets` reads these variables once, at import; it may already be imported (by the
+    # partitioner tests), so set its resolved flags too, and point its caches at an empty folder
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def test_named_dataset_offline_raises_clear_error(offline_hub):
+    start = time.monotonic()
+    with pytest.raises(DataUnavailableError) as err:
+        load_source("mnist")
+    elapsed = time.monotonic() - start
+    message = str(err.value)
+    assert "mnist" in message
+    assert "data.path" in message
+    assert elapsed < 10.0, f"offline failure took {elapsed:.1f} s"
+
+
+def test_named_dataset_missing_local_path_raises_clear_error(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(DataUnavailableError) as err:
+        load_source("cifar10", path=str(missing))
+    assert "cifar10" in str(err.value)
+    assert str(missing) in str(err.value)
+
+
+# ----------------------------------------------------------------- text sources
+
+
+@needs_extra
+def test_text_federation_is_tokenised_once_as_int64_ids():
+    data = site_config().data
+    start = time.perf_counter()
+    split = load_federation(data, 0)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    assert load_federation(data, 0) is split  # cached per process: not re-tokenised per round
+    assert time.perf_counter() - start < first
+    assert split.public.x.dtype == np.int64 and split.public.x.shape[1:] == (L,)
+    assert split.input_shape == (L,) and split.num_classes == len(TOPICS)
+    assert split.model_options == {"vocab_size": 30522, "pad_id": 0}
+    x = split.public.x
+    assert (x[:, 0] == 101).all()  # [CLS] first; pad id 0 after the text
+    assert ((x == 0).cumsum(axis=1) * (x != 0) == 0).all()  # no token after a pad
+
+
+def test_ag_news_offline_fails_with_a_clear_message(offline_hub):
+    with pytest.raises(DataUnavailableError) as err:
+        load_source("ag_news")
+    message = str(err.value)
+    assert "ag_news" in message and "data.path" in message and "topics" in message
+
+
+# ----------------------------------------------------------------- the split cache
+
+
+def _assert_same_split(a, b):
+    assert (a.num_classes, a.input_shape) == (b.num_classes, b.input_shape)
+    assert len(a.clients) == len(b.clients)
+    pairs = [(a.public, b.public), (a.test, b.test)]
+    for ca, cb in zip(a.clients, b.clients):
+        pairs += [(ca.train, cb.train), (ca.val, cb.val), (ca.test, cb.test)]
+    for da, db in pairs:
+        for name in ("x", "y", "ids"):
+            xa, xb = getattr(da, name), getattr(db, name)
+            assert xa.dtype == xb.dtype
+            np.testing.assert_array_equal(xa, xb)
+
+
+def _uncached_load(data_config, seed):
+    from fedkd.data import sources
+
+    sources.load_federation.cache_clear()  # the per-process cache would hide the disk cache
+    return sources.load_federation(data_config, seed)
+
+
+def test_split_cache_gives_the_same_split_and_skips_rebuilding(tmp_path, monkeypatch):
+    from fedkd.data import sources
+    from fedkd.config import DataConfig
+
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
+    config = DataConfig(num_clients=4, alpha=0.5)
+    built = _uncached_load(config, 3)
+    path = sources.split_cache_path(config, 3)
+    assert path is not None and path.parent.parent == tmp_path and path.is_file()
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the split was rebuilt although it is cached")
+
+    monkeypatch.setattr(sources, "split_federation", no_rebuild)
+    _assert_same_split(_uncached_load(config, 3), built)
+    # another seed or setting is another entry
+    assert sources.split_cache_path(config, 4) != path
+    assert sources.split_cache_path(DataConfig(num_clients=4, alpha=0.6), 3) != path
+    sources.load_federation.cache_clear()
+
+
+def test_split_cache_rebuilds_a_damaged_file(tmp_path, monkeypatch):
+    from fedkd.data import sources
+    from fedkd.config import DataConfig
+
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
+    config = DataConfig(num_clients=3)
+    built = _uncached_load(config, 0)
+    path = sources.split_cache_path(config, 0)
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as after a crash mid-copy
+    _assert_same_split(_uncached_load(config, 0), built)
+    _assert_same_split(sources._read_split(path), built)  # rewritten whole
+    sources.load_federation.cache_clear()
+
+
+def test_split_cache_off_and_not_for_user_files(tmp_path, monkeypatch):
+    from fedkd.data import sources
+    from fedkd.config import DataConfig
+
+    monkeypatch.setenv("FEDKD_CACHE_DIR", "")
+    assert sources.split_cache_path(DataConfig(), 0) is None
+    monkeypatch.setenv("FEDKD_CACHE_DIR", str(tmp_path))
+    assert sources.split_cache_path(DataConfig(dataset="mnist", path=str(tmp_path / "mnist")), 0) is None
+    assert sources.split_cache_path(DataConfig(dataset="ag_news"), 0) is None
+    assert sources.split_cache_path(DataConfig(dataset="topics", tokenizer=str(tmp_path)), 0) is None
+    assert sources.split_cache_path(DataConfig(dataset="topics"), 0) is not None
