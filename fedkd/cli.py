@@ -166,7 +166,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_certs(args: argparse.Namespace) -> int:
-    from fedkd.deploy import certificate_hosts, write_certificates
+    from fedkd.ops.deploy import certificate_hosts, write_certificates
 
     paths = write_certificates(args.out, hosts=args.host, days=args.days, overwrite=args.force)
     print(f"CA certificate      {paths.ca_cert}   -> every site and the operator's flwr CLI")
@@ -178,7 +178,7 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_keys(args: argparse.Namespace) -> int:
-    from fedkd.deploy import write_supernode_keys
+    from fedkd.ops.deploy import write_supernode_keys
 
     for pair in write_supernode_keys(args.out, args.names, overwrite=args.force):
         print(f"{pair.name}: private {pair.private} (site host only, 0600); "
@@ -187,7 +187,7 @@ def cmd_deploy_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_export(args: argparse.Namespace) -> int:
-    from fedkd.deploy import export_partitions
+    from fedkd.ops.deploy import export_partitions
 
     config = _config(args)
     files = export_partitions(config, args.out, overwrite=args.force)
@@ -207,7 +207,7 @@ def _public_fingerprint(path: Path) -> str:
 
 
 def cmd_deploy_connect(args: argparse.Namespace) -> int:
-    from fedkd.deploy import Deployment, connection_toml, flwr_home, write_file
+    from fedkd.ops.deploy import Deployment, connection_toml, flwr_home, write_file
 
     if not args.insecure:
         if args.ca is None:
@@ -226,7 +226,7 @@ def _run_or_print(cmd: list[str], dry_run: bool, *, exec_: bool = False) -> int:
     import os
     import subprocess
 
-    from fedkd.deploy import flower_env, shell_line
+    from fedkd.ops.deploy import flower_env, shell_line
 
     print(shell_line(cmd), flush=True)
     if dry_run:
@@ -244,7 +244,7 @@ def _need_files(**paths: Path | None) -> None:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from fedkd.deploy import CA_CERT, SERVER_CERT, SERVER_KEY, Deployment, superlink_command
+    from fedkd.ops.deploy import CA_CERT, SERVER_CERT, SERVER_KEY, Deployment, superlink_command
 
     deployment = Deployment(address=f"{args.host}:{args.port}", certs_dir=args.certs, insecure=args.insecure)
     if not args.insecure and not args.dry_run:
@@ -254,7 +254,7 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_register(args: argparse.Namespace) -> int:
-    from fedkd.deploy import Deployment, register_command
+    from fedkd.ops.deploy import Deployment, register_command
 
     deployment = Deployment(connection=args.connection)
     if not args.dry_run:
@@ -265,7 +265,7 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
     from fedkd.data import load_public_file, load_site_file
-    from fedkd.deploy import supernode_command
+    from fedkd.ops.deploy import supernode_command
 
     node: dict[str, object] = {"partition-id": args.partition_id}
     for key, value in (("public-path", args.public), ("data-path", args.data), ("state-dir", args.state_dir),
@@ -293,7 +293,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from fedkd.deploy import (
+    from fedkd.ops.deploy import (
         Deployment,
         RunEnded,
         app_pyproject,
@@ -346,7 +346,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_plan(args: argparse.Namespace) -> int:
-    from fedkd.deploy import Deployment, deployment_plan
+    from fedkd.ops.deploy import Deployment, deployment_plan
 
     names = args.sites or [f"site-{i}" for i in range(args.num_sites)]
     deployment = Deployment(address=args.superlink, certs_dir=args.certs, keys_dir=args.keys,
@@ -357,7 +357,7 @@ def cmd_deploy_plan(args: argparse.Namespace) -> int:
 
 
 def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedkd.deploy import DEFAULT_CONNECTION, DEFAULT_PORT
+    from fedkd.ops.deploy import DEFAULT_CONNECTION, DEFAULT_PORT
 
     deploy = sub.add_parser("deploy", help="run on Flower's deployment engine: one SuperLink, "
                             "one SuperNode per site host (docs/deployment.md)")
