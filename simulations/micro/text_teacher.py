@@ -20,7 +20,7 @@ own; "after load" is the resident memory once the model and data are loaded, so 
 difference is what training adds (torch's allocations are invisible to tracemalloc).
 Times are wall-clock on a shared machine: compare modes within one run. No assertions.
 
-Run: ``python benchmarks/text_teacher.py [--examples 200] [--threads 1] [--modes ...]``.
+Run: ``python simulations/micro/text_teacher.py [--examples 200] [--threads 1] [--modes ...]``.
 """
 
 from __future__ import annotations
