@@ -3,7 +3,7 @@
 Everything listens on 127.0.0.1 only, on ports picked free at run time, with a temporary
 FLWR_HOME; every process is started in its own process group and the whole group is
 killed on :meth:`LocalFederation.close` (SIGTERM, then SIGKILL after a grace period).
-The commands are the ones ``fedkd deploy`` prints (fedkd.deploy), so the tests run the
+The commands are the ones ``fedkd deploy`` prints (fedkd.ops.deploy), so the tests run the
 documented deployment path.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedkd.config import Config
-from fedkd.deploy import (
+from fedkd.ops.deploy import (
     CA_CERT,
     Deployment,
     app_pyproject,

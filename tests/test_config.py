@@ -247,49 +247,6 @@ def test_architecture_for_assigns_in_turn():
     assert [cfg.architecture_for(i) for i in range(4)] == ["mlp-small", "cnn-small", "mlp-small", "cnn-small"]
 
 
-# ----------------------------------------------------------------- CLI (no simulation)
-
-
-def test_cli_reports_every_bad_set_value(capsys):
-    from fedkd.cli import main
-
-    rc = main(["simulate", "--set", "fusion.method=bogus", "--set", "data.alpha=-1",
-               "--set", "fusion.betta=3"])
-    assert rc == 2
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 3
-    assert all(line.startswith("fedkd: error: ") for line in lines)
-    assert "fusion.method" in lines[0] and "bogus" in lines[0]
-    assert "data.alpha" in lines[1]
-    assert "did you mean 'fusion.beta'" in lines[2]
-    assert captured.out == ""
-
-
-def test_cli_reports_malformed_set(capsys):
-    from fedkd.cli import main
-
-    assert main(["study", "--set", "seed"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fedkd: error: --set 'seed': expected key=value"]
-
-
-def test_cli_missing_config_file(capsys, tmp_path):
-    from fedkd.cli import main
-
-    assert main(["simulate", "--config", str(tmp_path / "none.toml")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fedkd: error: config file not found")
-
-
-def test_cli_options_lists_keys(capsys):
-    from fedkd.cli import main
-
-    assert main(["options"]) == 0
-    out = capsys.readouterr().out
-    assert "fusion.method = 'knfu'" in out
-
-
 def test_numeric_set_value_for_a_name_key_becomes_a_string():
     assert load_config(overrides=parse_overrides(["run-name=2024"])).run_name == "2024"
     with pytest.raises(ConfigError, match="fusion.method"):

@@ -404,7 +404,7 @@ def test_unknown_fusion_parameter_and_threshold_word_are_refused():
 # ----------------------------------------------------------------- vectorised = row by row
 #
 # fedkd.fusion computes the agreement measure, neighbour selection and fusion vectorised
-# (benchmarks/fusion_speed.py: thousands of sites). The loops below are the plain
+# (simulations/micro/fusion_speed.py: thousands of sites). The loops below are the plain
 # row-by-row definitions those functions replaced; the vectorised code must give the
 # same numbers bit for bit, so that results do not depend on the federation's size.
 

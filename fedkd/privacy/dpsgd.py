@@ -123,7 +123,7 @@ def private_training(
     before ``make_private``; the sample rate Opacus derives equals ``plan.sample_rate``
     (checked). Optimizer: Adam (see :func:`train_private`) over the parameters that
     require gradients (frozen ones, such as text embeddings under
-    :func:`fedkd.text.frozen_embeddings`, are neither clipped nor noised). Integer inputs
+    :func:`fedkd.models.text.frozen_embeddings`, are neither clipped nor noised). Integer inputs
     (token ids) stay int64. ``grad_sample_mode``: see :data:`GRAD_SAMPLE_MODES`; compute the
     loss with the session's ``criterion``. Does not check the budget; :func:`train_private` does.
     """

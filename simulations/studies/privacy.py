@@ -1,6 +1,6 @@
 """Accuracy against privacy: the default study at several whole-run epsilons versus no DP.
 
-    python -m simulations.privacy_study --config simulations/digits.toml \
+    python -m simulations.studies.privacy --config simulations/digits.toml \
         --epsilons none,1,4,8 --methods mean,knfu --out runs/privacy-study
 
 Runs one federation per (method, epsilon) on Flower's simulation engine (or, with

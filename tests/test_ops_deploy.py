@@ -1,5 +1,5 @@
 """Unit tests for the deployment pieces that need no running Flower processes:
-certificates and keys (fedkd.deploy), site-local data files (fedkd.data), node configs
+certificates and keys (fedkd.ops.deploy), site-local data files (fedkd.data), node configs
 (fedkd.ops.node), checkpoints (fedkd.checkpoint), the site-state mod (clients.site_state)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fedkd.checkpoint import (
 )
 from fedkd.config import ConfigError, load_config
 from fedkd.data import SiteDataError, load_federation, load_public_file, load_site_file
-from fedkd.deploy import (
+from fedkd.ops.deploy import (
     Deployment,
     certificate_hosts,
     connection_toml,

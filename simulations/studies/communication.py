@@ -1,6 +1,6 @@
 """Communication: bytes per site per round, knowledge (each wire format, top-k) vs FedAvg.
 
-    python -m simulations.benchmark communication --out runs/bench/communication
+    python -m simulations.studies.benchmark communication --out runs/bench/communication
 
 Knowledge: one short federation per wire format / top-k setting through the floor
 runner (the same bytes the ServerApp records: ``bytes`` in summary.json, the arrays
@@ -29,7 +29,7 @@ from fedkd.reporting import read_summary
 
 
 def _knowledge_bytes(args: argparse.Namespace) -> list[dict]:
-    from simulations.benchmark import run_point
+    from simulations.studies.benchmark import run_point
 
     rows = []
     base = parse_overrides(args.overrides)

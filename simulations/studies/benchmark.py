@@ -1,10 +1,10 @@
 """Benchmark studies: one command per table, resumable, with plots (docs/benchmarks.md).
 
-    python -m simulations.benchmark accuracy   --out runs/bench/accuracy   [--dp off|on|both]
-    python -m simulations.benchmark robustness --out runs/bench/robustness
-    python -m simulations.benchmark communication --out runs/bench/communication
-    python -m simulations.benchmark speed      --out runs/bench/speed
-    python -m simulations.benchmark scale      --out runs/bench/scale --sites 100,200,500
+    python -m simulations.studies.benchmark accuracy   --out runs/bench/accuracy   [--dp off|on|both]
+    python -m simulations.studies.benchmark robustness --out runs/bench/robustness
+    python -m simulations.studies.benchmark communication --out runs/bench/communication
+    python -m simulations.studies.benchmark speed      --out runs/bench/speed
+    python -m simulations.studies.benchmark scale      --out runs/bench/scale --sites 100,200,500
 
 ``accuracy`` and ``robustness`` run one federation per grid point with the floor runner
 (``simulations/floor.py``: the same computation as ``fedkd simulate``, checked equal by
@@ -18,7 +18,7 @@ plots to ``OUT/*.png``.
 ``communication`` needs no training: it counts bytes. ``speed`` times the same
 federation through the floor and through Flower's simulation engine. ``scale`` starts
 ever larger federations on the simulation engine and records their peak memory.
-Fusion time and memory: ``python benchmarks/fusion_speed.py``.
+Fusion time and memory: ``python simulations/micro/fusion_speed.py``.
 """
 
 from __future__ import annotations
@@ -395,7 +395,8 @@ def _words(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m simulations.studies.benchmark",
+                                     description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
 
     def common(p: argparse.ArgumentParser, out: str) -> None:
@@ -439,7 +440,7 @@ def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         import importlib
 
-        module = importlib.import_module(f"simulations.bench_{'speed' if name == 'scale' else name}")
+        module = importlib.import_module(f"simulations.studies.{'speed' if name == 'scale' else name}")
         return module.main(args)
 
     return run

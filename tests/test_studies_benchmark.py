@@ -1,4 +1,4 @@
-"""Tests for the benchmark harness (simulations/benchmark.py, issue 7) on tiny grids.
+"""Tests for the benchmark harness (simulations/studies/benchmark.py, issue 7) on tiny grids.
 
 The studies run real federations through the floor runner (tests/test_floor.py checks it
 against Flower's simulation engine); these tests check what the harness adds: grid
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedkd.reporting import read_summary
-from simulations.benchmark import main
+from simulations.studies.benchmark import main
 
 TINY = ["--set", "data.num-clients=3", "--set", "train.local-epochs=1", "--set", "train.distill-epochs=1",
         "--set", "global-student.enabled=false", "--rounds", "1"]

@@ -1,6 +1,6 @@
 """Peak memory and time of one local round of the MiniLM teacher, with and without DP-SGD.
 
-A teacher site's local round (fedkd.site.teacher_steps, step 2) is ``teacher.epochs``
+A teacher site's local round (fedkd.federation.site.teacher_steps, step 2) is ``teacher.epochs``
 epochs of training over its private text. Here: all-MiniLM-L6-v2 (from the ``text``
 extra) + mean pooling + linear head, on ``--examples`` sentences of the embedded topic
 corpus (6 classes) tokenised to ``--max-length`` tokens, batch size 32, one epoch, Adam:
@@ -20,7 +20,7 @@ own; "after load" is the resident memory once the model and data are loaded, so 
 difference is what training adds (torch's allocations are invisible to tracemalloc).
 Times are wall-clock on a shared machine: compare modes within one run. No assertions.
 
-Run: ``python benchmarks/text_teacher.py [--examples 200] [--threads 1] [--modes ...]``.
+Run: ``python simulations/micro/text_teacher.py [--examples 200] [--threads 1] [--modes ...]``.
 """
 
 from __future__ import annotations

@@ -1,172 +1,34 @@
-"""The ``fedkd`` command line.
+"""``fedkd deploy ...``: the multi-host deployment commands (docs/deployment.md) and
+their parsers.
 
-    fedkd simulate [--config FILE] [--set key=value ...]   one federation (simulation engine)
-    fedkd study    [--config FILE] [--methods none,mean,era,knfu] [--set ...]
-                                                          one run per fusion method + table
-    fedkd compare  RUN_DIR [RUN_DIR ...]                  table over finished runs
-    fedkd options                                         every config key, default, meaning
-    fedkd audit    RUN_DIR | --sweep [--config FILE] [--set ...]
-                                                          privacy-leakage audit of a run, or the
-                                                          shielding / DP trade-off study (docs/audit.md)
-    fedkd deploy   certs|keys|export-partitions|connect|superlink|register|supernode|run|plan
-                                                          multi-host deployment (docs/deployment.md)
+    fedkd deploy certs              CA + the SuperLink's TLS certificate
+    fedkd deploy keys               SuperNode authentication key pairs
+    fedkd deploy export-partitions  public.npz + one site-<i>.npz per site
+    fedkd deploy connect            the SuperLink in the flwr CLI's configuration
+    fedkd deploy superlink          start the SuperLink (TLS + SuperNode authentication)
+    fedkd deploy register           register SuperNode public keys
+    fedkd deploy supernode          start this site's SuperNode
+    fedkd deploy run                submit a run (the resolved config), optionally wait
+    fedkd deploy plan               every command of a deployment, host by host
 
-Bad input ends with a one-line ``fedkd: error: ...`` per problem and exit status 2.
+The files and commands themselves come from :mod:`fedkd.ops.deploy`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
 
-from fedkd.config import Config, ConfigError, describe_options, load_config, parse_overrides
-from fedkd.data import DataUnavailableError
+from fedkd.cli.args import add_config_arguments, config_from_args, config_from_args_with_resume
+from fedkd.config import ConfigError
 from fedkd.reporting import compare_table
-
-STUDY_METHODS = ("none", "mean", "era", "knfu")
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", type=Path, help="TOML config file (see `fedkd options`)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config key, e.g. --set fusion.method=mean --set data.alpha=0.5",
-    )
-    parser.add_argument("--verbose", action="store_true", help="Flower's debug logging")
-
-
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, overrides=parse_overrides(args.overrides))
-
-
-def _simulate(config: Config, verbose: bool) -> Path:
-    # Flower is imported only here: the rest of fedkd stays importable without it.
-    from simulations.runner import simulate
-
-    return simulate(config, verbose=verbose)
-
-
-def _resumable(config: Config) -> Config:
-    """Name the run now and keep the simulated sites' state in its directory, so that
-    ``--resume`` can continue it exactly after an interruption."""
-    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
-    state_dir = config.checkpoint.site_state_dir or str(Path(config.output_dir).resolve() / name / "site-state")
-    return dataclasses.replace(
-        config, run_name=name, checkpoint=dataclasses.replace(config.checkpoint, site_state_dir=state_dir)
-    )
-
-
-def _config_with_resume(args: argparse.Namespace) -> Config:
-    overrides = parse_overrides(args.overrides)
-    if args.resume:
-        overrides["checkpoint.resume"] = True
-    return load_config(args.config, overrides=overrides)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    config = _resumable(_config_with_resume(args))
-    run_dir = _simulate(config, args.verbose)
-    print(compare_table([run_dir]))
-    print(f"\nrun directory: {run_dir}")
-    return 0
-
-
-def cmd_study(args: argparse.Namespace) -> int:
-    config = _config(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:  # validate every method before spending minutes on the first
-        load_config(args.config, overrides={**parse_overrides(args.overrides), "fusion.method": method})
-    study = config.run_name or f"study-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dirs = []
-    for i, method in enumerate(methods, 1):
-        print(f"[{i}/{len(methods)}] fusion method '{method}'", file=sys.stderr, flush=True)
-        run_config = dataclasses.replace(
-            config,
-            run_name=f"{study}/{method}",
-            fusion=dataclasses.replace(config.fusion, method=method),
-        )
-        run_dirs.append(_simulate(run_config, args.verbose))
-    table = compare_table(run_dirs)
-    study_dir = run_dirs[0].parent
-    (study_dir / "comparison.txt").write_text(table + "\n")
-    print(table)
-    print(f"\nruns and plots under: {study_dir}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    print(compare_table(args.run_dirs))
-    return 0
-
-
-def cmd_options(args: argparse.Namespace) -> int:
-    print(describe_options())
-    return 0
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError([f"{what}: expected comma-separated numbers; got {text!r}"]) from None
-
-
-def cmd_audit(args: argparse.Namespace) -> int:
-    from fedkd.audit.report import write_audit_report
-
-    if args.sweep == bool(args.run_dir):
-        raise ConfigError(["fedkd audit: give either a RUN_DIR to audit or --sweep"])
-    if not args.sweep:
-        from fedkd.audit.run import audit_run
-
-        result, scores = audit_run(args.run_dir, overrides=parse_overrides(args.overrides),
-                                   progress=not args.quiet)
-        written = write_audit_report(args.run_dir / "audit", result, scores)
-        from fedkd.audit.report import audit_markdown
-
-        print(audit_markdown(result))
-        print(f"report: {', '.join(str(p) for p in written)}")
-        return 0
-
-    from fedkd.audit.sweep import DIGITS_SWEEP, run_sweep, sweep_settings
-
-    overrides = parse_overrides(args.overrides)
-    if args.config is None:
-        overrides = {**DIGITS_SWEEP, **overrides}
-    base = load_config(args.config, overrides={**overrides, "audit.enabled": True})
-    settings = sweep_settings(
-        temperatures=_floats(args.temperatures, "--temperatures"), noises=_floats(args.noise, "--noise"),
-        epsilons=_floats(args.epsilons, "--epsilons"),
-        kinds=[k.strip() for k in args.settings.split(",") if k.strip()],
-    )
-    for setting in settings:  # refuse a bad setting (e.g. an unreachable epsilon) before the first run
-        from fedkd.audit.sweep import setting_config
-        from fedkd.data import load_federation
-        from fedkd.privacy import check_privacy_plans
-
-        config = setting_config(base, setting, sweep_name="check")
-        check_privacy_plans(config, [len(c.train) for c in load_federation(config.data, config.seed).clients])
-    name = base.run_name or f"audit-sweep-{datetime.now():%Y%m%d-%H%M%S}"
-    command = "fedkd " + " ".join(sys.argv[1:])
-    sweep_dir, _ = run_sweep(
-        base, settings, sweep_name=name, command=command.strip(), progress=not args.quiet,
-        simulate=lambda config: _simulate(_resumable(config), args.verbose),
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    print((sweep_dir / "sweep.md").read_text())
-    print(f"sweep report and plots: {sweep_dir}")
-    return 0
-
-
-# ------------------------------------------------------------------ fedkd deploy ...
 
 
 def cmd_deploy_certs(args: argparse.Namespace) -> int:
-    from fedkd.deploy import certificate_hosts, write_certificates
+    from fedkd.ops.deploy import certificate_hosts, write_certificates
 
     paths = write_certificates(args.out, hosts=args.host, days=args.days, overwrite=args.force)
     print(f"CA certificate      {paths.ca_cert}   -> every site and the operator's flwr CLI")
@@ -178,7 +40,7 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_keys(args: argparse.Namespace) -> int:
-    from fedkd.deploy import write_supernode_keys
+    from fedkd.ops.deploy import write_supernode_keys
 
     for pair in write_supernode_keys(args.out, args.names, overwrite=args.force):
         print(f"{pair.name}: private {pair.private} (site host only, 0600); "
@@ -187,9 +49,9 @@ def cmd_deploy_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_export(args: argparse.Namespace) -> int:
-    from fedkd.deploy import export_partitions
+    from fedkd.ops.deploy import export_partitions
 
-    config = _config(args)
+    config = config_from_args(args)
     files = export_partitions(config, args.out, overwrite=args.force)
     width = max(len(str(f.path)) for f in files)
     print(f"{'file'.ljust(width)}  examples  sha256")
@@ -207,7 +69,7 @@ def _public_fingerprint(path: Path) -> str:
 
 
 def cmd_deploy_connect(args: argparse.Namespace) -> int:
-    from fedkd.deploy import Deployment, connection_toml, flwr_home, write_file
+    from fedkd.ops.deploy import Deployment, connection_toml, flwr_home, write_file
 
     if not args.insecure:
         if args.ca is None:
@@ -226,7 +88,7 @@ def _run_or_print(cmd: list[str], dry_run: bool, *, exec_: bool = False) -> int:
     import os
     import subprocess
 
-    from fedkd.deploy import flower_env, shell_line
+    from fedkd.ops.deploy import flower_env, shell_line
 
     print(shell_line(cmd), flush=True)
     if dry_run:
@@ -244,7 +106,7 @@ def _need_files(**paths: Path | None) -> None:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from fedkd.deploy import CA_CERT, SERVER_CERT, SERVER_KEY, Deployment, superlink_command
+    from fedkd.ops.deploy import CA_CERT, SERVER_CERT, SERVER_KEY, Deployment, superlink_command
 
     deployment = Deployment(address=f"{args.host}:{args.port}", certs_dir=args.certs, insecure=args.insecure)
     if not args.insecure and not args.dry_run:
@@ -254,7 +116,7 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_register(args: argparse.Namespace) -> int:
-    from fedkd.deploy import Deployment, register_command
+    from fedkd.ops.deploy import Deployment, register_command
 
     deployment = Deployment(connection=args.connection)
     if not args.dry_run:
@@ -265,7 +127,7 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
     from fedkd.data import load_public_file, load_site_file
-    from fedkd.deploy import supernode_command
+    from fedkd.ops.deploy import supernode_command
 
     node: dict[str, object] = {"partition-id": args.partition_id}
     for key, value in (("public-path", args.public), ("data-path", args.data), ("state-dir", args.state_dir),
@@ -293,7 +155,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     import tempfile
     import time
 
-    from fedkd.deploy import (
+    from fedkd.ops.deploy import (
         Deployment,
         RunEnded,
         app_pyproject,
@@ -304,7 +166,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
         wait_for_summary,
     )
 
-    config = _config_with_resume(args)
+    config = config_from_args_with_resume(args)
     name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
     config = dataclasses.replace(config, run_name=name, output_dir=str(Path(config.output_dir).resolve()))
     run_dir = Path(config.output_dir) / name
@@ -346,7 +208,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_plan(args: argparse.Namespace) -> int:
-    from fedkd.deploy import Deployment, deployment_plan
+    from fedkd.ops.deploy import Deployment, deployment_plan
 
     names = args.sites or [f"site-{i}" for i in range(args.num_sites)]
     deployment = Deployment(address=args.superlink, certs_dir=args.certs, keys_dir=args.keys,
@@ -356,8 +218,8 @@ def cmd_deploy_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedkd.deploy import DEFAULT_CONNECTION, DEFAULT_PORT
+def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
+    from fedkd.ops.deploy import DEFAULT_CONNECTION, DEFAULT_PORT
 
     deploy = sub.add_parser("deploy", help="run on Flower's deployment engine: one SuperLink, "
                             "one SuperNode per site host (docs/deployment.md)")
@@ -379,7 +241,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("export-partitions",
                         help="write public.npz and one site-<i>.npz per site from the run config's split")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(func=cmd_deploy_export)
@@ -425,7 +287,7 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_deploy_supernode)
 
     p = dsub.add_parser("run", help="submit a run (the resolved config) to the SuperLink")
-    _add_config_arguments(p)
+    add_config_arguments(p)
     p.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr connection (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the stopped run named by run-name")
     p.add_argument("--wait", action="store_true", help="wait for the summary (on the server host)")
@@ -443,66 +305,3 @@ def _add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default="/srv/fedkd/state", help="state folder on the site hosts")
     p.add_argument("--insecure", action="store_true")
     p.set_defaults(func=cmd_deploy_plan)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedkd", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("simulate", help="run one federation on Flower's simulation engine")
-    _add_config_arguments(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the stopped run named by run-name from its last checkpoint")
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("study", help="run one federation per fusion method and compare them")
-    _add_config_arguments(p)
-    p.add_argument("--methods", default=",".join(STUDY_METHODS),
-                   help="comma-separated fusion methods (default: %(default)s)")
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("compare", help="table over finished run directories")
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("options", help="list every config key with its default and meaning")
-    p.set_defaults(func=cmd_options)
-
-    p = sub.add_parser("audit", help="privacy-leakage audit of a finished run (recorded with "
-                       "audit.enabled), or --sweep: the shielding / DP trade-off study")
-    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run directory to audit")
-    p.add_argument("--sweep", action="store_true",
-                   help="run and audit one federation per protection setting, then write the report")
-    _add_config_arguments(p)
-    p.add_argument("--temperatures", default="4,16", help="--sweep: shielding temperatures (default: %(default)s)")
-    p.add_argument("--noise", default="1,4", help="--sweep: shielding logit noise levels (default: %(default)s)")
-    p.add_argument("--epsilons", default="1,4,16", help="--sweep: DP epsilons (default: %(default)s)")
-    p.add_argument("--settings", default="none,temperature,noise,shield,dp,both",
-                   help="--sweep: which kinds of settings to run (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_audit)
-
-    _add_deploy_parsers(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        for problem in err.problems:
-            print(f"fedkd: error: {problem}", file=sys.stderr)
-    except (DataUnavailableError, FileNotFoundError, FileExistsError, ValueError, TimeoutError) as err:
-        print(f"fedkd: error: {err}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("fedkd: interrupted; the run directory keeps what was recorded", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into `head` and the like: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

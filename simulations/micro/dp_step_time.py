@@ -10,7 +10,7 @@ on the embedded digits data (1,797 examples, 64 features, 10 classes) with batch
 
 A step is forward + loss + backward + optimizer step, batch already drawn; the median over
 ``--steps`` steps after ``--warmup`` steps is printed. No assertions: figures depend on the
-machine and its load. Run: ``python benchmarks/dp_step_time.py [--threads 1]``.
+machine and its load. Run: ``python simulations/micro/dp_step_time.py [--threads 1]``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Speed and scale: the simulation engine against the floor, and the largest federation.
 
-    python -m simulations.benchmark speed --out runs/bench/speed --sites 10,100
-    python -m simulations.benchmark scale --out runs/bench/scale --sites 100,200,500
+    python -m simulations.studies.benchmark speed --out runs/bench/speed --sites 10,100
+    python -m simulations.studies.benchmark scale --out runs/bench/scale --sites 100,200,500
 
 ``speed``: for each federation size, the same config (digits; 10 sites: the default
 study's Dirichlet alpha 0.1, 5 rounds; larger federations: IID split, which is the only

@@ -23,7 +23,7 @@ the [N, P, C] input excluded. Output: a Markdown table on stdout and ``OUT/fusio
 ``OUT/fusion.md``. No assertions: figures depend on the machine and its load (the load
 average is printed with them).
 
-    python benchmarks/fusion_speed.py --out runs/bench/fusion
+    python simulations/micro/fusion_speed.py --out runs/bench/fusion
 """
 
 from __future__ import annotations

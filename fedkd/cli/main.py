@@ -1,0 +1,196 @@
+"""The ``fedkd`` command line.
+
+    fedkd simulate [--config FILE] [--set key=value ...]   one federation (simulation engine)
+    fedkd study    [--config FILE] [--methods none,mean,era,knfu] [--set ...]
+                                                          one run per fusion method + table
+    fedkd compare  RUN_DIR [RUN_DIR ...]                  table over finished runs
+    fedkd options                                         every config key, default, meaning
+    fedkd audit    RUN_DIR | --sweep [--config FILE] [--set ...]
+                                                          privacy-leakage audit of a run, or the
+                                                          shielding / DP trade-off study (docs/audit.md)
+    fedkd deploy   certs|keys|export-partitions|connect|superlink|register|supernode|run|plan
+                                                          multi-host deployment (docs/deployment.md)
+
+Bad input ends with a one-line ``fedkd: error: ...`` per problem and exit status 2.
+
+This module holds the parser, :func:`main` and the simulate / study / compare / options /
+audit commands; ``fedkd deploy ...`` is in :mod:`fedkd.cli.deploy`, the arguments and
+error handling every command shares in :mod:`fedkd.cli.args`. Federations start only
+through :mod:`fedkd.engine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from fedkd.cli.args import (
+    add_config_arguments,
+    config_from_args,
+    config_from_args_with_resume,
+    run_reporting_errors,
+)
+from fedkd.cli.deploy import add_deploy_parsers
+from fedkd.config import Config, ConfigError, describe_options, load_config, parse_overrides
+from fedkd.engine import launch_audit_sweep, launch_simulation
+from fedkd.reporting import compare_table
+
+STUDY_METHODS = ("none", "mean", "era", "knfu")
+
+
+def _resumable(config: Config) -> Config:
+    """Name the run now and keep the simulated sites' state in its directory, so that
+    ``--resume`` can continue it exactly after an interruption."""
+    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    state_dir = config.checkpoint.site_state_dir or str(Path(config.output_dir).resolve() / name / "site-state")
+    return dataclasses.replace(
+        config, run_name=name, checkpoint=dataclasses.replace(config.checkpoint, site_state_dir=state_dir)
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    config = _resumable(config_from_args_with_resume(args))
+    run_dir = launch_simulation(config, verbose=args.verbose)
+    print(compare_table([run_dir]))
+    print(f"\nrun directory: {run_dir}")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:  # validate every method before spending minutes on the first
+        load_config(args.config, overrides={**parse_overrides(args.overrides), "fusion.method": method})
+    study = config.run_name or f"study-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dirs = []
+    for i, method in enumerate(methods, 1):
+        print(f"[{i}/{len(methods)}] fusion method '{method}'", file=sys.stderr, flush=True)
+        run_config = dataclasses.replace(
+            config,
+            run_name=f"{study}/{method}",
+            fusion=dataclasses.replace(config.fusion, method=method),
+        )
+        run_dirs.append(launch_simulation(run_config, verbose=args.verbose))
+    table = compare_table(run_dirs)
+    study_dir = run_dirs[0].parent
+    (study_dir / "comparison.txt").write_text(table + "\n")
+    print(table)
+    print(f"\nruns and plots under: {study_dir}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    print(compare_table(args.run_dirs))
+    return 0
+
+
+def cmd_options(args: argparse.Namespace) -> int:
+    print(describe_options())
+    return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError([f"{what}: expected comma-separated numbers; got {text!r}"]) from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from fedkd.audit.report import write_audit_report
+
+    if args.sweep == bool(args.run_dir):
+        raise ConfigError(["fedkd audit: give either a RUN_DIR to audit or --sweep"])
+    if not args.sweep:
+        from fedkd.audit.run import audit_run
+
+        result, scores = audit_run(args.run_dir, overrides=parse_overrides(args.overrides),
+                                   progress=not args.quiet)
+        written = write_audit_report(args.run_dir / "audit", result, scores)
+        from fedkd.audit.report import audit_markdown
+
+        print(audit_markdown(result))
+        print(f"report: {', '.join(str(p) for p in written)}")
+        return 0
+
+    from fedkd.audit.sweep import DIGITS_SWEEP, sweep_settings
+
+    overrides = parse_overrides(args.overrides)
+    if args.config is None:
+        overrides = {**DIGITS_SWEEP, **overrides}
+    base = load_config(args.config, overrides={**overrides, "audit.enabled": True})
+    settings = sweep_settings(
+        temperatures=_floats(args.temperatures, "--temperatures"), noises=_floats(args.noise, "--noise"),
+        epsilons=_floats(args.epsilons, "--epsilons"),
+        kinds=[k.strip() for k in args.settings.split(",") if k.strip()],
+    )
+    for setting in settings:  # refuse a bad setting (e.g. an unreachable epsilon) before the first run
+        from fedkd.audit.sweep import setting_config
+        from fedkd.data import load_federation
+        from fedkd.privacy import check_privacy_plans
+
+        config = setting_config(base, setting, sweep_name="check")
+        check_privacy_plans(config, [len(c.train) for c in load_federation(config.data, config.seed).clients])
+    name = base.run_name or f"audit-sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    command = "fedkd " + " ".join(sys.argv[1:])
+    sweep_dir, _ = launch_audit_sweep(
+        base, settings, sweep_name=name, command=command.strip(), progress=not args.quiet,
+        prepare=_resumable, verbose=args.verbose,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print((sweep_dir / "sweep.md").read_text())
+    print(f"sweep report and plots: {sweep_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedkd", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="run one federation on Flower's simulation engine")
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped run named by run-name from its last checkpoint")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("study", help="run one federation per fusion method and compare them")
+    add_config_arguments(p)
+    p.add_argument("--methods", default=",".join(STUDY_METHODS),
+                   help="comma-separated fusion methods (default: %(default)s)")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("compare", help="table over finished run directories")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("options", help="list every config key with its default and meaning")
+    p.set_defaults(func=cmd_options)
+
+    p = sub.add_parser("audit", help="privacy-leakage audit of a finished run (recorded with "
+                       "audit.enabled), or --sweep: the shielding / DP trade-off study")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN_DIR", help="run directory to audit")
+    p.add_argument("--sweep", action="store_true",
+                   help="run and audit one federation per protection setting, then write the report")
+    add_config_arguments(p)
+    p.add_argument("--temperatures", default="4,16", help="--sweep: shielding temperatures (default: %(default)s)")
+    p.add_argument("--noise", default="1,4", help="--sweep: shielding logit noise levels (default: %(default)s)")
+    p.add_argument("--epsilons", default="1,4,16", help="--sweep: DP epsilons (default: %(default)s)")
+    p.add_argument("--settings", default="none,temperature,noise,shield,dp,both",
+                   help="--sweep: which kinds of settings to run (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_audit)
+
+    add_deploy_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The only entry from fedkd/ into simulations/ and Flower.
+
+fedkd/ is the library and imports no Flower (tests/test_layout.py); federations run in
+the apps (server/, clients/) on Flower's simulation engine, which simulations/runner.py
+starts. Everything in fedkd/ that runs federations (the CLI's ``simulate``, ``study`` and
+``audit --sweep``) comes through this module, which imports simulations/ lazily, inside
+its functions, so that importing fedkd never loads Flower:
+
+* :func:`launch_simulation`  the one function that starts the simulation engine;
+* :func:`launch_audit_sweep` the audit trade-off study's driver
+  (simulations/studies/audit_sweep.py), every federation of which it runs through
+  :func:`launch_simulation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedkd.config import Config
+
+if TYPE_CHECKING:
+    from fedkd.audit.sweep import Setting
+
+
+def launch_simulation(config: Config, *, verbose: bool = False) -> Path:
+    """Run one federation of ``config`` on Flower's simulation engine
+    (``simulations.runner.simulate``) and return its run directory.
+
+    The only function in fedkd/ that starts Flower: Flower is imported here, when called.
+    """
+    from simulations.runner import simulate
+
+    return simulate(config, verbose=verbose)
+
+
+def launch_audit_sweep(
+    base: Config,
+    settings: Sequence[Setting],
+    *,
+    verbose: bool = False,
+    prepare: Callable[[Config], Config] = lambda config: config,
+    **options: Any,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run and audit every setting of a ``fedkd audit --sweep``
+    (``simulations.studies.audit_sweep.run_sweep``, which takes ``options``), each
+    federation of ``prepare(config)`` through :func:`launch_simulation`. Returns the sweep
+    folder and its rows."""
+    from simulations.studies.audit_sweep import run_sweep
+
+    return run_sweep(base, settings, simulate=lambda config: launch_simulation(prepare(config), verbose=verbose),
+                     **options)

@@ -1,0 +1,69 @@
+"""Tests of fedkd.cli.main that start no federation: bad input to ``fedkd simulate`` /
+``study`` / ``audit`` ends with one ``fedkd: error: ...`` line per problem and exit
+status 2; ``fedkd options`` lists the keys. (The CLI's runs through Flower are in the e2e
+tests: test_e2e_simulation.py, test_e2e_resume.py, test_audit_e2e.py.)"""
+
+from __future__ import annotations
+
+
+def test_cli_reports_every_bad_set_value(capsys):
+    from fedkd.cli import main
+
+    rc = main(["simulate", "--set", "fusion.method=bogus", "--set", "data.alpha=-1",
+               "--set", "fusion.betta=3"])
+    assert rc == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("fedkd: error: ") for line in lines)
+    assert "fusion.method" in lines[0] and "bogus" in lines[0]
+    assert "data.alpha" in lines[1]
+    assert "did you mean 'fusion.beta'" in lines[2]
+    assert captured.out == ""
+
+
+def test_cli_reports_malformed_set(capsys):
+    from fedkd.cli import main
+
+    assert main(["study", "--set", "seed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedkd: error: --set 'seed': expected key=value"]
+
+
+def test_cli_missing_config_file(capsys, tmp_path):
+    from fedkd.cli import main
+
+    assert main(["simulate", "--config", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedkd: error: config file not found")
+
+
+def test_cli_options_lists_keys(capsys):
+    from fedkd.cli import main
+
+    assert main(["options"]) == 0
+    out = capsys.readouterr().out
+    assert "fusion.method = 'knfu'" in out
+
+
+def test_cli_audit_needs_a_run_dir_or_sweep(capsys):
+    from fedkd.cli import main
+
+    assert main(["audit"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedkd: error: fedkd audit: give either a RUN_DIR to audit or --sweep"]
+
+
+def test_cli_audit_sweep_refuses_bad_numbers_before_any_run(capsys):
+    from fedkd.cli import main
+
+    assert main(["audit", "--sweep", "--epsilons", "1,x"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedkd: error: --epsilons: expected comma-separated numbers; got '1,x'"]
+
+
+def test_package_main_is_the_console_script_entry():
+    import fedkd.cli
+    from fedkd.cli.main import main
+
+    assert fedkd.cli.main is main  # pyproject.toml: fedkd = "fedkd.cli:main"
