@@ -37,6 +37,18 @@ NODE_WAIT_SECONDS = 120.0
 REPLY_POLL_SECONDS = 0.1  # as often as the simulation engine polls its own queue (docs/benchmarks.md)
 
 
+def _show_fedkd_log() -> None:
+    """Print the federation's own log lines (logger ``fedkd``: rounds, exclusions) as Flower
+    prints its own, once per process."""
+    logger = logging.getLogger("fedkd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-8s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 class GridTransport:
     """:class:`fedkd.federation.loop.Transport` over Flower's Grid."""
 
@@ -170,6 +182,7 @@ def _inbox_content(inbox: SiteInbox) -> RecordDict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _show_fedkd_log()
     config = build_config(context.run_config)
     run_dir = run_directory(config)
     resume = _read_checkpoint(config, run_dir) if config.checkpoint.resume else None

@@ -5,7 +5,7 @@ ServerApp runs -- with :class:`InProcessTransport`, which calls each site's
 :func:`~fedkd.federation.site.site_round` directly, one site after another in this process,
 and keeps each site's :class:`~fedkd.federation.site.SiteState` as a state dict between
 rounds, as the ClientApp keeps it in ``context.state``. With the same config and seeds it
-gives the same numbers as ``fedkd simulate`` (tests/test_floor.py checks this number for
+gives the same numbers as ``fedkd simulate`` (tests/e2e/test_e2e_transports.py checks this number for
 number), so it serves two purposes:
 
 * the *floor* of the speed benchmark: simulation time / in-process time is the framework's

@@ -1,7 +1,7 @@
 """Tests of fedkd.cli.deploy (``fedkd deploy ...``) that start no Flower process: the
 printed commands (``--dry-run``, ``plan``), the files written, and the
 ``fedkd: error: ...`` lines for missing inputs. The deployments themselves are in
-test_deployment.py (marker ``deployment``)."""
+tests/e2e/test_e2e_deployment.py (marker ``deployment``)."""
 
 from __future__ import annotations
 

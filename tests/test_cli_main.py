@@ -1,7 +1,7 @@
 """Tests of fedkd.cli.main that start no federation: bad input to ``fedkd simulate`` /
 ``study`` / ``audit`` ends with one ``fedkd: error: ...`` line per problem and exit
 status 2; ``fedkd options`` lists the keys. (The CLI's runs through Flower are in the e2e
-tests: test_e2e_simulation.py, test_e2e_resume.py, test_audit_e2e.py.)"""
+tests: tests/e2e/test_e2e_simulation.py, test_e2e_resume.py, test_e2e_audit.py.)"""
 
 from __future__ import annotations
 

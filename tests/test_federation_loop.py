@@ -1,7 +1,7 @@
 """fedkd.federation.loop: one exchange's checks, retries, min-clients, eval-every, checkpoints.
 
 The loop is driven here by a scripted transport (replies built by hand for each round):
-the loop is what is tested; the two real transports are compared in tests/test_floor.py.
+the loop is what is tested; the two real transports are compared in tests/e2e/test_e2e_transports.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tests for the benchmark harness (simulations/studies/benchmark.py, issue 7) on tiny grids.
 
-The studies run real federations through the floor runner (tests/test_floor.py checks it
+The studies run real federations through the floor runner (tests/e2e/test_e2e_transports.py checks it
 against Flower's simulation engine); these tests check what the harness adds: grid
 points, resuming, the statistics of the tables and the adversaries' weight.
 """

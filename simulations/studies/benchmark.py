@@ -8,7 +8,7 @@
 
 ``accuracy`` and ``robustness`` run one federation per grid point with the floor runner
 (``simulations/floor.py``: the same computation as ``fedkd simulate``, checked equal by
-tests/test_floor.py, without Flower's per-run start-up) or, with ``--runner flower``,
+tests/e2e/test_e2e_transports.py, without Flower's per-run start-up) or, with ``--runner flower``,
 through Flower's simulation engine. Each finished run leaves ``summary.json`` in
 ``OUT/<grid point>/``; a rerun skips those and redoes unfinished ones, so an
 interrupted study resumes where it stopped. ``--report`` only rebuilds the tables and

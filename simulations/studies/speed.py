@@ -8,7 +8,7 @@ study's Dirichlet alpha 0.1, 5 rounds; larger federations: IID split, which is t
 way digits' ~990 private examples go round 100 sites, 2 rounds) runs once through the
 floor (``simulations/floor.py``, one process, no Flower) and once through Flower's
 simulation engine (``simulations/runner.py``), each in a fresh Python process. Both give
-the same numbers (tests/test_floor.py); the table gives
+the same numbers (tests/e2e/test_e2e_transports.py); the table gives
 
 * end to end: wall time of the whole process (imports, data, Ray start-up, all rounds);
 * rounds: the sum of the per-round times the run recorded (``history[].seconds``), i.e.

@@ -1,6 +1,6 @@
 """`fedkd simulate --resume` through Flower's simulation engine: a run stopped after round 1
 and resumed ends exactly where an uninterrupted run ends (the deployment-engine version of
-this check is in test_deployment.py)."""
+this check is in test_e2e_deployment.py)."""
 
 from __future__ import annotations
 
