@@ -356,7 +356,7 @@ def held_round_of(context, record: str) -> int:  # noqa: ANN001
 def test_a_site_can_run_its_own_model():
     from flwr.app import Context, RecordDict
 
-    from clients.client_app import _load_model, _site
+    from clients.client_app import _site, load_state
 
     config = load_config(overrides={"data.num-clients": 3, "model.architectures": "mlp-small"})
 
@@ -364,7 +364,7 @@ def test_a_site_can_run_its_own_model():
         context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                           run_config=config.to_flat())
         cfg, split, client = _site(context)
-        return _load_model(context, cfg, split, client)
+        return load_state(context, cfg, split, client).model
 
     default, own = site_model({"partition-id": 0}), site_model({"partition-id": 0, "model": "mlp-large"})
     widths = lambda m: [p.shape[0] for n, p in m.named_parameters() if n.endswith("bias")]  # noqa: E731
