@@ -23,3 +23,24 @@ def flower_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
+@pytest.fixture
+def small_run_config(tmp_path):
+    """``make(name, **overrides)``: a 4-site, 2-round config (short epochs) whose run goes to
+    ``tmp_path/runs/name``: the size of run the runner tests use."""
+    from fedkd.config import load_config
+
+    def make(name: str, **overrides):  # noqa: ANN202, ANN003
+        base = {
+            "output-dir": str(tmp_path / "runs"),
+            "run-name": name,
+            "data.num-clients": 4,
+            "num-server-rounds": 2,
+            "train.local-epochs": 2,
+            "train.distill-epochs": 2,
+            "global-student.epochs": 2,
+        }
+        return load_config(overrides={**base, **overrides})
+
+    return make

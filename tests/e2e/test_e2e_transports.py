@@ -12,21 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedkd.config import load_config
 from fedkd.reporting import read_events, read_summary
-
-
-def _floor_config(tmp_path, name, **overrides):
-    base = {
-        "output-dir": str(tmp_path / "runs"),
-        "run-name": name,
-        "data.num-clients": 4,
-        "num-server-rounds": 2,
-        "train.local-epochs": 2,
-        "train.distill-epochs": 2,
-        "global-student.epochs": 2,
-    }
-    return load_config(overrides={**base, **overrides})
 
 
 def _comparable(run_dir):
@@ -42,7 +28,7 @@ def _comparable(run_dir):
 
 
 @pytest.mark.e2e
-def test_the_two_transports_give_the_same_run(tmp_path, monkeypatch):
+def test_the_two_transports_give_the_same_run(tmp_path, monkeypatch, small_run_config):
     """Same config, same seeds: the floor and Flower's simulation engine agree on every
     recorded number (per-site metrics, ALMA, worst, global student, fusion weights, bytes,
     privacy ledger). Equality, not closeness: both run the same code on the same inputs.
@@ -57,8 +43,8 @@ def test_the_two_transports_give_the_same_run(tmp_path, monkeypatch):
     from simulations.runner import simulate
 
     threads = torch.get_num_threads()
-    sim_dir = simulate(_floor_config(tmp_path, "sim", **overrides))
-    floor_dir = run_floor(_floor_config(tmp_path, "floor", **overrides))
+    sim_dir = simulate(small_run_config("sim", **overrides))
+    floor_dir = run_floor(small_run_config("floor", **overrides))
     assert torch.get_num_threads() == threads  # the floor restores the caller's setting
 
     sim, sim_history, sim_trains, sim_evals, sim_weights = _comparable(sim_dir)
