@@ -15,7 +15,7 @@ from flwr.app.message.message import make_message
 from fedkd.config import load_config
 from fedkd.data import load_federation
 from fedkd.federation.site import SiteInbox, SiteState, site_round
-from fedkd.knowledge import encode
+from fedkd.wire import encode
 
 
 @pytest.fixture(scope="module")

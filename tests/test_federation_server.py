@@ -16,7 +16,7 @@ from fedkd.federation.server import (
     server_round,
     site_inbox,
 )
-from fedkd.knowledge import InvalidPayload
+from fedkd.wire import InvalidPayload
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from fedkd.config import load_config
 from fedkd.data import load_federation
 from fedkd.federation.site import SiteInbox, SiteRefusal, SiteState, site_evaluation, site_round
-from fedkd.knowledge import decode, encode
+from fedkd.wire import decode, encode
 
 
 @pytest.fixture(scope="module")

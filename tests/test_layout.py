@@ -156,6 +156,6 @@ def test_the_round_loop_lives_in_the_library_not_the_glue():
     for path in (ROOT / "server" / "server_app.py", ROOT / "clients" / "client_app.py", ROOT / "simulations" / "floor.py"):
         names = {n for n, _ in _imports(path, _module_name(path))}
         assert "fedkd.fusion" not in names and "fedkd.fusion.fuse" not in names, path.name
-        assert "fedkd.knowledge.validate_knowledge" not in names, path.name
+        assert "fedkd.wire.validate_knowledge" not in names, path.name
     for path in (ROOT / "server" / "server_app.py", ROOT / "simulations" / "floor.py"):
         assert "fedkd.federation.loop.run_federation" in {n for n, _ in _imports(path, _module_name(path))}

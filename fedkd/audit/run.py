@@ -153,7 +153,7 @@ def release(config: Config, logits: np.ndarray, *, rng: np.random.Generator,
     decodes it (rows summing to 1)."""
     from fedkd.federation.server import accept_reply
     from fedkd.federation.site import release_knowledge
-    from fedkd.knowledge import REPLY_RECORDS, site_record
+    from fedkd.wire import REPLY_RECORDS, site_record
 
     probs, _ = release_knowledge(config, logits, rng=rng, public_x=inputs)
     num_classes = probs.shape[1]

@@ -44,7 +44,7 @@ from fedkd.federation.server import (
     site_inbox,
 )
 from fedkd.federation.site import SiteInbox
-from fedkd.knowledge import InvalidPayload
+from fedkd.wire import InvalidPayload
 from fedkd.reporting import RunRecorder, alma_summary
 
 logger = logging.getLogger("fedkd")

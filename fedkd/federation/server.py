@@ -6,8 +6,8 @@ Per round r (DESIGN section 1, steps 1 and 3):
    config digest, this round's public positions (:func:`fedkd.seeds.public_subset`) and its
    own fused knowledge F_i from the last round, on the wire (``knowledge.wire-format``);
 2. :func:`accept_reply` -- a reply's partition id and knowledge, validated
-   (:mod:`fedkd.knowledge`: record and array names, dtype, shape, size, finiteness, sign,
-   row sums); a bad reply raises :class:`~fedkd.knowledge.InvalidPayload`;
+   (:mod:`fedkd.wire`: record and array names, dtype, shape, size, finiteness, sign,
+   row sums); a bad reply raises :class:`~fedkd.wire.InvalidPayload`;
 3. :func:`server_round` -- fuse the accepted knowledge (:func:`fedkd.fusion.fuse`), keep each
    site's F_i, and distil the global student on the mean of the fused knowledge.
 
@@ -33,7 +33,7 @@ from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
 from fedkd.fusion import fuse
-from fedkd.knowledge import InvalidPayload, encode, validate_client_id, validate_knowledge
+from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row
 from fedkd.seeds import public_subset
@@ -158,7 +158,7 @@ def reply_client(metrics: Mapping[str, Any] | None, *, config: Config) -> int:
 def accept_reply(*, config: Config, num_classes: int, release: np.ndarray, record_names: Iterable[str],
                  arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """A train reply's knowledge, validated, as float64 rows summing to 1 [len(release), C];
-    raises :class:`~fedkd.knowledge.InvalidPayload` naming the first problem."""
+    raises :class:`~fedkd.wire.InvalidPayload` naming the first problem."""
     return validate_knowledge(
         record_names=record_names,
         arrays=arrays,

@@ -42,7 +42,7 @@ from fedkd.adversary import corrupt
 from fedkd.config import Config
 from fedkd.data import ClientData, FederatedSplit
 from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
-from fedkd.knowledge import decode, site_record
+from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.seeds import site_seed, teacher_seed
@@ -370,7 +370,7 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
     ``public_x`` -> ``(knowledge [P, C], ShieldStats)``. ``reference``: last round's fused
     knowledge on the same positions (the ``divergence`` scorer's public reference). The
     ``pii`` scorer reads ``public_x`` as token ids. The wire format's rounding comes after
-    (:func:`fedkd.knowledge.site_record`)."""
+    (:func:`fedkd.wire.site_record`)."""
     s = config.shield
     texts = None
     if s.scorer == "pii" and public_x is not None:  # the scorer reads the public inputs as text

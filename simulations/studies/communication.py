@@ -8,7 +8,7 @@ of the knowledge record up and of the fused record down; Flower's message framin
 the metrics record are not counted, for either side). Round 1 sends no fused knowledge
 down, so the table gives the steady state (round 2 on): down = |P| x C values, and up the
 same except with ``shield.top-k = k``, where a site sends its k kept entries and their
-classes (fedkd.knowledge.pack_release).
+classes (fedkd.wire.pack_release).
 
 FedAvg: the weights of the same student, float32, each way, for every image model in
 fedkd/models/registry.py (parameters counted by :func:`fedkd.fedavg.parameter_count`) and, when

@@ -1,11 +1,11 @@
-"""Tests for fedkd.knowledge: the server's checks of every reply (DESIGN section 7)."""
+"""Tests for fedkd.wire: the server's checks of every reply (DESIGN section 7)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedkd.knowledge import (
+from fedkd.wire import (
     QUANT_LEVELS,
     WIRE_DTYPE,
     InvalidPayload,
