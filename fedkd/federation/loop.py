@@ -245,7 +245,7 @@ def run_federation(*, config: Config, split: FederatedSplit, transport: Transpor
     try:
         status = run_rounds(config=config, split=split, transport=transport, recorder=recorder, state=state,
                             on_accept=on_accept)
-    except BaseException as err:
+    except Exception as err:  # a stopped run (SystemExit, KeyboardInterrupt) leaves no summary: resumable
         recorder.finish(run_summary(config=config, split=split, state=state, status=f"failed: {err}",
                                     runner=runner))  # keep what the run produced
         raise
