@@ -43,6 +43,8 @@ def load_state(context: Context, config: Config, split: FederatedSplit, client: 
             saved["teacher"] = records["teacher"].to_torch_state_dict()
         if "privacy" in records:
             saved["privacy"] = str(records["privacy"]["ledger"])
+        if "site" in records and "target-scores" in records["site"]:
+            saved["target-scores"] = str(records["site"]["target-scores"])
         state.load_state_dict(saved)
     return state
 
@@ -55,7 +57,10 @@ def save_state(context: Context, state: SiteState) -> None:
         context.state["teacher"] = ArrayRecord(saved["teacher"])
     if "privacy" in saved:  # the run's one accountant history, kept across rounds
         context.state["privacy"] = ConfigRecord({"ledger": saved["privacy"]})
-    context.state["site"] = ConfigRecord({"rounds-trained": saved["rounds-trained"]})
+    site = {"rounds-trained": saved["rounds-trained"]}
+    if "target-scores" in saved:  # a validated site's pooled scores (fedkd/targets.py)
+        site["target-scores"] = saved["target-scores"]
+    context.state["site"] = ConfigRecord(site)
 
 
 def inbox_from_message(msg: Message) -> SiteInbox:

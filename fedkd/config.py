@@ -115,6 +115,16 @@ def _check_teachers(value: Any) -> str | None:
     return problem if not all(is_model_name(n) for n in names) else None
 
 
+def _check_blend_candidates(value: Any) -> str | None:
+    from fedkd.targets import parse_candidates
+
+    try:
+        parse_candidates(value)
+    except (TypeError, ValueError):
+        return f"must be distinct numbers in [0, 1], comma-separated (e.g. '0,0.5,1'); got {value!r}"
+    return None
+
+
 def _check_threshold(value: Any) -> str | None:
     if value == "median":
         return None
@@ -204,6 +214,15 @@ class TrainConfig:
     lr: float = option(3e-3, low=0, low_open=True, help="Adam learning rate (privacy.lr for the DP-SGD step)")
     kd_temperature: float = option(2.0, low=0, low_open=True, help="KD temperature (student side)")
     kd_weight: float = option(1.0, low=0, help="weight of the KD term in 'joint' mode")
+    target_choice: str = option(
+        "fused", choices=("fused", "validated"),
+        help="'fused': distil F_i; 'validated': try each blend (1-l) K_i + l F_i, keep the best by "
+             "pooled validation NLL (fedkd/targets.py; not under DP or on teacher sites)",
+    )
+    blend_candidates: str = option(
+        "0,0.5,1", check=_check_blend_candidates,
+        help="the l values 'validated' tries (0 = no distillation, 1 = F_i)",
+    )
 
 
 @dataclass(frozen=True)
@@ -248,6 +267,16 @@ class FusionConfig:
     )
     sharpen_temperature: float = option(0.0, low=0, help="softmax(F / T) after fusion (0 = off)")
     era_temperature: float = option(0.1, low=0, low_open=True, help="DS-FL ERA temperature")
+    prior_weight: float = option(
+        1.0, low=0, help="expert: gamma, weight of the receiver's own label prior log pi_i(c)"
+    )
+    prior_floor: float = option(
+        1e-3, low=0, high=1, low_open=True, help="expert: floor of each sender's label prior pi_j(c)"
+    )
+    neighbours: str = option(
+        "effective", choices=("effective", "all"),
+        help="expert: senders per receiver (its effective neighbours, as knfu, or every site)",
+    )
 
 
 @dataclass(frozen=True)

@@ -591,3 +591,51 @@ def test_agreement_hand_worked_with_hellinger_and_ties():
     w = neighbour_weights(d, beta=10.0, threshold="median", max_neighbours=10)
     z = 1.0 + math.exp(-10.0 * expected[0, 2])
     np.testing.assert_allclose(w[0], [1 / z, 0.0, math.exp(-10.0 * expected[0, 2]) / z], atol=1e-12)
+
+
+def _expert_by_hand(k, members, gamma, floor):  # noqa: ANN001, ANN202
+    """class_expert_fusion's formula, one receiver, example and class at a time."""
+    n, p, c = k.shape
+    prior = [[max(float(np.mean(k[j, :, cc])), floor) for cc in range(c)] for j in range(n)]
+    prior = [[v / sum(row) for v in row] for row in prior]
+    out = np.zeros_like(k)
+    for i in range(n):
+        senders = [j for j in range(n) if members[i][j]]
+        for x in range(p):
+            z = []
+            for cc in range(c):
+                total = sum(prior[j][cc] for j in senders)
+                s = sum(prior[j][cc] / total * (math.log(k[j, x, cc]) - math.log(prior[j][cc])) for j in senders)
+                z.append(s + gamma * math.log(prior[i][cc]))
+            e = [math.exp(v - max(z)) for v in z]
+            out[i, x] = [v / sum(e) for v in e]
+    return out
+
+
+def test_class_expert_fusion_known_answer():
+    from fedkd.fusion import class_expert_fusion
+
+    k = np.array([[[0.9, 0.1], [0.7, 0.3]], [[0.4, 0.6], [0.2, 0.8]], [[0.5, 0.5], [0.6, 0.4]]])
+    members = np.array([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=bool)
+    mask = np.ones(k.shape[:2], dtype=bool)
+    fused, weights = class_expert_fusion(k, members, mask, prior_weight=0.5, prior_floor=1e-3)
+    np.testing.assert_allclose(fused, _expert_by_hand(k, members, 0.5, 1e-3), atol=1e-12)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0)
+    assert weights[0, 2] == 0.0 and weights[2, 0] == 0.0  # not neighbours: no weight
+    # receiver 0: pi_0 = (0.8, 0.2), pi_1 = (0.3, 0.7); a_0 = (8/11, 2/9), a_1 = (3/11, 7/9):
+    # w_01 = 0.8 * 3/11 + 0.2 * 7/9
+    assert weights[0, 1] == pytest.approx(0.8 * 3 / 11 + 0.2 * 7 / 9)
+
+
+def test_class_expert_fusion_of_identical_sites_returns_their_knowledge():
+    """Senders that all agree (same knowledge, same prior) with gamma = 1: the likelihood is
+    K / pi and putting pi back gives K itself."""
+    from fedkd.fusion import class_expert_fusion
+
+    rng = np.random.default_rng(3)
+    one = rng.dirichlet(np.ones(5), size=7)
+    k = np.stack([one, one, one])
+    fused, _ = class_expert_fusion(k, np.ones((3, 3), bool), np.ones((3, 7), bool), prior_weight=1.0,
+                                   prior_floor=1e-9)
+    for i in range(3):
+        np.testing.assert_allclose(fused[i], one, atol=1e-12)

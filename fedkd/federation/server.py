@@ -221,6 +221,9 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         uniform_entropy=f.uniform_entropy,
         sharpen_temperature=f.sharpen_temperature,
         era_temperature=f.era_temperature,
+        prior_weight=f.prior_weight,
+        prior_floor=f.prior_floor,
+        neighbours=f.neighbours,
     )
     if result.fused is None:
         targets = knowledge.mean(axis=0)

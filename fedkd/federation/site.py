@@ -28,10 +28,11 @@ keeps in ``context.state`` and the in-process transport keeps in memory.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,7 @@ from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.seeds import site_seed, teacher_seed
 from fedkd.shielding import shield
+from fedkd.targets import blend, parse_candidates, pooled_choice, record_scores, validation_nll
 
 
 class SiteRefusal(ValueError):
@@ -117,7 +119,7 @@ def build_site_teacher(config: Config, split: FederatedSplit, client: int) -> nn
                        seed=teacher_seed(config.seed, client), **split.model_options)
 
 
-STATE_KEYS = frozenset({"model", "teacher", "privacy", "rounds-trained"})
+STATE_KEYS = frozenset({"model", "teacher", "privacy", "rounds-trained", "target-scores"})
 
 
 @dataclass
@@ -133,6 +135,7 @@ class SiteState:
     teacher: nn.Module | None = None
     ledger: PrivacyLedger | None = None
     rounds_trained: int = 0
+    target_scores: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def fresh(cls, *, config: Config, split: FederatedSplit, client: int, architecture: str = "") -> SiteState:
@@ -145,6 +148,8 @@ class SiteState:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict(), "rounds-trained": self.rounds_trained}
+        if self.target_scores:
+            state["target-scores"] = json.dumps(self.target_scores)
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         if self.ledger is not None:
@@ -167,6 +172,7 @@ class SiteState:
         if self.ledger is not None:
             self.ledger.load_state_dict(json.loads(str(state["privacy"])))
         self.rounds_trained = int(state["rounds-trained"])
+        self.target_scores = json.loads(str(state["target-scores"])) if "target-scores" in state else {}
 
 
 # ------------------------------------------------------------------ the round
@@ -199,6 +205,7 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
         model=state.model, config=config, client=client, round_number=inbox.round_number,
         data=split.clients[client], public_x=split.public.x, release_positions=release,
         fused=fused, fused_positions=fused_positions, ledger=state.ledger, teacher=state.teacher,
+        target_scores=state.target_scores,
     )
     state.rounds_trained += 1
     arrays = {"knowledge": knowledge}
@@ -305,6 +312,7 @@ def local_round(
     fused_positions: np.ndarray | None = None,
     ledger: PrivacyLedger | None = None,
     teacher: nn.Module | None = None,
+    target_scores: dict[str, list[float]] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Steps a-d above: returns the released knowledge ``[len(release_positions), C]`` and
     the round's metrics. ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
@@ -314,7 +322,11 @@ def local_round(
 
     With a ``ledger`` (privacy on) local training is DP-SGD and the metrics carry the
     run's epsilon so far; once the next round would exceed the target, the site stops
-    private training (``dp-stopped`` = 1) and keeps releasing knowledge from its model."""
+    private training (``dp-stopped`` = 1) and keeps releasing knowledge from its model.
+
+    With ``train.target-choice = "validated"`` (no DP, no teacher, sequential mode) steps a-b
+    run once per blend candidate and the site keeps the best (:func:`validated_steps`);
+    ``target_scores`` (the site's pooled scores, updated in place) carries across rounds."""
     t = config.train
     seed = site_seed(config.seed, client, round_number)
     metrics: dict[str, float] = {}
@@ -333,6 +345,10 @@ def local_round(
             epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             temperature=t.kd_temperature, kd_weight=t.kd_weight, seed=seed,
         )
+    elif (has_fused and t.target_choice == "validated" and ledger is None and t.mode == "sequential"
+          and target_scores is not None):
+        validated_steps(model=model, config=config, seed=seed, data=data, public_x=public_x, fused=fused,
+                        fused_positions=fused_positions, scores=target_scores, metrics=metrics)
     else:
         if has_fused:
             metrics["distil-loss"] = distil(
@@ -362,6 +378,38 @@ def local_round(
         }
     )
     return knowledge, metrics
+
+
+def validated_steps(*, model: nn.Module, config: Config, seed: int, data: ClientData, public_x: np.ndarray,
+                    fused: np.ndarray, fused_positions: np.ndarray, scores: dict[str, list[float]],
+                    metrics: dict[str, float]) -> None:
+    """Steps a-b once per candidate lambda (:mod:`fedkd.targets`): from the same start and
+    seed, distil T_lambda = (1 - lambda) K_i + lambda F_i (none for lambda = 0), train on the
+    private split, score the validation NLL; ``scores`` gains this round's scores and
+    ``model`` ends as the candidate with the lowest pooled score. Costs one local round per
+    candidate; reads only the site's own data (private train and validation)."""
+    t = config.train
+    candidates = parse_candidates(t.blend_candidates)
+    start = copy.deepcopy(model.state_dict())
+    own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
+    trained, round_scores, losses = {}, {}, {}
+    for lam in candidates:
+        model.load_state_dict(start)
+        with torch.random.fork_rng():  # every candidate sees the same randomness
+            torch.manual_seed(seed)
+            if lam > 0:
+                distil(model, public_x[fused_positions], blend(own, fused, lam), epochs=t.distill_epochs,
+                       batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
+            losses[lam] = train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size,
+                                           lr=t.lr, seed=seed)
+        round_scores[lam] = validation_nll(model, data.val)
+        trained[lam] = copy.deepcopy(model.state_dict())
+    scores.update(record_scores(scores, round_scores))
+    chosen = pooled_choice(scores, candidates)
+    model.load_state_dict(trained[chosen])
+    metrics["train-loss"] = losses[chosen]
+    metrics["target-lambda"] = float(chosen)
+    metrics["val-nll"] = round_scores[chosen]
 
 
 def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Generator,

@@ -1,0 +1,85 @@
+"""A site's choice of distillation target: its own knowledge, the fused knowledge, or a blend.
+
+Fused knowledge F_i is only worth distilling when it helps site i *on its own data*: under
+strong label skew the federation's view can pull a site away from the classes it sees
+(docs/benchmarks.md: local training beat every fusion method at Dirichlet alpha <= 0.1).
+So each round a site with ``train.target-choice = "validated"`` tries candidate targets
+
+    T_lambda(x) = (1 - lambda) K_i(x) + lambda F_i(x),    lambda in ``train.blend-candidates``
+
+(K_i: its own model's softmax on the public positions F_i covers, before this round's
+training; lambda = 0 means no distillation at all, i.e. local training only), trains one
+copy of its model per candidate from the same start and seed, scores each on its private
+validation split by the negative log-likelihood, and keeps the candidate whose score
+*pooled over the rounds so far* is lowest (validation splits are 4-54 examples here, so one
+round's score is noisy: pooling compares candidates on every round's paired runs). Ties go to
+the larger lambda. This is the validated mixing of APFL / FedALA / FedFomo, reduced to a
+small grid and a paired, pooled score. Since ALMA averages the sites and each site can fall
+back to lambda = 0, a validated site should not lose to local training on average.
+
+The functions here are pure; :func:`fedkd.federation.site.local_round` runs the candidates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedkd.data import ArrayDataset
+from fedkd.distillation import as_input_tensor
+
+TARGET_CHOICES = ("fused", "validated")
+
+
+def blend(own: np.ndarray, fused: np.ndarray, lam: float) -> np.ndarray:
+    """T_lambda = (1 - lambda) own + lambda fused, rows of probabilities [P, C]."""
+    return (1.0 - lam) * np.asarray(own, dtype=np.float64) + lam * np.asarray(fused, dtype=np.float64)
+
+
+def validation_nll(model: nn.Module, data: ArrayDataset) -> float:
+    """Mean negative log-likelihood -log p(y | x) of ``model`` on ``data`` (nan when empty)."""
+    if len(data) == 0:
+        return float("nan")
+    model.eval()
+    with torch.no_grad():
+        logits = model(as_input_tensor(data.x))
+        return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(data.y, dtype=torch.long)))
+
+
+def parse_candidates(text: str) -> tuple[float, ...]:
+    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0); each in [0, 1], no repeats, at least one."""
+    values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    if not values or any(not 0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"blend candidates must be distinct numbers in [0, 1]; got {text!r}")
+    return values
+
+
+def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[float]) -> float:
+    """The candidate with the lowest mean score over the rounds recorded in ``scores``
+    (candidate -> [sum of scores, rounds]); ties (and candidates never scored) go to the
+    largest lambda among the best."""
+    best, best_mean = None, math.inf
+    for lam in sorted(candidates, reverse=True):
+        total, count = scores.get(_key(lam), (0.0, 0))
+        mean = total / count if count else math.inf
+        if best is None or mean < best_mean - 1e-12:
+            best, best_mean = lam, mean
+    return best
+
+
+def record_scores(scores: Mapping[str, Sequence[float]], round_scores: Mapping[float, float]) -> dict[str, list[float]]:
+    """``scores`` with this round's (finite) score of each candidate added."""
+    out = {k: [float(v[0]), int(v[1])] for k, v in scores.items()}
+    for lam, value in round_scores.items():
+        if math.isfinite(value):
+            total, count = out.get(_key(lam), [0.0, 0])
+            out[_key(lam)] = [total + value, count + 1]
+    return out
+
+
+def _key(lam: float) -> str:
+    return f"{lam:g}"
