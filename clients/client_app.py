@@ -75,6 +75,7 @@ def inbox_from_message(msg: Message) -> SiteInbox:
         release_positions=plan["release-positions"].numpy() if plan else None,
         fused=fused["knowledge"].numpy() if fused else None,
         fused_positions=fused["positions"].numpy() if fused and "positions" in fused else None,
+        consensus=fused["consensus"].numpy() if fused and "consensus" in fused else None,
     )
 
 

@@ -273,6 +273,10 @@ class FusionConfig:
     prior_floor: float = option(
         1e-3, low=0, high=1, low_open=True, help="expert: floor of each sender's label prior pi_j(c)"
     )
+    consensus: bool = option(
+        False, help="also send each site the consensus G (era's sharpened mean of all knowledge) "
+                    "beside F_i, for train.blend-candidates' 'consensus'",
+    )
     neighbours: str = option(
         "effective", choices=("effective", "all"),
         help="expert: senders per receiver (its effective neighbours, as knfu, or every site)",

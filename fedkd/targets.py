@@ -8,7 +8,9 @@ So each round a site with ``train.target-choice = "validated"`` tries candidate 
     T_lambda(x) = (1 - lambda) K_i(x) + lambda F_i(x),    lambda in ``train.blend-candidates``
 
 (K_i: its own model's softmax on the public positions F_i covers, before this round's
-training; lambda = 0 means no distillation at all, i.e. local training only), trains one
+training; lambda = 0 means no distillation at all, i.e. local training only) and, with
+``fusion.consensus``, the federation's consensus G (DS-FL's sharpened mean of every site's
+knowledge, sent beside F_i: the strongest target when labels are mixed), trains one
 copy of its model per candidate from the same start and seed, scores each on its private
 validation split by the negative log-likelihood, and keeps the candidate whose score
 *pooled over the rounds so far* is lowest (validation splits are 4-54 examples here, so one
@@ -50,20 +52,32 @@ def validation_nll(model: nn.Module, data: ArrayDataset) -> float:
         return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(data.y, dtype=torch.long)))
 
 
-def parse_candidates(text: str) -> tuple[float, ...]:
-    """``"0,0.5,1"`` -> (0.0, 0.5, 1.0); each in [0, 1], no repeats, at least one."""
-    values = tuple(float(v) for v in str(text).split(",") if v.strip())
-    if not values or any(not 0.0 <= v <= 1.0 for v in values) or len(set(values)) != len(values):
-        raise ValueError(f"blend candidates must be distinct numbers in [0, 1]; got {text!r}")
-    return values
+CONSENSUS = "consensus"
+"""The candidate that distils the federation's consensus G (``fusion.consensus``) instead of F_i."""
+
+Candidate = float | str
 
 
-def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[float]) -> float:
+def parse_candidates(text: str) -> tuple[Candidate, ...]:
+    """``"0,0.5,1,consensus"`` -> (0.0, 0.5, 1.0, "consensus"): blend weights in [0, 1] and
+    optionally the consensus; no repeats, at least one."""
+    values: list[Candidate] = []
+    for word in (w.strip() for w in str(text).split(",")):
+        if not word:
+            continue
+        values.append(CONSENSUS if word == CONSENSUS else float(word))
+    numbers = [v for v in values if v != CONSENSUS]
+    if not values or any(not 0.0 <= v <= 1.0 for v in numbers) or len(set(values)) != len(values):
+        raise ValueError(f"blend candidates must be distinct numbers in [0, 1] or 'consensus'; got {text!r}")
+    return tuple(values)
+
+
+def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[Candidate]) -> Candidate:
     """The candidate with the lowest mean score over the rounds recorded in ``scores``
     (candidate -> [sum of scores, rounds]); ties (and candidates never scored) go to the
-    largest lambda among the best."""
+    one listed last (e.g. the largest lambda of ``0,0.5,1``)."""
     best, best_mean = None, math.inf
-    for lam in sorted(candidates, reverse=True):
+    for lam in reversed(list(candidates)):
         total, count = scores.get(_key(lam), (0.0, 0))
         mean = total / count if count else math.inf
         if best is None or mean < best_mean - 1e-12:
@@ -71,7 +85,7 @@ def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[fl
     return best
 
 
-def record_scores(scores: Mapping[str, Sequence[float]], round_scores: Mapping[float, float]) -> dict[str, list[float]]:
+def record_scores(scores: Mapping[str, Sequence[float]], round_scores: Mapping[Candidate, float]) -> dict[str, list[float]]:
     """``scores`` with this round's (finite) score of each candidate added."""
     out = {k: [float(v[0]), int(v[1])] for k, v in scores.items()}
     for lam, value in round_scores.items():
@@ -81,5 +95,5 @@ def record_scores(scores: Mapping[str, Sequence[float]], round_scores: Mapping[f
     return out
 
 
-def _key(lam: float) -> str:
-    return f"{lam:g}"
+def _key(lam: Candidate) -> str:
+    return lam if isinstance(lam, str) else f"{lam:g}"

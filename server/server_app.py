@@ -176,6 +176,8 @@ def _inbox_content(inbox: SiteInbox) -> RecordDict:
         arrays = {"knowledge": Array(inbox.fused)}
         if inbox.fused_positions is not None:
             arrays["positions"] = Array(inbox.fused_positions)
+        if inbox.consensus is not None:
+            arrays["consensus"] = Array(inbox.consensus)
         content["fused"] = ArrayRecord(arrays)
     return content
 

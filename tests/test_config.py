@@ -144,7 +144,7 @@ def test_one_error_lists_every_problem():
 @pytest.mark.parametrize(
     "key, value, words",
     [
-        ("fusion.method", "bogus", ["fusion.method", "era, knfu, mean, none", "'bogus'"]),
+        ("fusion.method", "bogus", ["fusion.method", "era, expert, knfu, mean, none", "'bogus'"]),
         ("fusion.measure", "cosine", ["fusion.measure", "epd", "agreement", "'cosine'"]),
         ("data.partitioner", "zipf", ["data.partitioner", "dirichlet", "pathological", "iid", "'zipf'"]),
         ("shield.scorer", "loud", ["shield.scorer", "confidence", "divergence", "uniform", "'loud'"]),

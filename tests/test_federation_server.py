@@ -140,3 +140,22 @@ def test_summary_rows_by_hand(parts):
     assert list(summary["privacy"]["ledger"]) == ["0", "1"]
     assert summary["rounds-completed"] == 2 and summary["rounds-planned"] == config.num_server_rounds
     assert summary["status"] == "completed" and summary["method"] == "mean" and "runner" not in summary
+
+
+def test_consensus_is_the_sharpened_mean_and_travels_beside_f_i(parts):
+    """fusion.consensus: G = softmax(mean_j K_j / T_era) (DS-FL's ERA), kept by the server and
+    sent to every site beside its F_i (same positions, the federation's wire format)."""
+    config, split = parts
+    with_g = load_config(overrides={**config.to_flat(), "fusion.consensus": True})
+    state = ServerState()
+    a, b = _rows([1.0, 0.8]), _rows([0.6, 0.4])
+    server_round(config=with_g, split=split, state=state, round_number=1, release=np.arange(2), accepted={0: a, 1: b})
+    mean = (a + b) / 2
+    expected = np.exp(mean / 0.1) / np.exp(mean / 0.1).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(state.consensus, expected)
+    inbox = site_inbox(config=with_g, split=split, state=state, client=0, round_number=2, release=np.arange(2))
+    np.testing.assert_array_equal(inbox.consensus, expected.astype(np.float16))
+    assert inbox.nbytes == 2 * 10 * 2 * 2 + 2 * 8 * 2  # F_i and G (float16); release and F_i positions (int64)
+    plain = ServerState()
+    server_round(config=config, split=split, state=plain, round_number=1, release=np.arange(2), accepted={0: a, 1: b})
+    assert plain.consensus is None

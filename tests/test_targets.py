@@ -22,7 +22,8 @@ def test_blend_is_the_convex_combination():
 
 def test_parse_candidates():
     assert parse_candidates("0, 0.5,1") == (0.0, 0.5, 1.0)
-    for bad in ("", "2", "0,0", "x"):
+    assert parse_candidates("0,consensus") == (0.0, "consensus")
+    for bad in ("", "2", "0,0", "x", "consensus,consensus"):
         with pytest.raises(ValueError):
             parse_candidates(bad)
 
@@ -36,6 +37,7 @@ def test_pooled_choice_pools_rounds_and_breaks_ties_upwards():
     assert pooled_choice(record_scores({}, {0.0: 0.3, 1.0: 0.3}), (0.0, 1.0)) == 1.0  # tie: more federation
     assert record_scores({}, {0.0: float("nan")}) == {}  # an empty validation split scores nothing
     assert pooled_choice({}, (0.0, 0.5)) == 0.5
+    assert pooled_choice(record_scores({}, {0.0: 0.3, "consensus": 0.1}), (0.0, "consensus")) == "consensus"
 
 
 def test_validation_nll_by_hand():

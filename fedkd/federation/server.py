@@ -54,6 +54,7 @@ class ServerState:
     row of the privacy ledger; ``completed_round``: the last round checkpointed."""
 
     fused: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    consensus: np.ndarray | None = None
     student: nn.Module | None = None
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
@@ -72,6 +73,8 @@ class ServerState:
         for client, (positions, knowledge) in self.fused.items():
             arrays[f"fused/{client}/positions"] = positions
             arrays[f"fused/{client}/knowledge"] = knowledge
+        if self.consensus is not None:
+            arrays["consensus"] = self.consensus
         if self.student is not None:
             for name, tensor in self.student.state_dict().items():
                 arrays[f"student/{name}"] = tensor.detach().cpu().numpy()
@@ -97,6 +100,7 @@ class ServerState:
             int(c): (arrays[f"fused/{c}/positions"], arrays[f"fused/{c}/knowledge"])
             for c in state["fused-clients"]
         }
+        self.consensus = arrays.get("consensus")
         prefix = "student/"
         self._student_weights = (
             {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)} if state["student"] else None
@@ -135,11 +139,13 @@ def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, cli
     does not know yet, which gets no fused knowledge). Positions are sent only when they are
     not the whole public set."""
     num_public = len(split.public)
-    fused = fused_positions = None
+    fused = fused_positions = consensus = None
     if client is not None and client in state.fused:
         positions, knowledge = state.fused[client]
         fused = encode(knowledge, config.knowledge.wire_format)
         fused_positions = positions if len(positions) < num_public else None
+        if state.consensus is not None:
+            consensus = encode(state.consensus, config.knowledge.wire_format)
     return SiteInbox(
         round_number=round_number,
         public_fingerprint=split.public_fingerprint,
@@ -147,6 +153,7 @@ def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, cli
         release_positions=release if len(release) < num_public else None,
         fused=fused,
         fused_positions=fused_positions,
+        consensus=consensus,
     )
 
 
@@ -231,6 +238,9 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         for row, client in enumerate(clients):
             state.fused[client] = (release, result.fused[row])
         targets = result.fused.mean(axis=0)
+        if f.consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
+            state.consensus = fuse(knowledge=knowledge, method="era", era_temperature=f.era_temperature,
+                                   uniform_entropy=f.uniform_entropy).fused[0]
     entry: dict[str, Any] = {"round": round_number, "accepted": clients}
     g, t = config.global_student, config.train
     if g.enabled:

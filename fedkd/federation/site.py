@@ -48,7 +48,7 @@ from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.seeds import site_seed, teacher_seed
 from fedkd.shielding import shield
-from fedkd.targets import blend, parse_candidates, pooled_choice, record_scores, validation_nll
+from fedkd.targets import CONSENSUS, blend, parse_candidates, pooled_choice, record_scores, validation_nll
 
 
 class SiteRefusal(ValueError):
@@ -65,7 +65,8 @@ class SiteInbox:
     ``release_positions``: the public positions to release this round (None: all of P);
     ``fused``: F_i on the wire (``knowledge.wire-format``, [len(fused_positions), C]; None in
     round 1, under method ``none``, or for a site the server does not know yet);
-    ``fused_positions``: the public positions F_i covers (None: all of P)."""
+    ``fused_positions``: the public positions F_i covers (None: all of P); ``consensus``: the
+    federation's consensus G on the same positions (``fusion.consensus``; else None)."""
 
     round_number: int
     public_fingerprint: str
@@ -73,11 +74,12 @@ class SiteInbox:
     release_positions: np.ndarray | None = None
     fused: np.ndarray | None = None
     fused_positions: np.ndarray | None = None
+    consensus: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The inbox's arrays by name (what goes on the wire besides the round config)."""
         named = {"release-positions": self.release_positions, "fused": self.fused,
-                 "fused-positions": self.fused_positions}
+                 "fused-positions": self.fused_positions, "consensus": self.consensus}
         return {name: a for name, a in named.items() if a is not None}
 
     @property
@@ -197,15 +199,17 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
         )
     everything = np.arange(len(split.public))  # absent positions mean the whole public set
     release = everything if inbox.release_positions is None else inbox.release_positions
-    fused = fused_positions = None
+    fused = fused_positions = consensus = None
     if inbox.fused is not None:
         fused = decode(inbox.fused).astype(np.float32)
         fused_positions = everything if inbox.fused_positions is None else inbox.fused_positions
+        if inbox.consensus is not None:
+            consensus = decode(inbox.consensus).astype(np.float32)
     knowledge, metrics = local_round(
         model=state.model, config=config, client=client, round_number=inbox.round_number,
         data=split.clients[client], public_x=split.public.x, release_positions=release,
         fused=fused, fused_positions=fused_positions, ledger=state.ledger, teacher=state.teacher,
-        target_scores=state.target_scores,
+        target_scores=state.target_scores, consensus=consensus,
     )
     state.rounds_trained += 1
     arrays = {"knowledge": knowledge}
@@ -313,6 +317,7 @@ def local_round(
     ledger: PrivacyLedger | None = None,
     teacher: nn.Module | None = None,
     target_scores: dict[str, list[float]] | None = None,
+    consensus: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Steps a-d above: returns the released knowledge ``[len(release_positions), C]`` and
     the round's metrics. ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
@@ -348,7 +353,8 @@ def local_round(
     elif (has_fused and t.target_choice == "validated" and ledger is None and t.mode == "sequential"
           and target_scores is not None):
         validated_steps(model=model, config=config, seed=seed, data=data, public_x=public_x, fused=fused,
-                        fused_positions=fused_positions, scores=target_scores, metrics=metrics)
+                        fused_positions=fused_positions, scores=target_scores, metrics=metrics,
+                        consensus=consensus)
     else:
         if has_fused:
             metrics["distil-loss"] = distil(
@@ -382,14 +388,14 @@ def local_round(
 
 def validated_steps(*, model: nn.Module, config: Config, seed: int, data: ClientData, public_x: np.ndarray,
                     fused: np.ndarray, fused_positions: np.ndarray, scores: dict[str, list[float]],
-                    metrics: dict[str, float]) -> None:
+                    metrics: dict[str, float], consensus: np.ndarray | None = None) -> None:
     """Steps a-b once per candidate lambda (:mod:`fedkd.targets`): from the same start and
     seed, distil T_lambda = (1 - lambda) K_i + lambda F_i (none for lambda = 0), train on the
     private split, score the validation NLL; ``scores`` gains this round's scores and
     ``model`` ends as the candidate with the lowest pooled score. Costs one local round per
     candidate; reads only the site's own data (private train and validation)."""
     t = config.train
-    candidates = parse_candidates(t.blend_candidates)
+    candidates = [c for c in parse_candidates(t.blend_candidates) if c != CONSENSUS or consensus is not None]
     start = copy.deepcopy(model.state_dict())
     own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
     trained, round_scores, losses = {}, {}, {}
@@ -397,8 +403,9 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
         model.load_state_dict(start)
         with torch.random.fork_rng():  # every candidate sees the same randomness
             torch.manual_seed(seed)
-            if lam > 0:
-                distil(model, public_x[fused_positions], blend(own, fused, lam), epochs=t.distill_epochs,
+            if lam == CONSENSUS or lam > 0:
+                target = consensus if lam == CONSENSUS else blend(own, fused, lam)
+                distil(model, public_x[fused_positions], target, epochs=t.distill_epochs,
                        batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
             losses[lam] = train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size,
                                            lr=t.lr, seed=seed)
@@ -408,7 +415,7 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     chosen = pooled_choice(scores, candidates)
     model.load_state_dict(trained[chosen])
     metrics["train-loss"] = losses[chosen]
-    metrics["target-lambda"] = float(chosen)
+    metrics["target-lambda"] = -1.0 if chosen == CONSENSUS else float(chosen)  # -1: the consensus
     metrics["val-nll"] = round_scores[chosen]
 
 
