@@ -55,20 +55,36 @@ def validation_nll(model: nn.Module, data: ArrayDataset) -> float:
 CONSENSUS = "consensus"
 """The candidate that distils the federation's consensus G (``fusion.consensus``) instead of F_i."""
 
+LOCAL_CONSENSUS = "consensus-local"
+"""The consensus under the site's own label prior: G(x, c) pi_i(c) / sum_c' G(x, c') pi_i(c')
+(Bayes' rule for a label shift; pi_i from the site's own training labels, add-one smoothed)."""
+
 Candidate = float | str
+
+
+def local_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """pi_i(c) = (n_c + 1) / (n + C): the site's label frequencies, add-one smoothed."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return (counts + 1.0) / (counts.sum() + num_classes)
+
+
+def under_prior(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """Rows p(c) pi(c) / sum_c' p(c') pi(c') [P, C] (a label-shift correction)."""
+    shifted = np.asarray(probs, dtype=np.float64) * prior[None, :]
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def parse_candidates(text: str) -> tuple[Candidate, ...]:
     """``"0,0.5,1,consensus"`` -> (0.0, 0.5, 1.0, "consensus"): blend weights in [0, 1] and
-    optionally the consensus; no repeats, at least one."""
+    optionally the consensus and the consensus under the local prior; no repeats, at least one."""
     values: list[Candidate] = []
     for word in (w.strip() for w in str(text).split(",")):
         if not word:
             continue
-        values.append(CONSENSUS if word == CONSENSUS else float(word))
-    numbers = [v for v in values if v != CONSENSUS]
+        values.append(word if word in (CONSENSUS, LOCAL_CONSENSUS) else float(word))
+    numbers = [v for v in values if not isinstance(v, str)]
     if not values or any(not 0.0 <= v <= 1.0 for v in numbers) or len(set(values)) != len(values):
-        raise ValueError(f"blend candidates must be distinct numbers in [0, 1] or 'consensus'; got {text!r}")
+        raise ValueError(f"blend candidates must be distinct numbers in [0, 1] or 'consensus' / 'consensus-local'; got {text!r}")
     return tuple(values)
 
 

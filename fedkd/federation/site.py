@@ -48,7 +48,7 @@ from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.seeds import site_seed, teacher_seed
 from fedkd.shielding import shield
-from fedkd.targets import CONSENSUS, blend, parse_candidates, pooled_choice, record_scores, validation_nll
+from fedkd.targets import CONSENSUS, LOCAL_CONSENSUS, blend, local_prior, parse_candidates, pooled_choice, record_scores, under_prior, validation_nll
 
 
 class SiteRefusal(ValueError):
@@ -395,7 +395,7 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     ``model`` ends as the candidate with the lowest pooled score. Costs one local round per
     candidate; reads only the site's own data (private train and validation)."""
     t = config.train
-    candidates = [c for c in parse_candidates(t.blend_candidates) if c != CONSENSUS or consensus is not None]
+    candidates = [c for c in parse_candidates(t.blend_candidates) if not isinstance(c, str) or consensus is not None]
     start = copy.deepcopy(model.state_dict())
     own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
     trained, round_scores, losses = {}, {}, {}
@@ -403,8 +403,13 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
         model.load_state_dict(start)
         with torch.random.fork_rng():  # every candidate sees the same randomness
             torch.manual_seed(seed)
-            if lam == CONSENSUS or lam > 0:
-                target = consensus if lam == CONSENSUS else blend(own, fused, lam)
+            if isinstance(lam, str) or lam > 0:
+                if lam == CONSENSUS:
+                    target = consensus
+                elif lam == LOCAL_CONSENSUS:
+                    target = under_prior(consensus, local_prior(data.train.y, consensus.shape[1]))
+                else:
+                    target = blend(own, fused, lam)
                 distil(model, public_x[fused_positions], target, epochs=t.distill_epochs,
                        batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
             losses[lam] = train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size,
@@ -415,7 +420,8 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     chosen = pooled_choice(scores, candidates)
     model.load_state_dict(trained[chosen])
     metrics["train-loss"] = losses[chosen]
-    metrics["target-lambda"] = -1.0 if chosen == CONSENSUS else float(chosen)  # -1: the consensus
+    codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0}  # metrics are numbers: -1 / -2 name those two
+    metrics["target-lambda"] = codes.get(chosen, chosen) if isinstance(chosen, str) else float(chosen)
     metrics["val-nll"] = round_scores[chosen]
 
 
