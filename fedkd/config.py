@@ -215,13 +215,15 @@ class TrainConfig:
     kd_temperature: float = option(2.0, low=0, low_open=True, help="KD temperature (student side)")
     kd_weight: float = option(1.0, low=0, help="weight of the KD term in 'joint' mode")
     target_choice: str = option(
-        "fused", choices=("fused", "validated"),
-        help="'fused': distil F_i; 'validated': try each blend (1-l) K_i + l F_i, keep the best by "
-             "pooled validation NLL (fedkd/targets.py; not under DP or on teacher sites)",
+        "auto", choices=("auto", "fused", "validated"),
+        help="'fused': distil F_i; 'validated': try each of train.blend-candidates, keep the best by "
+             "pooled validation NLL (fedkd/targets.py; not under DP or on teacher sites); "
+             "'auto': validated for fusion method expert, fused for the baselines",
     )
     blend_candidates: str = option(
-        "0,0.5,1", check=_check_blend_candidates,
-        help="the l values 'validated' tries (0 = no distillation, 1 = F_i)",
+        "0,1,consensus,consensus-local", check=_check_blend_candidates,
+        help="what 'validated' tries: l = blend (1-l) K_i + l F_i (0 = no distillation, 1 = F_i), "
+             "'consensus' = G, 'consensus-local' = G under the site's own label prior",
     )
 
 
@@ -246,7 +248,7 @@ class ShieldConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    method: str = option("knfu", choices=_fusion_names, help="fusion method")
+    method: str = option("expert", choices=_fusion_names, help="fusion method")
     measure: str = option(
         "agreement", choices=("epd", "agreement"), help="effectiveness measure for knfu"
     )
@@ -273,10 +275,15 @@ class FusionConfig:
     prior_floor: float = option(
         1e-3, low=0, high=1, low_open=True, help="expert: floor of each sender's label prior pi_j(c)"
     )
-    consensus: bool = option(
-        False, help="also send each site the consensus G (era's sharpened mean of all knowledge) "
-                    "beside F_i, for train.blend-candidates' 'consensus'",
+    consensus: str = option(
+        "auto", choices=("auto", "on", "off"),
+        help="also send each site the consensus G (era's sharpened mean of all knowledge) beside F_i, "
+             "for train.blend-candidates' 'consensus' ('auto': on for method expert)",
     )
+
+    @property
+    def sends_consensus(self) -> bool:
+        return self.consensus == "on" or (self.consensus == "auto" and self.method == "expert")
     neighbours: str = option(
         "effective", choices=("effective", "all"),
         help="expert: senders per receiver (its effective neighbours, as knfu, or every site)",
@@ -489,6 +496,12 @@ class Config:
     def adversaries(self) -> dict[int, str]:
         """Simulated misbehaving client ids and what each sends."""
         return _parse_adversaries(self.adversary.clients, self.adversary.kind)
+
+    @property
+    def validated_targets(self) -> bool:
+        """Whether sites choose their distillation target on validation (``train.target-choice``)."""
+        choice = self.train.target_choice
+        return choice == "validated" or (choice == "auto" and self.fusion.method == "expert")
 
     def architecture_for(self, client: int) -> str:
         """Model name of client ``client`` (architectures are assigned in turn)."""

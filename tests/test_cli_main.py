@@ -43,7 +43,7 @@ def test_cli_options_lists_keys(capsys):
 
     assert main(["options"]) == 0
     out = capsys.readouterr().out
-    assert "fusion.method = 'knfu'" in out
+    assert "fusion.method = 'expert'" in out
 
 
 def test_cli_audit_needs_a_run_dir_or_sweep(capsys):

@@ -25,7 +25,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 def test_defaults_build():
     cfg = build_config({})
     assert cfg == Config()
-    assert cfg.fusion.method == "knfu"
+    assert cfg.fusion.method == "expert" and cfg.validated_targets and cfg.fusion.sends_consensus
     assert cfg.fusion.beta == 10.0
     assert cfg.fusion.threshold == "median"
     assert cfg.fusion.max_neighbours == 10
@@ -251,3 +251,15 @@ def test_numeric_set_value_for_a_name_key_becomes_a_string():
     assert load_config(overrides=parse_overrides(["run-name=2024"])).run_name == "2024"
     with pytest.raises(ConfigError, match="fusion.method"):
         load_config(overrides={"fusion.method": 3})  # a choice key still refuses numbers
+
+
+def test_auto_site_policy_follows_the_method():
+    """'auto': the default method (expert) validates its targets and sends the consensus; the
+    baselines stay the published algorithms (distil F_i, no consensus) unless asked."""
+    for method in ("none", "mean", "era", "knfu"):
+        cfg = build_config({"fusion.method": method})
+        assert not cfg.validated_targets and not cfg.fusion.sends_consensus
+    forced = build_config({"fusion.method": "mean", "train.target-choice": "validated", "fusion.consensus": "on"})
+    assert forced.validated_targets and forced.fusion.sends_consensus
+    off = build_config({"train.target-choice": "fused", "fusion.consensus": "off"})
+    assert not off.validated_targets and not off.fusion.sends_consensus

@@ -146,7 +146,7 @@ def test_consensus_is_the_sharpened_mean_and_travels_beside_f_i(parts):
     """fusion.consensus: G = softmax(mean_j K_j / T_era) (DS-FL's ERA), kept by the server and
     sent to every site beside its F_i (same positions, the federation's wire format)."""
     config, split = parts
-    with_g = load_config(overrides={**config.to_flat(), "fusion.consensus": True})
+    with_g = load_config(overrides={**config.to_flat(), "fusion.consensus": "on"})
     state = ServerState()
     a, b = _rows([1.0, 0.8]), _rows([0.6, 0.4])
     server_round(config=with_g, split=split, state=state, round_number=1, release=np.arange(2), accepted={0: a, 1: b})

@@ -16,7 +16,8 @@ from fedkd.wire import decode, encode
 
 @pytest.fixture(scope="module")
 def parts():
-    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1})
+    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
+                                    "train.target-choice": "fused"})
     return config, load_federation(config.data, config.seed)
 
 

@@ -331,7 +331,7 @@ def test_unknown_method_lists_valid_names():
     k = np.full((2, 3, 4), 0.25)
     with pytest.raises(ValueError, match="bogus") as err:
         fuse(knowledge=k, method="bogus")
-    for name in ("none", "mean", "era", "knfu"):
+    for name in ("none", "mean", "era", "knfu", "expert"):
         assert name in str(err.value)
     assert set(FUSION_METHODS.names()) == {"none", "mean", "era", "knfu"}
 

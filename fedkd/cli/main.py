@@ -38,7 +38,7 @@ from fedkd.config import Config, ConfigError, describe_options, load_config, par
 from fedkd.engine import launch_audit_sweep, launch_simulation
 from fedkd.reporting import compare_table
 
-STUDY_METHODS = ("none", "mean", "era", "knfu")
+STUDY_METHODS = ("none", "mean", "era", "knfu", "expert")
 
 
 def _resumable(config: Config) -> Config:

@@ -238,7 +238,7 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         for row, client in enumerate(clients):
             state.fused[client] = (release, result.fused[row])
         targets = result.fused.mean(axis=0)
-        if f.consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
+        if f.sends_consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
             state.consensus = fuse(knowledge=knowledge, method="era", era_temperature=f.era_temperature,
                                    uniform_entropy=f.uniform_entropy).fused[0]
     entry: dict[str, Any] = {"round": round_number, "accepted": clients}

@@ -350,7 +350,7 @@ def local_round(
             epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr,
             temperature=t.kd_temperature, kd_weight=t.kd_weight, seed=seed,
         )
-    elif (has_fused and t.target_choice == "validated" and ledger is None and t.mode == "sequential"
+    elif (has_fused and config.validated_targets and ledger is None and t.mode == "sequential"
           and target_scores is not None):
         validated_steps(model=model, config=config, seed=seed, data=data, public_x=public_x, fused=fused,
                         fused_positions=fused_positions, scores=target_scores, metrics=metrics,
