@@ -333,7 +333,7 @@ def test_unknown_method_lists_valid_names():
         fuse(knowledge=k, method="bogus")
     for name in ("none", "mean", "era", "knfu", "expert"):
         assert name in str(err.value)
-    assert set(FUSION_METHODS.names()) == {"none", "mean", "era", "knfu"}
+    assert set(FUSION_METHODS.names()) == {"none", "mean", "era", "knfu", "expert"}
 
 
 def test_unknown_measure_lists_valid_names():
