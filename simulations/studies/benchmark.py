@@ -39,7 +39,7 @@ import numpy as np
 from fedkd.config import Config, load_config, parse_overrides
 from fedkd.reporting import SUMMARY_FILE, read_summary
 
-KD_METHODS = ("none", "mean", "era", "knfu")
+KD_METHODS = ("none", "mean", "era", "knfu", "expert")
 ALPHAS = (0.05, 0.1, 0.5, 1.0, 100.0)
 METHOD_LABELS = {
     "none": "none (local only)",
@@ -47,6 +47,7 @@ METHOD_LABELS = {
     "era": "era (DS-FL)",
     "knfu": "knfu",
     "fedavg": "FedAvg (weights)",
+    "expert": "expert (class-expert + consensus, validated): the default",
 }
 
 
