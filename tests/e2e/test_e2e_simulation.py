@@ -48,7 +48,7 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(tmp_path):
     summary = read_summary(run_dir)
     assert summary["status"] == "completed"
     assert summary["rounds-completed"] == 2
-    assert summary["method"] == "knfu"
+    assert summary["method"] == "expert"  # the default method
     final = summary["final"]
     for key in ("alma", "alma-weighted", "worst", "global-accuracy"):
         assert 0.0 <= final[key] <= 1.0
