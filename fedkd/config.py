@@ -286,6 +286,15 @@ class PrivacyConfig:
         help="text models: embedding tables skip DP-SGD steps (smaller noise dimension and "
         "memory); they still train in the public distillation steps",
     )
+    noise_seed: str = option(
+        "auto",
+        choices=("auto", "run-seed", "site-secret", "secure-rng"),
+        help="where DP sampling/noise and shielding noise come from: 'run-seed' (reproducible "
+        "from the run config, by the server too), 'site-secret' (a secret each site keeps), "
+        "'secure-rng' (Opacus secure_mode, needs torchcsprng); 'auto' = site-secret in "
+        "deployment, run-seed in simulation; in deployment a site's node config decides and "
+        "the run config cannot lower it to run-seed",
+    )
 
 
 ADVERSARY_KINDS = ("random", "flip", "nan", "negative", "wrong-shape", "extra-key", "int-dtype")

@@ -42,16 +42,13 @@ from fedkd.federation.server import (
     run_summary,
     server_round,
     site_inbox,
+    train_metrics,
 )
 from fedkd.federation.site import SiteInbox
 from fedkd.wire import InvalidPayload
 from fedkd.reporting import RunRecorder, alma_summary
 
 logger = logging.getLogger("fedkd")
-
-RESERVED_METRICS = frozenset({"event", "round", "client"})
-"""Names a site's metrics may not use: the run records' own fields."""
-
 
 class RoundFailed(RuntimeError):
     """Too few sites connected, or too few valid replies for a round after retries."""
@@ -127,14 +124,11 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
             client = reply_client(reply.metrics, config=config)
             if client in accepted:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
-            transport.identified(reply.node, client)
-            metrics = {k: v for k, v in dict(reply.metrics).items() if k != "partition-id"}
-            reserved = sorted(RESERVED_METRICS & set(metrics))
-            if reserved:
-                raise InvalidPayload(f"metric name(s) {', '.join(reserved)} are reserved")
+            metrics = train_metrics(reply.metrics)  # names, types, bounds: before anything is kept
             knowledge = accept_reply(config=config, num_classes=split.num_classes, release=release,
                                      record_names=reply.records, arrays=reply.arrays or {})
             row = privacy_row(config=config, metrics=metrics, previous=state.privacy.get(client))
+            transport.identified(reply.node, client)
         except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
             _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}")
             continue
