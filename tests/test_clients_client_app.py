@@ -85,3 +85,27 @@ def test_query_handler_says_which_partition(parts):
                       run_config=config.to_flat())
     reply = identify(_message("query", RecordDict({"config": ConfigRecord({"question": "partition-id"})})), context)
     assert dict(reply.content["metrics"]) == {"partition-id": 2}
+
+
+def test_a_deployed_site_keeps_its_noise_secret_and_a_simulated_one_uses_the_run_seed(parts, tmp_path):
+    import os
+
+    from clients.client_app import site_noise
+
+    config, _ = parts
+    named = load_config(overrides={**config.to_flat(), "run-name": "r"})
+    deployed = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "state-dir": str(tmp_path)},
+                       state=RecordDict(), run_config=named.to_flat())
+    noise = site_noise(deployed, named)
+    secret = tmp_path / "r" / "site-1" / "noise-secret"
+    assert noise.kind == "site-secret" and secret.is_file()
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    assert site_noise(deployed, named).key == noise.key == bytes.fromhex(secret.read_text())  # kept
+    simulated = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                        state=RecordDict(), run_config=named.to_flat())
+    assert site_noise(simulated, named).kind == "run-seed"
+    lowered = load_config(overrides={**named.to_flat(), "privacy.noise-seed": "run-seed"})
+    assert site_noise(deployed, lowered).kind == "site-secret"  # the run config cannot lower it
+    own = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "noise-seed": "run-seed"},
+                  state=RecordDict(), run_config=named.to_flat())
+    assert site_noise(own, named).kind == "run-seed"  # the site's own choice

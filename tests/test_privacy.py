@@ -448,3 +448,31 @@ def test_noise_std_is_sigma_times_clip_over_expected_batch():
     assert len(noise) > 10_000
     assert abs(noise.mean()) < 4 * expected / np.sqrt(len(noise))
     assert noise.std() == pytest.approx(expected, rel=0.03)  # std error of a std: ~1 / sqrt(2 m) < 0.7%
+
+
+def test_secure_mode_reaches_opacus(data, plan, monkeypatch):
+    """noise-seed 'secure-rng': Opacus's PrivacyEngine in secure_mode, whose DPOptimizer and
+    Poisson sampler draw from torchcsprng's generator and no seeded generator is passed.
+    torchcsprng (not installable for this torch) is stood in for by a module with its one
+    function, a generator seeded from the OS."""
+    import os
+    import sys
+    import types
+
+    with pytest.raises(RuntimeError, match="privacy.noise-seed 'secure-rng'.*torchcsprng"):
+        with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3, secure_mode=True):
+            pass
+    made = []
+
+    def create_random_device_generator(path):  # noqa: ANN001, ANN202
+        made.append(path)
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+    monkeypatch.setitem(sys.modules, "torchcsprng",
+                        types.SimpleNamespace(create_random_device_generator=create_random_device_generator))
+    with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3, secure_mode=True) as dp:
+        assert dp.optimizer.secure_mode is True
+        assert made == ["/dev/urandom"]
+        assert dp.optimizer.generator is dp.data_loader.batch_sampler.generator is not None
+    with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3) as dp:
+        assert dp.optimizer.secure_mode is False
