@@ -251,3 +251,19 @@ def test_numeric_set_value_for_a_name_key_becomes_a_string():
     assert load_config(overrides=parse_overrides(["run-name=2024"])).run_name == "2024"
     with pytest.raises(ConfigError, match="fusion.method"):
         load_config(overrides={"fusion.method": 3})  # a choice key still refuses numbers
+
+
+def test_infinite_threshold_and_huge_seed_are_refused():
+    from fedkd.config import ConfigError, load_config
+
+    for overrides, message in (({"fusion.threshold": float("inf")}, "fusion.threshold: must be 'median' or a finite"),
+                               ({"seed": 1e30}, "seed: must be an integer; got 1e+30"),
+                               ({"seed": 2**40}, "seed: must be <= 4294967295"),
+                               ({"privacy.noise-seed": "seeded"}, "privacy.noise-seed: must be one of auto, run-seed")):
+        try:
+            load_config(overrides=overrides)
+        except ConfigError as err:
+            assert any(p.startswith(message) for p in err.problems), err.problems
+        else:
+            raise AssertionError(f"{overrides} accepted")
+    assert load_config(overrides={"seed": 3.0, "fusion.threshold": 0.5}).seed == 3
