@@ -51,7 +51,9 @@ class ServerState:
     ``student``: the global student (None until its first round); ``bytes_up`` /
     ``bytes_down``: bytes of every accepted reply / every inbox sent; ``dropouts``: every
     exclusion; ``history``: one entry per completed round; ``privacy``: partition id -> its
-    row of the privacy ledger; ``completed_round``: the last round checkpointed."""
+    row of the privacy ledger (:func:`fedkd.privacy.ledger_row`, with the server's own
+    history of the site's DP spend, which the checkpoint keeps and :func:`site_inbox` sends
+    back); ``completed_round``: the last round checkpointed."""
 
     fused: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     student: nn.Module | None = None
