@@ -50,6 +50,7 @@ from fedkd.reporting import RunRecorder, alma_summary
 
 logger = logging.getLogger("fedkd")
 
+
 class RoundFailed(RuntimeError):
     """Too few sites connected, or too few valid replies for a round after retries."""
 
@@ -106,8 +107,12 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
                       recorder: RunRecorder, round_number: int, release: np.ndarray,
                       on_accept: Callable[[int, np.ndarray], None] | None = None) -> dict[int, np.ndarray]:
     """One train exchange: every site's inbox out, replies validated; returns the accepted
-    knowledge by partition id. A failed, late or invalid reply excludes that site for the
-    round (one ``excluded`` record each); the others are kept."""
+    knowledge by partition id. Every field of a reply is checked before anything of it is
+    kept or recorded: partition id, metric names, types and bounds
+    (:func:`fedkd.federation.server.train_metrics`), knowledge, DP figures
+    (:func:`fedkd.federation.server.privacy_row`); only a valid reply identifies its node.
+    A failed, late or invalid reply excludes that site for the round (one ``excluded``
+    record each), never the run; the others are kept."""
 
     def inbox_for(client: int | None) -> SiteInbox:
         inbox = site_inbox(config=config, split=split, state=state, client=client,
