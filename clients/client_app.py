@@ -16,10 +16,11 @@ from flwr.clientapp import ClientApp
 
 from fedkd.config import Config, build_config
 from fedkd.data import FederatedSplit
-from fedkd.federation.site import SiteInbox, SiteState, site_evaluation, site_round
-from fedkd.ops.node import load_site_split, site_settings
+from fedkd.federation.site import NoiseSource, SiteInbox, SiteState, site_evaluation, site_round
+from fedkd.ops.node import load_site_split, site_noise_seed, site_settings
+from fedkd.seeds import new_site_secret
 
-from clients.site_state import persist_site_state
+from clients.site_state import persist_site_state, state_store
 
 app = ClientApp(mods=[persist_site_state])
 
@@ -31,9 +32,25 @@ def _site(context: Context) -> tuple[Config, FederatedSplit, int]:
     return config, load_site_split(config, settings), settings.partition_id
 
 
-def load_state(context: Context, config: Config, split: FederatedSplit, client: int) -> SiteState:
-    """The site's :class:`SiteState` from ``context.state`` (fresh before its first round)."""
-    state = SiteState.fresh(config=config, split=split, client=client,
+def site_noise(context: Context, config: Config) -> NoiseSource:
+    """Where this site's private randomness comes from (:func:`fedkd.ops.node.site_noise_seed`:
+    site-secret when deployed, run-seed when simulated, unless configured). The secret of
+    ``site-secret`` is the site's own: kept in its state directory (mode 0600,
+    :meth:`fedkd.checkpoint.SiteStateStore.noise_secret`), or drawn afresh for this message
+    when the site keeps no state on disk. It never leaves the site."""
+    settings = site_settings(context.node_config, num_clients=config.data.num_clients)
+    kind = site_noise_seed(config, context.node_config, settings)
+    if kind != "site-secret":
+        return NoiseSource(kind)
+    store = state_store(context)
+    return NoiseSource(kind, store.noise_secret() if store is not None else new_site_secret())
+
+
+def load_state(context: Context, config: Config, split: FederatedSplit, client: int,
+               noise: NoiseSource | None = None) -> SiteState:
+    """The site's :class:`SiteState` from ``context.state`` (fresh before its first round),
+    with noise source ``noise`` (default: the run's seeds; evaluation draws no noise)."""
+    state = SiteState.fresh(config=config, split=split, client=client, noise=noise,
                             architecture=str(context.node_config.get("model", "")))  # a site's own model
     records = context.state
     if "model" in records:
@@ -68,6 +85,7 @@ def inbox_from_message(msg: Message) -> SiteInbox:
     round_config = msg.content["config"]
     plan = msg.content.array_records.get("plan")
     fused = msg.content.array_records.get("fused")
+    privacy = msg.content.array_records.get("privacy")
     return SiteInbox(
         round_number=int(round_config["round"]),
         public_fingerprint=str(round_config["public-fingerprint"]),
@@ -76,13 +94,15 @@ def inbox_from_message(msg: Message) -> SiteInbox:
         fused=fused["knowledge"].numpy() if fused else None,
         fused_positions=fused["positions"].numpy() if fused and "positions" in fused else None,
         consensus=fused["consensus"].numpy() if fused and "consensus" in fused else None,
+        privacy_history=privacy["history"].numpy() if privacy else None,
+        dp_stop=bool(round_config.get("dp-stop", False)),
     )
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, split, client = _site(context)
-    state = load_state(context, config, split, client)
+    state = load_state(context, config, split, client, noise=site_noise(context, config))
     reply = site_round(config=config, split=split, client=client, inbox=inbox_from_message(msg), state=state)
     save_state(context, state)
     knowledge = ArrayRecord({name: Array(a) for name, a in reply.arrays.items()})

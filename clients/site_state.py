@@ -8,7 +8,7 @@ SuperNode restarts (a site that crashed and rejoins) and it starts empty in a ne
 * before a ``train`` message for round r, makes ``context.state`` the site's state after
   its latest round before r (from memory when it is that one, else from disk, else empty:
   a fresh model), so a round retried or resumed starts from where it started the first
-  time;
+  time; a state file that cannot be read is passed over for the one kept before it;
 * before an ``evaluate`` message for round r, the latest state up to r;
 * after a successful ``train`` reply, saves ``context.state`` (model, privacy ledger,
   counters: every record the handlers keep there) as ``round-NNNN.npz``
@@ -124,12 +124,12 @@ def persist_site_state(msg: Message, context: Context, call_next) -> Message:  #
     store = state_store(context)
     if store is not None:
         upto = round_number - 1 if kind == "train" else round_number
-        target = store.latest(before=upto + 1)
+        found = store.load_latest(before=upto + 1)  # an unreadable file falls back to the one before
         held = held_round(context.state)
-        if target is None and held > upto:
+        if found is None and held > upto:
             _replace_state(context.state, {})  # a retried first round starts afresh
-        elif target is not None and target != held:
-            arrays, meta = store.load(target)
+        elif found is not None and found[0] != held:
+            _, arrays, meta = found
             _replace_state(context.state, arrays_to_state(arrays, meta))
     reply = call_next(msg, context)
     if kind == "train" and not reply.has_error():

@@ -41,7 +41,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, *, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
-    """Write ``arrays`` and the JSON-able ``meta`` to ``path`` atomically."""
+    """Write ``arrays`` and the JSON-able ``meta`` to ``path`` atomically, readable and
+    writable by its owner only (mode 0600: a site's state holds its model and ledger)."""
     path = Path(path)
     if META_KEY in arrays:
         raise ValueError(f"array name {META_KEY!r} is reserved")
@@ -50,7 +51,8 @@ def save_checkpoint(path: str | Path, *, arrays: Mapping[str, np.ndarray], meta:
     payload[META_KEY] = np.frombuffer(json.dumps(dict(meta)).encode(), dtype=np.uint8)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner only: site state is private
+        with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **payload)
             handle.flush()
             os.fsync(handle.fileno())
@@ -147,6 +149,62 @@ class SiteStateStore:
 
     def load(self, round_number: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return load_checkpoint(self.path(round_number))
+
+    def load_latest(self, *, before: int) -> tuple[int, dict[str, np.ndarray], dict[str, Any]] | None:
+        """The latest readable state strictly before round ``before``: ``(round, arrays,
+        meta)``, or None. A state file that cannot be read (truncated, corrupt) is skipped
+        for the one kept before it, so one bad file costs a round of progress, not the site."""
+        for round_number in reversed([r for r in self.rounds() if r < before]):
+            try:
+                arrays, meta = self.load(round_number)
+            except CheckpointError:
+                continue
+            return round_number, arrays, meta
+        return None
+
+    def noise_secret(self) -> bytes:
+        """The site's noise secret for this run (``noise-secret`` next to its states): read,
+        or drawn from the operating system (:func:`fedkd.seeds.new_site_secret`) and
+        written with mode 0600 the first time. Kept with the states so that a resumed or
+        retried round draws the noise it drew before; never sent anywhere."""
+        return read_or_create_secret(self.directory / NOISE_SECRET)
+
+
+NOISE_SECRET = "noise-secret"
+
+
+def read_or_create_secret(path: str | Path) -> bytes:
+    """The 32-byte secret in ``path`` (hex text), created atomically with mode 0600 when
+    absent (linked into place: two processes never keep two different secrets). A file
+    that is not 32 bytes of hex, or that others may read, is refused with
+    :class:`CheckpointError` naming it."""
+    from fedkd.seeds import new_site_secret
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():  # written whole under a temporary name, then linked into place:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a reader never sees half a secret
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(new_site_secret().hex())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, path)  # fails if another process linked its secret first: keep that one
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    if path.stat().st_mode & 0o077:
+        raise CheckpointError(f"site secret {path} is readable by others (mode {path.stat().st_mode & 0o777:o}); "
+                              "chmod 600 it")
+    try:
+        key = bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise CheckpointError(f"site secret {path} is not 64 hex digits; delete it to draw a new one")
+    return key
 
 
 # ---------------------------------------------------------------------------- resuming

@@ -128,9 +128,9 @@ def _check_blend_candidates(value: Any) -> str | None:
 def _check_threshold(value: Any) -> str | None:
     if value == "median":
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
         return None
-    return f"must be 'median' or a number >= 0; got {value!r}"
+    return f"must be 'median' or a finite number >= 0; got {value!r}"
 
 
 @dataclass(frozen=True)
@@ -326,6 +326,15 @@ class PrivacyConfig:
         help="text models: embedding tables skip DP-SGD steps (smaller noise dimension and "
         "memory); they still train in the public distillation steps",
     )
+    noise_seed: str = option(
+        "auto",
+        choices=("auto", "run-seed", "site-secret", "secure-rng"),
+        help="where DP sampling/noise and shielding noise come from: 'run-seed' (reproducible "
+        "from the run config, by the server too), 'site-secret' (a secret each site keeps), "
+        "'secure-rng' (Opacus secure_mode, needs torchcsprng); 'auto' = site-secret in "
+        "deployment, run-seed in simulation; in deployment a site's node config decides and "
+        "the run config cannot lower it to run-seed",
+    )
 
 
 ADVERSARY_KINDS = ("random", "flip", "nan", "negative", "wrong-shape", "extra-key", "int-dtype")
@@ -448,7 +457,7 @@ class Config:
     min_clients: int = option(2, low=1, help="valid replies a round needs")
     round_retries: int = option(1, low=0, help="retries of a round with too few replies")
     round_timeout: float = option(600.0, low=0, low_open=True, help="seconds to wait for replies")
-    seed: int = option(0, low=0, help="seed for data split, models and noise")
+    seed: int = option(0, low=0, high=2**32 - 1, help="seed for data split, models and noise")
     output_dir: str = option("runs", help="parent folder of run directories")
     run_name: str = option("", help="run directory name (default: method and a timestamp)")
     data: DataConfig = field(default_factory=DataConfig)
@@ -574,10 +583,12 @@ def _coerce(key: str, f: dataclasses.Field, value: Any) -> tuple[Any, str | None
         if not isinstance(value, bool):
             return value, f"{key}: must be true or false; got {value!r}"
     elif isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
+        if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+            value = int(value)  # 3.0 means 3; 1e30 is no integer anyone meant
         if isinstance(value, bool) or not isinstance(value, int):
             return value, f"{key}: must be an integer; got {value!r}"
+        if not -(2**63) <= value < 2**63:
+            return value, f"{key}: must be a 64-bit integer; got {value!r}"
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value, f"{key}: must be a number; got {value!r}"

@@ -237,7 +237,11 @@ def trim_events(run_dir: str | Path, *, through_round: int) -> int:
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run stopped mid-write
+            dropped += 1
+            continue
         if isinstance(event.get("round"), int) and event["round"] > through_round:
             dropped += 1
         else:

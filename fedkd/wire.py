@@ -25,6 +25,7 @@ client for the round; the round goes on.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -267,3 +268,54 @@ def validate_client_id(metrics: Mapping[str, object], *, num_clients: int) -> in
     if not 0 <= client < num_clients:
         raise InvalidPayload(f"partition-id {client} is outside 0..{num_clients - 1}")
     return client
+
+
+MAX_METRICS = 64
+"""Most metrics one reply may carry (fedkd's sites report about 25)."""
+
+MAX_METRIC_NAME = 64
+"""Longest metric name accepted, in characters."""
+
+MAX_EXAMPLES = 10**9
+"""Largest ``num-examples`` a reply may claim (example-weighted means trust it)."""
+
+RESERVED_METRICS = frozenset({"event", "round", "client", "node"})
+"""Names a site's metrics may not use: the run records' own fields."""
+
+_METRIC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+def validate_metrics(metrics: Mapping[str, object] | None, *, allow_nan: frozenset[str] = frozenset()) -> dict[str, int | float]:
+    """A reply's metrics, checked before anything is recorded: at most
+    :data:`MAX_METRICS` of them, each name a string of at most :data:`MAX_METRIC_NAME`
+    letters, digits, ``_.-`` (starting with a letter) and none of
+    :data:`RESERVED_METRICS`; each value one finite real number (no lists, no booleans;
+    NaN only for the names in ``allow_nan``); ``num-examples``, if present, an integer in
+    0..:data:`MAX_EXAMPLES`. Returns them as Python ints and floats, as received
+(``partition-id`` included); raises
+    :class:`InvalidPayload` naming the first problem, what is allowed and what was received."""
+    if metrics is None:
+        raise InvalidPayload("the reply has no metrics record")
+    if not isinstance(metrics, Mapping):
+        raise InvalidPayload(f"metrics must be a mapping; got {type(metrics).__name__}")
+    if len(metrics) > MAX_METRICS:
+        raise InvalidPayload(f"a reply may carry at most {MAX_METRICS} metrics; got {len(metrics)}")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or len(name) > MAX_METRIC_NAME or not _METRIC_NAME.match(name):
+            shown = name[:MAX_METRIC_NAME] + "..." if isinstance(name, str) and len(name) > MAX_METRIC_NAME else name
+            raise InvalidPayload(f"metric name must be at most {MAX_METRIC_NAME} letters, digits or _.- "
+                                 f"starting with a letter; got {shown!r}")
+        if name in RESERVED_METRICS:
+            raise InvalidPayload(f"metric name {name!r} is reserved ({', '.join(sorted(RESERVED_METRICS))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            kind = f"a list of {len(value)}" if isinstance(value, (list, tuple)) else type(value).__name__
+            raise InvalidPayload(f"metric {name} must be one number; got {kind}")
+        number = float(value)
+        if not (math.isfinite(number) or (math.isnan(number) and name in allow_nan)):
+            raise InvalidPayload(f"metric {name} must be a finite number; got {number!r}")
+        out[name] = int(value) if isinstance(value, (int, np.integer)) else number
+    examples = out.get("num-examples")
+    if examples is not None and not (0 <= examples <= MAX_EXAMPLES and float(examples).is_integer()):
+        raise InvalidPayload(f"metric num-examples must be an integer in 0..{MAX_EXAMPLES}; got {examples!r}")
+    return out

@@ -164,12 +164,18 @@ class GridTransport:
 
 def _inbox_content(inbox: SiteInbox) -> RecordDict:
     """A :class:`SiteInbox` as a train message's records: ``config`` (round, fingerprint,
-    digest), ``plan`` (release positions, when a subset) and ``fused`` (F_i, its positions)."""
-    content = RecordDict({"config": ConfigRecord({
+    digest, ``dp-stop`` when set), ``plan`` (release positions, when a subset), ``fused``
+    (F_i, its positions) and ``privacy`` (the server's history of the site's DP spend)."""
+    round_config = {
         "round": inbox.round_number,
         "public-fingerprint": inbox.public_fingerprint,
         "config-digest": inbox.config_digest,
-    })})
+    }
+    if inbox.dp_stop:
+        round_config["dp-stop"] = True
+    content = RecordDict({"config": ConfigRecord(round_config)})
+    if inbox.privacy_history is not None:
+        content["privacy"] = ArrayRecord({"history": Array(inbox.privacy_history)})
     if inbox.release_positions is not None:
         content["plan"] = ArrayRecord({"release-positions": Array(inbox.release_positions)})
     if inbox.fused is not None:

@@ -36,6 +36,7 @@ from fedkd.fedavg import average_weights, weight_bytes
 from fedkd.federation.loop import Reply, record_evaluation, run_federation
 from fedkd.federation.server import ServerState, privacy_row, run_summary
 from fedkd.federation.site import (
+    NoiseSource,
     SiteInbox,
     SiteState,
     build_site_model,
@@ -46,7 +47,7 @@ from fedkd.federation.site import (
 from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger, check_privacy_plans, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.reporting import RunRecorder
-from fedkd.seeds import site_seed
+from fedkd.seeds import new_site_secret, resolve_noise_seed, site_seed
 
 
 class InProcessTransport:
@@ -60,9 +61,12 @@ class InProcessTransport:
     def __init__(self, config: Config, split: FederatedSplit) -> None:
         self.config, self.split = config, split
         self.states: dict[int, dict[str, Any]] = {}
+        kind = resolve_noise_seed(config.privacy.noise_seed, deployed=False)  # a simulation
+        self.noise = {c: NoiseSource(kind, new_site_secret() if kind == "site-secret" else None)
+                      for c in range(config.data.num_clients)}  # each site's secret, in memory only
 
     def _state(self, client: int) -> SiteState:
-        state = SiteState.fresh(config=self.config, split=self.split, client=client)
+        state = SiteState.fresh(config=self.config, split=self.split, client=client, noise=self.noise[client])
         if client in self.states:
             state.load_state_dict(self.states[client])
         return state
@@ -194,9 +198,8 @@ def _run_fedavg(config: Config, architecture: str) -> Path:
                 else:
                     private = train_private_site(model, split.clients[c].train, config=config,
                                                  ledger=ledgers[c], lr=config.privacy.lr, seed=seed)
-                    metrics.update(ledger_metrics(ledgers[c]))
+                    metrics.update(ledger_metrics(ledgers[c], round_steps=private.steps, stopped=private.stopped))
                     metrics["train-loss"] = private.loss
-                    metrics["dp-stopped"] = float(private.stopped)
                     state.privacy[c] = privacy_row(config=config, metrics=metrics, previous=state.privacy.get(c))
             recorder.record("client-train", round=r, client=c, **metrics)
             states.append({k: v.detach().numpy() for k, v in model.state_dict().items()})

@@ -9,9 +9,15 @@ app directory and starts the simulation engine on it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import tomli_w
@@ -68,7 +74,7 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
         "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), "include_dashboard": False},
     }
-    with tempfile.TemporaryDirectory(prefix="fedkd-app-") as app_dir:
+    with tempfile.TemporaryDirectory(prefix="fedkd-app-") as app_dir, _stop_on_interrupt(config, app_dir):
         _write_app_dir(Path(app_dir), config)
         server_context = Context(
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=flat
@@ -88,6 +94,53 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
     if (run_dir / "summary.json").stat().st_mtime < started:  # left by an earlier run there
         raise RuntimeError(f"the run in {run_dir} did not finish; see the log above")
     return run_dir
+
+
+INTERRUPT_EXIT = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C
+RAY_SHUTDOWN_SECONDS = 3.0
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(config: Config, app_dir: str) -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM during the simulation stops the process within seconds,
+    with exit status 130.
+
+    Flower's simulation engine runs the ServerApp in a thread the main thread does not
+    stop, so a KeyboardInterrupt left the run going to its end. Instead the handler says
+    how to continue, removes the temporary app folder, shuts Ray down (at most
+    ``RAY_SHUTDOWN_SECONDS``) and ends the process at once. That is safe at any instant
+    because every checkpoint and site state is written to a temporary name and renamed
+    into place (:func:`fedkd.checkpoint.save_checkpoint`), and a resumed run drops the
+    events recorded past its checkpoint (:func:`fedkd.reporting.trim_events`): ``--resume``
+    ends where an uninterrupted run ends. Installed only from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame) -> None:  # noqa: ANN001
+        print(f"\nfedkd: interrupted; {Path(config.output_dir).resolve() / config.run_name} keeps its last "
+              f"checkpoint: continue with fedkd simulate --resume --set run-name={config.run_name} "
+              "(and the same --config / --set)", file=sys.stderr, flush=True)
+        shutil.rmtree(app_dir, ignore_errors=True)
+        closer = threading.Thread(target=_shutdown_ray, daemon=True)
+        closer.start()
+        closer.join(RAY_SHUTDOWN_SECONDS)
+        os._exit(INTERRUPT_EXIT)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _shutdown_ray() -> None:
+    with contextlib.suppress(Exception):
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def _check_resume(config: Config, run_dir: Path) -> None:

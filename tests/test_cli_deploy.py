@@ -65,3 +65,12 @@ def test_deploy_plan_names_every_site(capsys):
     out = capsys.readouterr().out
     assert "fedkd deploy certs" in out and "fedkd deploy keys --out keys a b" in out
     assert "Site host 'b' (partition 1)" in out
+
+
+def test_deploy_connect_refuses_an_address_without_a_port(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    for bad in ("server.example.org", "h:", ":9091", "h:99999", "::1:9091"):
+        assert main(["deploy", "connect", "--superlink", bad, "--insecure"]) == 2
+        assert capsys.readouterr().err.startswith("fedkd: error: --superlink: ")
+    assert not (tmp_path / "flwr" / "config.toml").exists()
+    assert main(["deploy", "connect", "--superlink", "[::1]:9091", "--insecure"]) == 0

@@ -86,3 +86,52 @@ def test_query_handler_says_which_partition(parts):
                       run_config=config.to_flat())
     reply = identify(_message("query", RecordDict({"config": ConfigRecord({"question": "partition-id"})})), context)
     assert dict(reply.content["metrics"]) == {"partition-id": 2}
+
+
+def test_a_deployed_site_keeps_its_noise_secret_and_a_simulated_one_uses_the_run_seed(parts, tmp_path):
+    import os
+
+    from clients.client_app import site_noise
+
+    config, _ = parts
+    named = load_config(overrides={**config.to_flat(), "run-name": "r"})
+    deployed = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "state-dir": str(tmp_path)},
+                       state=RecordDict(), run_config=named.to_flat())
+    noise = site_noise(deployed, named)
+    secret = tmp_path / "r" / "site-1" / "noise-secret"
+    assert noise.kind == "site-secret" and secret.is_file()
+    assert os.stat(secret).st_mode & 0o777 == 0o600
+    assert site_noise(deployed, named).key == noise.key == bytes.fromhex(secret.read_text())  # kept
+    simulated = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3},
+                        state=RecordDict(), run_config=named.to_flat())
+    assert site_noise(simulated, named).kind == "run-seed"
+    lowered = load_config(overrides={**named.to_flat(), "privacy.noise-seed": "run-seed"})
+    assert site_noise(deployed, lowered).kind == "site-secret"  # the run config cannot lower it
+    own = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "noise-seed": "run-seed"},
+                  state=RecordDict(), run_config=named.to_flat())
+    assert site_noise(own, named).kind == "run-seed"  # the site's own choice
+
+
+def test_the_server_cannot_rerun_a_deployed_sites_private_round(parts, tmp_path):
+    """The attack through the ClientApp: the server reruns round 1 of a DP site with the
+    run config's seeds. It reproduces a simulated site's reply exactly, never a deployed
+    one's (whose noise comes from its own secret)."""
+    from clients.client_app import train
+
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "model.architectures": "mlp-small", "run-name": "r"})
+    attack = site_round(config=private, split=split, client=1, state=SiteState.fresh(config=private, split=split, client=1),
+                        inbox=SiteInbox(round_number=1, public_fingerprint=split.public_fingerprint,
+                                        config_digest=private.digest()))
+    replies = {}
+    for name, node_config in (("simulated", {"partition-id": 1, "num-partitions": 3}),
+                              ("deployed", {"partition-id": 1, "state-dir": str(tmp_path)})):
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                          run_config=private.to_flat())
+        replies[name] = train(_message("train", _train_records(private, split, 1)), context)
+    simulated = replies["simulated"].content["knowledge"]["knowledge"].numpy()
+    deployed = replies["deployed"].content["knowledge"]["knowledge"].numpy()
+    np.testing.assert_array_equal(simulated, attack.arrays["knowledge"])
+    assert not np.array_equal(deployed, attack.arrays["knowledge"])
+    assert replies["deployed"].content["metrics"]["dp-noise-seed"] == 1.0  # site-secret, in the ledger

@@ -263,3 +263,17 @@ def test_auto_site_policy_follows_the_method():
     assert forced.validated_targets and forced.fusion.sends_consensus
     off = build_config({"train.target-choice": "fused", "fusion.consensus": "off"})
     assert not off.validated_targets and not off.fusion.sends_consensus
+def test_infinite_threshold_and_huge_seed_are_refused():
+    from fedkd.config import ConfigError, load_config
+
+    for overrides, message in (({"fusion.threshold": float("inf")}, "fusion.threshold: must be 'median' or a finite"),
+                               ({"seed": 1e30}, "seed: must be an integer; got 1e+30"),
+                               ({"seed": 2**40}, "seed: must be <= 4294967295"),
+                               ({"privacy.noise-seed": "seeded"}, "privacy.noise-seed: must be one of auto, run-seed")):
+        try:
+            load_config(overrides=overrides)
+        except ConfigError as err:
+            assert any(p.startswith(message) for p in err.problems), err.problems
+        else:
+            raise AssertionError(f"{overrides} accepted")
+    assert load_config(overrides={"seed": 3.0, "fusion.threshold": 0.5}).seed == 3

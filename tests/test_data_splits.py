@@ -139,7 +139,7 @@ def test_same_seed_same_split_different_seed_different(digits):
 def test_public_fingerprint_is_sha256_of_ordered_ids(split):
     ids = split.public.ids
     expected = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
-    assert split.public_fingerprint == expected == public_fingerprint(ids)
+    assert public_fingerprint(ids) == expected
     assert public_fingerprint(list(ids)) == expected  # same ids, any integer container
     assert public_fingerprint(ids.astype(np.int32)) == expected
     changed = ids.copy()
@@ -147,3 +147,14 @@ def test_public_fingerprint_is_sha256_of_ordered_ids(split):
     assert public_fingerprint(changed) != expected
     assert public_fingerprint(ids[::-1]) != expected  # order matters
     assert public_fingerprint(ids[:-1]) != expected
+
+
+def test_public_fingerprint_covers_the_inputs(split):
+    ids, x = split.public.ids, split.public.x
+    by_hand = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
+    by_hand.update(repr(tuple(x.shape)).encode())
+    by_hand.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    assert split.public_fingerprint == public_fingerprint(ids, x) == by_hand.hexdigest()
+    assert public_fingerprint(ids, x.astype(np.float64)) == split.public_fingerprint  # as loaded anywhere
+    for bad in (np.zeros_like(x), np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x)):
+        assert public_fingerprint(ids, bad) != split.public_fingerprint  # same ids, other inputs

@@ -168,3 +168,48 @@ def test_a_failed_run_keeps_its_summary(parts, tmp_path):
         run_federation(config=config, split=split, transport=Scripted(replies), recorder=recorder)
     summary = read_summary(recorder.run_dir)
     assert summary["status"] == "failed: the network went away" and summary["rounds-completed"] == 1
+
+
+def test_every_reply_field_is_checked_before_it_is_recorded(parts, tmp_path):
+    """Each bad reply excludes only its own site for the round; site 0 is honest."""
+    config, _ = parts
+    replies = [
+        _train(0, **{"train-loss": 0.5, "num-examples": 40.0}),
+        _train(1, **{"val-accuracy": 0.5, "shield-entropy": float("nan")}),  # NaN where it may not be
+        _train(2, **{"history": list(range(100_000))}),  # a huge list
+        _train(3, **{"num-examples": 1e12}),  # an absurd example count
+    ]
+    accepted, state, reasons = _collect(parts, tmp_path, replies)
+    assert sorted(accepted) == [0]
+    assert "metric shield-entropy must be a finite number; got nan" in reasons[101]
+    assert "metric history must be one number; got a list of 100000" in reasons[102]
+    assert "num-examples must be an integer in 0..1000000000" in reasons[103]
+    events = read_events(tmp_path / "run", "client-train")
+    assert [e["client"] for e in events] == [0]  # nothing of the bad replies was recorded
+
+    more = [
+        _train(0, **{f"m{i}": 1.0 for i in range(80)}),  # too many metrics
+        _train(1, **{"x" * 500: 1.0}),  # a huge name
+        _train(2, **{"flag": True}),  # a boolean is not a number
+        _train(3, node=2.0),  # another reserved name
+    ]
+    accepted, _, reasons = _collect(parts, tmp_path / "more", more)
+    assert accepted == {}
+    assert "at most 64 metrics; got 81" in reasons[100]
+    assert "metric name must be at most 64" in reasons[101] and len(reasons[101]) < 300
+    assert "metric flag must be one number; got bool" in reasons[102]
+    assert "'node' is reserved" in reasons[103]
+
+
+def test_a_private_run_refuses_a_reply_without_its_dp_figures(parts, tmp_path):
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True})
+    recorder = RunRecorder(tmp_path / "run", private.to_toml())
+    state = ServerState()
+    accepted = collect_knowledge(config=private, split=split, state=state,
+                                 transport=Scripted(lambda r, a: [_train(0), _train(1, epsilon=float("nan"))]),
+                                 recorder=recorder, round_number=1, release=np.arange(6))
+    assert accepted == {}
+    reasons = {e["node"]: e["reason"] for e in read_events(recorder.run_dir, "excluded")}
+    assert "privacy.enabled without epsilon" in reasons[100]
+    assert "epsilon must be a finite number" in reasons[101]

@@ -74,17 +74,42 @@ def test_accept_reply_validates(parts):
                      arrays=good)
 
 
+def _rdp(history, delta):  # noqa: ANN001, ANN202  Opacus's accountant, used directly
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return accountant.get_epsilon(delta=delta)
+
+
 def test_privacy_row_is_built_once_and_refuses_a_stray_epsilon(parts):
     config, _ = parts
     assert privacy_row(config=config, metrics={"train-loss": 1.0}, previous=None) is None
     with pytest.raises(InvalidPayload, match="'epsilon' without dp-target-epsilon"):
         privacy_row(config=config, metrics={"epsilon": 1.0}, previous=None)
     metrics = {"epsilon": 1.5, "dp-target-epsilon": 4.0, "dp-delta": 1e-5, "dp-noise-multiplier": 1.1,
-               "dp-sample-rate": 0.1, "dp-steps": 30.0, "dp-planned-steps": 200.0, "dp-stopped": 0.0}
-    assert privacy_row(config=config, metrics=metrics, previous=None) == {
-        "target-epsilon": 4.0, "epsilon-spent": 1.5, "delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.1,
-        "steps": 30, "planned-steps": 200, "accountant": "rdp", "stopped": False,
+               "dp-sample-rate": 0.1, "dp-steps": 30.0, "dp-planned-steps": 200.0, "dp-round-steps": 30.0,
+               "dp-stopped": 0.0, "dp-noise-seed": 1.0}
+    composed = _rdp([(1.1, 0.1, 30)], 1e-5)
+    assert composed > 1.5  # the site under-reports: the server's composition wins
+    row = privacy_row(config=config, metrics=metrics, previous=None)
+    assert row == {
+        "target-epsilon": 4.0, "epsilon-spent": composed, "site-epsilon": 1.5, "delta": 1e-5,
+        "noise-multiplier": 1.1, "sample-rate": 0.1, "steps": 30, "site-steps": 30, "planned-steps": 200,
+        "round-steps": 30, "accountant": "rdp", "stopped": False,
+        "must-stop": _rdp([(1.1, 0.1, 60)], 1e-5) > 4.0, "noise-seed": "site-secret",
+        "history": [[1.1, 0.1, 30]],
     }
+    # the site lost its state: it reports 10 steps in all; the server keeps composing
+    lost = {**metrics, "epsilon": 0.4, "dp-steps": 10.0, "dp-round-steps": 10.0}
+    again = privacy_row(config=config, metrics=lost, previous=row)
+    assert again["history"] == [[1.1, 0.1, 40]] and again["steps"] == 40
+    assert again["epsilon-spent"] == _rdp([(1.1, 0.1, 40)], 1e-5) > row["epsilon-spent"]
+    # out-of-bounds figures are refused, naming the metric
+    for key, value in (("dp-delta", 1.0), ("dp-round-steps", 2.5), ("epsilon", float("nan")),
+                       ("dp-noise-seed", 7.0), ("dp-sample-rate", 0.0)):
+        with pytest.raises(InvalidPayload, match=f"metric {key} must be"):
+            privacy_row(config=config, metrics={**metrics, key: value}, previous=None)
 
 
 def test_server_round_fuses_keeps_f_i_and_trains_the_student(parts):

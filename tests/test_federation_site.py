@@ -127,3 +127,49 @@ def test_evaluation_is_the_local_test_accuracy(parts):
         predicted = state.model(torch.as_tensor(test.x, dtype=torch.float32)).argmax(1).numpy()
     assert scores == {"partition-id": 2, "accuracy": float((predicted == test.y).mean()),
                       "num-examples": float(len(test))}
+
+
+def _private_release(config, split, noise):  # noqa: ANN001, ANN202
+    state = SiteState.fresh(config=config, split=split, client=0, noise=noise)
+    reply = site_round(config=config, split=split, client=0, state=state, inbox=_inbox(config, split))
+    return reply.arrays["knowledge"], reply.metrics
+
+
+def test_a_site_secret_release_cannot_be_reproduced_from_the_run_config(parts):
+    """The attack of issue 16: the server reruns a site's round with every seed it can
+    derive from the run config and compares. It matches a run-seed release bit for bit and
+    never a site-secret one, which the site itself (holding its key) can reproduce."""
+    from fedkd.federation.site import NoiseSource
+    from fedkd.seeds import new_site_secret
+
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "model.architectures": "mlp-small"})
+    attack, _ = _private_release(private, split, NoiseSource("run-seed"))  # all the server knows
+    seeded, seeded_metrics = _private_release(private, split, NoiseSource("run-seed"))
+    np.testing.assert_array_equal(attack, seeded)  # the attack works against run-seed noise
+    key = new_site_secret()
+    secret, metrics = _private_release(private, split, NoiseSource("site-secret", key))
+    assert not np.array_equal(attack, secret)
+    again, _ = _private_release(private, split, NoiseSource("site-secret", key))
+    np.testing.assert_array_equal(again, secret)  # the site can rerun its own round exactly
+    other, _ = _private_release(private, split, NoiseSource("site-secret", new_site_secret()))
+    assert not np.array_equal(other, secret)
+    assert seeded_metrics["dp-noise-seed"] == 0.0 and metrics["dp-noise-seed"] == 1.0  # the ledger says which
+
+
+def test_a_site_obeys_the_servers_dp_stop_and_adopts_its_history(parts):
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "model.architectures": "mlp-small"})
+    state = SiteState.fresh(config=private, split=split, client=0)
+    before = {k: v.clone() for k, v in state.model.state_dict().items()}
+    plan = state.ledger.plan
+    recorded = np.array([[plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round]])
+    reply = site_round(config=private, split=split, client=0, state=state,
+                       inbox=_inbox(private, split, privacy_history=recorded, dp_stop=True))
+    assert reply.metrics["dp-stopped"] == 1.0 and reply.metrics["dp-round-steps"] == 0.0
+    assert state.ledger.steps == 3 * plan.steps_per_round  # the server's record, taken
+    assert all(torch.equal(before[k], v) for k, v in state.model.state_dict().items())  # no private step
+    fewer = np.array([[plan.noise_multiplier, plan.sample_rate, 1]])
+    assert not state.ledger.adopt(fewer) and state.ledger.steps == 3 * plan.steps_per_round  # never lowered

@@ -404,3 +404,35 @@ def test_a_site_whose_public_set_differs_refuses_to_train(tmp_path, exported):
     with pytest.raises(ValueError, match=f"site 0 refuses round 1: its public transfer set .* differs "
                                          f"from the server's \\({server_fingerprint[:12]}\\)"):
         train(message, context)
+
+
+def test_site_state_is_private_and_an_unreadable_file_falls_back_to_the_one_before(tmp_path):
+    import os
+
+    store = SiteStateStore(tmp_path, run_key="r", client=0)
+    store.save(1, arrays={"w": np.ones(2)}, meta={"n": 1})
+    store.save(2, arrays={"w": np.zeros(2)}, meta={"n": 2})
+    assert all(os.stat(store.path(r)).st_mode & 0o777 == 0o600 for r in (1, 2))  # owner only
+    assert store.load_latest(before=3)[0] == 2
+    store.path(2).write_bytes(b"PK\x03\x04 truncated")
+    found = store.load_latest(before=3)
+    assert found[0] == 1 and found[2]["n"] == 1 and found[1]["w"].tolist() == [1.0, 1.0]
+    store.path(1).write_bytes(b"")
+    assert store.load_latest(before=3) is None
+
+
+def test_a_corrupt_server_checkpoint_is_one_line_not_a_traceback(tmp_path, capsys):
+    from fedkd.cli import main
+
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / "checkpoint.npz").write_bytes(b"not a checkpoint")
+    rc = main(["simulate", "--set", f"output-dir={tmp_path / 'runs'}", "--set", "run-name=x", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("fedkd: error: checkpoint ") and "unreadable" in err[0]
+
+
+def test_trim_events_drops_a_line_cut_off_mid_write(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"event": "round", "round": 1}\n{"event": "client-tr')
+    assert trim_events(tmp_path, through_round=1) == 1
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"event": "round", "round": 1}\n'

@@ -227,21 +227,25 @@ def test_state_round_trips_through_json(plan):
     again = PrivacyLedger(plan)  # the client's way: plan from config, then load state
     again.load_state_dict(json.loads(text))
     assert again.epsilon() == ledger.epsilon()
-    metrics = ledger_metrics(ledger)
+    metrics = ledger_metrics(ledger, round_steps=9, noise_seed="site-secret")
     assert metrics == {
         "epsilon": ledger.epsilon(), "dp-target-epsilon": TARGET, "dp-delta": plan.delta,
         "dp-noise-multiplier": plan.noise_multiplier, "dp-sample-rate": plan.sample_rate,
-        "dp-steps": 9.0, "dp-planned-steps": 21.0,
+        "dp-steps": 9.0, "dp-planned-steps": 21.0, "dp-round-steps": 9.0, "dp-stopped": 0.0,
+        "dp-noise-seed": 1.0,
     }
     row = ledger_row(metrics=metrics, accountant="rdp")
     assert row == {
-        "target-epsilon": TARGET, "epsilon-spent": ledger.epsilon(), "delta": plan.delta,
-        "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-        "steps": 9, "planned-steps": 21, "accountant": "rdp", "stopped": False,
+        "target-epsilon": TARGET, "epsilon-spent": ledger.epsilon(), "site-epsilon": ledger.epsilon(),
+        "delta": plan.delta, "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+        "steps": 9, "site-steps": 9, "planned-steps": 21, "round-steps": 9, "accountant": "rdp",
+        "stopped": False, "must-stop": not ledger.can_afford(9), "noise-seed": "site-secret",
+        "history": [[plan.noise_multiplier, plan.sample_rate, 9]],
     }
     # a site that stopped once stays stopped in the ledger, whatever it reports later
     assert ledger_row(metrics={**metrics, "dp-stopped": 1.0}, accountant="rdp")["stopped"]
-    assert ledger_row(metrics=metrics, accountant="rdp", previous={**row, "stopped": True})["stopped"]
+    later = ledger_row(metrics=metrics, accountant="rdp", previous={**row, "stopped": True})
+    assert later["stopped"] and later["must-stop"]
 
 
 @pytest.mark.parametrize("key", ["format", "plan", "mechanism", "history"])
@@ -254,14 +258,29 @@ def test_bad_state_names_the_missing_key(plan, key):
         PrivacyLedger.from_state_dict(state)
 
 
+def test_an_extended_run_keeps_the_stored_plan_and_stops_at_its_target(data, plan):
+    """Resumed with more rounds: the site's ledger keeps the plan (and sigma) it started
+    with, spends what is left of the budget and then stops (no PrivacyStateError)."""
+    stored = PrivacyLedger(plan)
+    stored.record(2 * plan.steps_per_round)  # two of its three planned rounds
+    extended = plan_privacy(**{**PLAN_ARGS, "rounds": 2 * plan.rounds})
+    assert extended.noise_multiplier > plan.noise_multiplier  # what a fresh plan would use
+    ledger = PrivacyLedger(extended)
+    ledger.load_state_dict(stored.state_dict())
+    assert ledger.plan == plan and ledger.steps == 14
+    results = [train_private(_model(3), data, plan=ledger.plan, ledger=ledger, lr=3e-3, seed=r) for r in range(3)]
+    assert [r.stopped for r in results] == [False, True, True]
+    assert ledger.epsilon() <= TARGET and ledger.steps == plan.planned_steps
+
+
 def test_bad_state_details(plan):
     state = PrivacyLedger(plan).state_dict()
     del state["plan"]["noise_multiplier"]
     with pytest.raises(PrivacyStateError, match="no key 'plan.noise_multiplier'"):
         PrivacyLedger.from_state_dict(state)
 
-    other = plan_privacy(**{**PLAN_ARGS, "rounds": 4})
-    with pytest.raises(PrivacyStateError, match="rounds: stored 4, current 3"):
+    other = plan_privacy(**{**PLAN_ARGS, "target_epsilon": 2.0})
+    with pytest.raises(PrivacyStateError, match="target_epsilon: stored 2.0, current 4"):
         PrivacyLedger(plan).load_state_dict(PrivacyLedger(other).state_dict())
 
     state = PrivacyLedger(plan).state_dict()
@@ -429,3 +448,31 @@ def test_noise_std_is_sigma_times_clip_over_expected_batch():
     assert len(noise) > 10_000
     assert abs(noise.mean()) < 4 * expected / np.sqrt(len(noise))
     assert noise.std() == pytest.approx(expected, rel=0.03)  # std error of a std: ~1 / sqrt(2 m) < 0.7%
+
+
+def test_secure_mode_reaches_opacus(data, plan, monkeypatch):
+    """noise-seed 'secure-rng': Opacus's PrivacyEngine in secure_mode, whose DPOptimizer and
+    Poisson sampler draw from torchcsprng's generator and no seeded generator is passed.
+    torchcsprng (not installable for this torch) is stood in for by a module with its one
+    function, a generator seeded from the OS."""
+    import os
+    import sys
+    import types
+
+    with pytest.raises(RuntimeError, match="privacy.noise-seed 'secure-rng'.*torchcsprng"):
+        with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3, secure_mode=True):
+            pass
+    made = []
+
+    def create_random_device_generator(path):  # noqa: ANN001, ANN202
+        made.append(path)
+        return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+    monkeypatch.setitem(sys.modules, "torchcsprng",
+                        types.SimpleNamespace(create_random_device_generator=create_random_device_generator))
+    with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3, secure_mode=True) as dp:
+        assert dp.optimizer.secure_mode is True
+        assert made == ["/dev/urandom"]
+        assert dp.optimizer.generator is dp.data_loader.batch_sampler.generator is not None
+    with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3) as dp:
+        assert dp.optimizer.secure_mode is False

@@ -22,3 +22,29 @@ def test_public_subset():
     expected = np.sort(np.random.default_rng([4, 9]).choice(20, 6, replace=False))
     np.testing.assert_array_equal(public_subset(4, 9, num_public=20, size=6), expected)
     assert not np.array_equal(public_subset(4, 9, num_public=20, size=6), public_subset(4, 10, num_public=20, size=6))
+
+
+def test_noise_seed_resolution():
+    from fedkd.seeds import resolve_noise_seed
+
+    assert resolve_noise_seed("auto", deployed=False) == "run-seed"
+    assert resolve_noise_seed("auto", deployed=True) == "site-secret"
+    assert resolve_noise_seed("run-seed", deployed=True) == "site-secret"  # the server cannot lower it
+    assert resolve_noise_seed("secure-rng", deployed=True) == "secure-rng"
+    assert resolve_noise_seed("site-secret", deployed=False) == "site-secret"
+    assert resolve_noise_seed("auto", deployed=True, site_choice="run-seed") == "run-seed"  # the site's own call
+    import pytest
+
+    with pytest.raises(ValueError, match="requested must be one of"):
+        resolve_noise_seed("seeded", deployed=True)
+
+
+def test_keyed_seeds_depend_on_the_key_and_the_seed():
+    from fedkd.seeds import keyed_seed, noise_rng_seed
+
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    assert keyed_seed(key, 5) == keyed_seed(key, 5)
+    assert len({keyed_seed(key, 5), keyed_seed(key, 6), keyed_seed(other, 5)}) == 3
+    assert 0 <= keyed_seed(key, 5) < 2**63
+    assert noise_rng_seed("run-seed", seed=5) == 5 and noise_rng_seed("secure-rng", seed=5) is None
+    assert noise_rng_seed("site-secret", seed=5, key=key) == keyed_seed(key, 5)

@@ -47,3 +47,59 @@ def test_a_failing_site_is_excluded_for_the_round_not_the_run(small_run_config):
     assert [r.node for r in replies] == [0, 1, 2, 3]
     assert [r.error is None for r in replies] == [True, True, False, True]
     assert replies[2].error.startswith("site failed: RuntimeError")
+
+
+def _rdp(history, delta):  # noqa: ANN001, ANN202  Opacus's accountant, used directly
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    return accountant.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["site-state-kept", "site-state-lost"])
+def test_an_extended_private_run_stops_every_site_at_its_target(small_run_config, lost):
+    """A 2-round DP run, resumed with 4 rounds. Kept site state: the sites keep the plan
+    they started with and report dp-stopped (no PrivacyStateError). Lost site state (fresh
+    SiteStates, which would plan a whole new budget): the server's recorded history goes
+    back in the inbox and the sites stop too. Either way each site's composed epsilon,
+    composed here with Opacus's RDPAccountant over the server's recorded history, is at or
+    under its target."""
+    import dataclasses
+    from pathlib import Path
+
+    from fedkd.data import load_federation
+    from fedkd.federation.loop import run_federation
+    from fedkd.federation.server import ServerState
+    from fedkd.reporting import RunRecorder
+    from simulations.floor import InProcessTransport
+
+    config = small_run_config("dp-extend", **{"privacy.enabled": True, "privacy.target-epsilon": 2.0,
+                                              "fusion.method": "mean", "global-student.enabled": False,
+                                              "data.num-clients": 3, "min-clients": 2,
+                                              "model.architectures": "mlp-small", "train.distill-epochs": 1})
+    split = load_federation(config.data, config.seed)
+    transport = InProcessTransport(config, split)
+    runs = Path(config.output_dir)
+    first = run_federation(config=config, split=split, transport=transport,
+                           recorder=RunRecorder(runs / "first", config.to_toml()))
+    assert first["status"] == "completed"
+    before = {int(c): row for c, row in first["privacy"]["ledger"].items()}
+    assert all(row["epsilon-spent"] > 0.9 * 2.0 for row in before.values())  # the budget is spent
+
+    extended = dataclasses.replace(config, num_server_rounds=4)
+    state = ServerState()
+    arrays, meta = ServerState(privacy=dict(before), completed_round=2).state_dict()
+    state.load_state_dict(arrays, meta, round_number=2)
+    again = InProcessTransport(extended, split)
+    if not lost:
+        again.states = transport.states  # each site's state as it left round 2
+    summary = run_federation(config=extended, split=split, transport=again, state=state,
+                             recorder=RunRecorder(runs / "second", extended.to_toml()))
+    assert summary["status"] == "completed" and summary["dropouts"] == []
+    for client, row in summary["privacy"]["ledger"].items():
+        composed = _rdp(row["history"], row["delta"])
+        assert composed <= row["target-epsilon"] + 1e-9, (client, composed)
+        assert row["epsilon-spent"] >= before[int(client)]["epsilon-spent"]  # never a decrease
+        assert row["stopped"]
+        assert row["steps"] == before[int(client)]["steps"]  # no private step after the budget

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from fedkd.checkpoint import CheckpointError
 from fedkd.config import Config, ConfigError, load_config, parse_overrides
 from fedkd.data import DataUnavailableError
 
@@ -43,7 +44,8 @@ def run_reporting_errors(command: Callable[[argparse.Namespace], int], args: arg
     except ConfigError as err:
         for problem in err.problems:
             print(f"fedkd: error: {problem}", file=sys.stderr)
-    except (DataUnavailableError, FileNotFoundError, FileExistsError, ValueError, TimeoutError) as err:
+    except (DataUnavailableError, FileNotFoundError, FileExistsError, ValueError, TimeoutError,
+            CheckpointError) as err:
         print(f"fedkd: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("fedkd: interrupted; the run directory keeps what was recorded", file=sys.stderr)

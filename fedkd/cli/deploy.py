@@ -57,7 +57,7 @@ def cmd_deploy_export(args: argparse.Namespace) -> int:
     print(f"{'file'.ljust(width)}  examples  sha256")
     for f in files:
         print(f"{str(f.path).ljust(width)}  {f.examples:8d}  {f.sha256}")
-    print(f"\npublic set fingerprint (ordered ids): {_public_fingerprint(files[0].path)}")
+    print(f"\npublic set fingerprint (ordered ids and inputs): {_public_fingerprint(files[0].path)}")
     print("copy public.npz to every site and site-<i>.npz to site i only; check the sha256 there")
     return 0
 
@@ -65,12 +65,16 @@ def cmd_deploy_export(args: argparse.Namespace) -> int:
 def _public_fingerprint(path: Path) -> str:
     from fedkd.data import load_public_file, public_fingerprint
 
-    return public_fingerprint(load_public_file(path)[0].ids)
+    public = load_public_file(path)[0]
+    return public_fingerprint(public.ids, public.x)
 
 
 def cmd_deploy_connect(args: argparse.Namespace) -> int:
-    from fedkd.ops.deploy import Deployment, connection_toml, flwr_home, write_file
+    from fedkd.ops.deploy import Deployment, address_problem, connection_toml, flwr_home, write_file
 
+    problem = address_problem(args.superlink)
+    if problem:
+        raise ConfigError([problem])
     if not args.insecure:
         if args.ca is None:
             raise ConfigError(["--ca: give the CA certificate (ca.crt), or --insecure"])

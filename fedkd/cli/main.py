@@ -11,7 +11,8 @@
     fedkd deploy   certs|keys|export-partitions|connect|superlink|register|supernode|run|plan
                                                           multi-host deployment (docs/deployment.md)
 
-Bad input ends with a one-line ``fedkd: error: ...`` per problem and exit status 2.
+Bad input ends with a one-line ``fedkd: error: ...`` per problem and exit status 2; a run
+that did not complete (status other than "completed") with exit status 1; Ctrl-C with 130.
 
 This module holds the parser, :func:`main` and the simulate / study / compare / options /
 audit commands; ``fedkd deploy ...`` is in :mod:`fedkd.cli.deploy`, the arguments and
@@ -51,12 +52,22 @@ def _resumable(config: Config) -> Config:
     )
 
 
+def _completed(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` completed; if not, one line on stderr saying why."""
+    from fedkd.reporting import read_summary
+
+    status = read_summary(run_dir).get("status", "unknown")
+    if status != "completed":
+        print(f"fedkd: error: the run in {run_dir} did not complete: {status}", file=sys.stderr)
+    return status == "completed"
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _resumable(config_from_args_with_resume(args))
     run_dir = launch_simulation(config, verbose=args.verbose)
     print(compare_table([run_dir]))
     print(f"\nrun directory: {run_dir}")
-    return 0
+    return 0 if _completed(run_dir) else 1
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -79,7 +90,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     (study_dir / "comparison.txt").write_text(table + "\n")
     print(table)
     print(f"\nruns and plots under: {study_dir}")
-    return 0
+    completed = [_completed(run_dir) for run_dir in run_dirs]  # each incomplete run named
+    return 0 if all(completed) else 1
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

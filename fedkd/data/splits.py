@@ -85,12 +85,22 @@ class FederatedSplit:
 
     @property
     def public_fingerprint(self) -> str:
-        """sha256 of the ordered public example ids: sites must agree on it."""
-        return public_fingerprint(self.public.ids)
+        """sha256 of the ordered public example ids and their inputs: sites must agree on it."""
+        return public_fingerprint(self.public.ids, self.public.x)
 
 
-def public_fingerprint(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+def public_fingerprint(ids: np.ndarray, x: np.ndarray | None = None) -> str:
+    """sha256 of the ordered public ids (int64 bytes) and, given ``x``, of the inputs too:
+    their shape and their bytes as float32 (features) or int64 (token ids), the dtypes every
+    site loads them as. Ids alone would let a public set with the right ids but NaN, zeroed
+    or altered inputs pass the check. Without ``x``: the ids only (older fingerprints)."""
+    digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes())
+    if x is not None:
+        x = np.asarray(x)
+        x = np.ascontiguousarray(x.astype(np.float32 if x.dtype.kind == "f" else np.int64, copy=False))
+        digest.update(repr(tuple(int(n) for n in x.shape)).encode())
+        digest.update(x.tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------- partitioning

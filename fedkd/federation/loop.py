@@ -42,15 +42,13 @@ from fedkd.federation.server import (
     run_summary,
     server_round,
     site_inbox,
+    train_metrics,
 )
 from fedkd.federation.site import SiteInbox
 from fedkd.wire import InvalidPayload
 from fedkd.reporting import RunRecorder, alma_summary
 
 logger = logging.getLogger("fedkd")
-
-RESERVED_METRICS = frozenset({"event", "round", "client"})
-"""Names a site's metrics may not use: the run records' own fields."""
 
 
 class RoundFailed(RuntimeError):
@@ -109,8 +107,12 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
                       recorder: RunRecorder, round_number: int, release: np.ndarray,
                       on_accept: Callable[[int, np.ndarray], None] | None = None) -> dict[int, np.ndarray]:
     """One train exchange: every site's inbox out, replies validated; returns the accepted
-    knowledge by partition id. A failed, late or invalid reply excludes that site for the
-    round (one ``excluded`` record each); the others are kept."""
+    knowledge by partition id. Every field of a reply is checked before anything of it is
+    kept or recorded: partition id, metric names, types and bounds
+    (:func:`fedkd.federation.server.train_metrics`), knowledge, DP figures
+    (:func:`fedkd.federation.server.privacy_row`); only a valid reply identifies its node.
+    A failed, late or invalid reply excludes that site for the round (one ``excluded``
+    record each), never the run; the others are kept."""
 
     def inbox_for(client: int | None) -> SiteInbox:
         inbox = site_inbox(config=config, split=split, state=state, client=client,
@@ -127,14 +129,11 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
             client = reply_client(reply.metrics, config=config)
             if client in accepted:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
-            transport.identified(reply.node, client)
-            metrics = {k: v for k, v in dict(reply.metrics).items() if k != "partition-id"}
-            reserved = sorted(RESERVED_METRICS & set(metrics))
-            if reserved:
-                raise InvalidPayload(f"metric name(s) {', '.join(reserved)} are reserved")
+            metrics = train_metrics(reply.metrics)  # names, types, bounds: before anything is kept
             knowledge = accept_reply(config=config, num_classes=split.num_classes, release=release,
                                      record_names=reply.records, arrays=reply.arrays or {})
             row = privacy_row(config=config, metrics=metrics, previous=state.privacy.get(client))
+            transport.identified(reply.node, client)
         except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
             _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}")
             continue

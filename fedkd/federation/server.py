@@ -33,9 +33,9 @@ from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
 from fedkd.fusion import fuse
-from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge
+from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
-from fedkd.privacy import LEDGER_METRICS, ledger_row
+from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
 from fedkd.seeds import public_subset
 
 FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy")
@@ -51,7 +51,9 @@ class ServerState:
     ``student``: the global student (None until its first round); ``bytes_up`` /
     ``bytes_down``: bytes of every accepted reply / every inbox sent; ``dropouts``: every
     exclusion; ``history``: one entry per completed round; ``privacy``: partition id -> its
-    row of the privacy ledger; ``completed_round``: the last round checkpointed."""
+    row of the privacy ledger (:func:`fedkd.privacy.ledger_row`, with the server's own
+    history of the site's DP spend, which the checkpoint keeps and :func:`site_inbox` sends
+    back); ``completed_round``: the last round checkpointed."""
 
     fused: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     consensus: np.ndarray | None = None
@@ -139,13 +141,17 @@ def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, cli
     does not know yet, which gets no fused knowledge). Positions are sent only when they are
     not the whole public set."""
     num_public = len(split.public)
-    fused = fused_positions = consensus = None
+    fused = fused_positions = consensus = history = None
     if client is not None and client in state.fused:
         positions, knowledge = state.fused[client]
         fused = encode(knowledge, config.knowledge.wire_format)
         fused_positions = positions if len(positions) < num_public else None
         if state.consensus is not None:
             consensus = encode(state.consensus, config.knowledge.wire_format)
+    row = state.privacy.get(client) if client is not None else None
+    if row is not None:  # the server's record of the site's spend, and its verdict
+        recorded = previous_history(row)
+        history = np.array(recorded, dtype=np.float64).reshape(len(recorded), 3)
     return SiteInbox(
         round_number=round_number,
         public_fingerprint=split.public_fingerprint,
@@ -154,6 +160,8 @@ def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, cli
         fused=fused,
         fused_positions=fused_positions,
         consensus=consensus,
+        privacy_history=history,
+        dp_stop=bool(row.get("must-stop", row.get("stopped", False))) if row is not None else False,
     )
 
 
@@ -176,22 +184,50 @@ def accept_reply(*, config: Config, num_classes: int, release: np.ndarray, recor
     )
 
 
+TRAIN_NAN_METRICS = frozenset({"train-loss", "distil-loss", "teacher-kd-loss", "val-accuracy",
+                               "teacher-val-accuracy", "student-val-accuracy"})
+"""Train-reply metrics that may be NaN: a loss over no step (private training stopped) or an
+accuracy over an empty split. Every other metric must be finite."""
+
+
+def train_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """A train reply's metrics, checked (:func:`fedkd.wire.validate_metrics`, NaN only in
+    :data:`TRAIN_NAN_METRICS`), without its ``partition-id``."""
+    checked = validate_metrics(metrics, allow_nan=TRAIN_NAN_METRICS)
+    checked.pop("partition-id", None)
+    return checked
+
+
 def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict | None:
-    """The site's new privacy-ledger row from its train metrics, or None when it reports no
-    epsilon (privacy off)."""
-    if "epsilon" not in metrics:
+    """The site's new privacy-ledger row from its train metrics (:func:`fedkd.privacy.ledger_row`:
+    the server's own history of the site's spend, composed), or None when the site reports
+    no DP figure and privacy is off. A reply with some ``dp-*`` figures or ``epsilon`` but
+    not all of them, with figures out of bounds, or with none of them when privacy is on,
+    raises :class:`InvalidPayload`."""
+    reported = [key for key in LEDGER_METRICS if key in metrics]
+    if not reported and not config.privacy.enabled:
         return None
     missing = [key for key in LEDGER_METRICS if key not in metrics]
     if missing:
-        raise InvalidPayload(f"metrics report 'epsilon' without {', '.join(missing)}")
-    return ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
+        what = f"'{reported[0]}'" if reported else "privacy.enabled"
+        raise InvalidPayload(f"metrics report {what} without {', '.join(missing)}")
+    try:
+        return ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
+    except ValueError as err:
+        raise InvalidPayload(str(err)) from None
 
 
-def evaluation_scores(metrics: Mapping[str, Any]) -> tuple[float, float]:
-    """``(accuracy, num-examples)`` of an evaluation reply, checked to be in range."""
-    accuracy_, examples = float(metrics["accuracy"]), float(metrics["num-examples"])
-    if not (0.0 <= accuracy_ <= 1.0 or np.isnan(accuracy_)) or not examples >= 0:
-        raise InvalidPayload(f"accuracy {accuracy_} / num-examples {examples} out of range")
+def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
+    """``(accuracy, num-examples)`` of an evaluation reply, checked
+    (:func:`fedkd.wire.validate_metrics`; accuracy in [0, 1], NaN only over no examples)."""
+    checked = validate_metrics(metrics, allow_nan=frozenset({"accuracy", "student-accuracy", "teacher-accuracy"}))
+    for key in ("accuracy", "num-examples"):
+        if key not in checked:
+            raise InvalidPayload(f"evaluation metrics need '{key}'")
+    accuracy_, examples = checked["accuracy"], checked["num-examples"]
+    if not (0.0 <= accuracy_ <= 1.0 or (np.isnan(accuracy_) and examples == 0)):
+        raise InvalidPayload(f"accuracy must be in [0, 1] (NaN only over 0 examples); got {accuracy_} "
+                             f"over {examples:g} examples")
     return accuracy_, examples
 
 

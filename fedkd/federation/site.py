@@ -46,7 +46,7 @@ from fedkd.distillation import accuracy, distil, predict_logits, train_joint, tr
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
-from fedkd.seeds import site_seed, teacher_seed
+from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import shield
 from fedkd.targets import CONSENSUS, LOCAL_CONSENSUS, blend, local_prior, parse_candidates, pooled_choice, record_scores, under_prior, validation_nll
 
@@ -66,7 +66,13 @@ class SiteInbox:
     ``fused``: F_i on the wire (``knowledge.wire-format``, [len(fused_positions), C]; None in
     round 1, under method ``none``, or for a site the server does not know yet);
     ``fused_positions``: the public positions F_i covers (None: all of P); ``consensus``: the
-    federation's consensus G on the same positions (``fusion.consensus``; else None)."""
+    federation's consensus G on the same positions (``fusion.consensus``; else None);
+    ``privacy_history``: the server's record of this site's DP spend, [k, 3] rows
+    (sigma, q, steps) (None: privacy off or nothing recorded yet), which the site adopts
+    when it spends more than its own ledger (a site that lost its state);
+    ``dp_stop``: the server's verdict that another round of private training would pass the
+    site's target (:func:`fedkd.privacy.ledger_row`'s ``must-stop``): the site then trains
+    no more on private data."""
 
     round_number: int
     public_fingerprint: str
@@ -75,11 +81,14 @@ class SiteInbox:
     fused: np.ndarray | None = None
     fused_positions: np.ndarray | None = None
     consensus: np.ndarray | None = None
+    privacy_history: np.ndarray | None = None
+    dp_stop: bool = False
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The inbox's arrays by name (what goes on the wire besides the round config)."""
         named = {"release-positions": self.release_positions, "fused": self.fused,
-                 "fused-positions": self.fused_positions, "consensus": self.consensus}
+                 "fused-positions": self.fused_positions, "consensus": self.consensus,
+                 "privacy-history": self.privacy_history}
         return {name: a for name, a in named.items() if a is not None}
 
     @property
@@ -121,6 +130,26 @@ def build_site_teacher(config: Config, split: FederatedSplit, client: int) -> nn
                        seed=teacher_seed(config.seed, client), **split.model_options)
 
 
+@dataclass(frozen=True)
+class NoiseSource:
+    """Where a site's private randomness comes from (:data:`fedkd.seeds.NOISE_SEEDS`):
+    DP-SGD's Poisson sampling and Gaussian noise, and the shielding noise on its logits.
+    ``key``: the site's secret (``site-secret``; :func:`fedkd.seeds.new_site_secret`)."""
+
+    kind: str = "run-seed"
+    key: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in NOISE_SEEDS:
+            raise ValueError(f"noise source must be one of {', '.join(NOISE_SEEDS)}; got {self.kind!r}")
+        if self.kind == "site-secret" and (self.key is None or len(self.key) < 16):
+            raise ValueError("noise source 'site-secret' needs a secret key of at least 128 bits")
+
+    def round_seed(self, seed: int) -> int | None:
+        """The round's private seed from its public ``seed`` (:func:`fedkd.seeds.noise_rng_seed`)."""
+        return noise_rng_seed(self.kind, seed=seed, key=self.key)
+
+
 STATE_KEYS = frozenset({"model", "teacher", "privacy", "rounds-trained", "target-scores"})
 
 
@@ -138,15 +167,21 @@ class SiteState:
     ledger: PrivacyLedger | None = None
     rounds_trained: int = 0
     target_scores: dict[str, list[float]] = field(default_factory=dict)
+    noise: NoiseSource = field(default_factory=lambda: NoiseSource())
 
     @classmethod
-    def fresh(cls, *, config: Config, split: FederatedSplit, client: int, architecture: str = "") -> SiteState:
-        """A site's state before its first round: fresh seeded models, an empty ledger."""
+    def fresh(cls, *, config: Config, split: FederatedSplit, client: int, architecture: str = "",
+              noise: NoiseSource | None = None) -> SiteState:
+        """A site's state before its first round: fresh seeded models, an empty ledger;
+        ``noise``: where its private randomness comes from (default: the run's seeds). The
+        noise source is the site's own (its secret stays on its disk), not part of
+        :meth:`state_dict`."""
         ledger = None
         if config.privacy.enabled:
             ledger = PrivacyLedger(site_privacy_plan(config, len(split.clients[client].train), client))
         return cls(model=build_site_model(config, split, client, architecture=architecture),
-                   teacher=build_site_teacher(config, split, client), ledger=ledger)
+                   teacher=build_site_teacher(config, split, client), ledger=ledger,
+                   noise=noise or NoiseSource())
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict(), "rounds-trained": self.rounds_trained}
@@ -205,11 +240,14 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
         fused_positions = everything if inbox.fused_positions is None else inbox.fused_positions
         if inbox.consensus is not None:
             consensus = decode(inbox.consensus).astype(np.float32)
+    if state.ledger is not None and inbox.privacy_history is not None:
+        state.ledger.adopt(inbox.privacy_history)  # the server's record, when it spends more
     knowledge, metrics = local_round(
         model=state.model, config=config, client=client, round_number=inbox.round_number,
         data=split.clients[client], public_x=split.public.x, release_positions=release,
         fused=fused, fused_positions=fused_positions, ledger=state.ledger, teacher=state.teacher,
         target_scores=state.target_scores, consensus=consensus,
+        noise=state.noise, dp_stop=inbox.dp_stop,
     )
     state.rounds_trained += 1
     arrays = {"knowledge": knowledge}
@@ -241,13 +279,20 @@ def _seeded(round_fn):  # noqa: ANN001, ANN202
 
 
 def _private_step(model: nn.Module, data, *, config: Config, ledger: PrivacyLedger, lr: float,  # noqa: ANN001
-                  seed: int, metrics: dict[str, float]) -> None:
-    """One round of DP-SGD through the site's ledger, its figures into ``metrics``."""
-    private = train_private_site(model, data, config=config, ledger=ledger, lr=lr, seed=seed)
-    metrics.update(ledger_metrics(ledger))
+                  seed: int, metrics: dict[str, float], noise: NoiseSource, dp_stop: bool = False) -> None:
+    """One round of DP-SGD through the site's ledger, its figures into ``metrics``. Its
+    sampling and noise come from ``noise`` (the run's ``seed``, the site's secret, or
+    Opacus's secure RNG); ``dp_stop`` (the server's verdict) skips it."""
+    if dp_stop:
+        metrics.update(ledger_metrics(ledger, round_steps=0, stopped=True, noise_seed=noise.kind))
+        metrics["train-loss"] = float("nan")
+        return
+    private_seed = noise.round_seed(seed)
+    private = train_private_site(model, data, config=config, ledger=ledger, lr=lr,
+                                 seed=0 if private_seed is None else private_seed,
+                                 secure_mode=noise.kind == "secure-rng")
+    metrics.update(ledger_metrics(ledger, round_steps=private.steps, stopped=private.stopped, noise_seed=noise.kind))
     metrics["train-loss"] = private.loss
-    metrics["dp-stopped"] = float(private.stopped)
-    metrics["dp-round-steps"] = float(private.steps)
 
 
 def teacher_steps(
@@ -262,6 +307,8 @@ def teacher_steps(
     fused_positions: np.ndarray | None,
     ledger: PrivacyLedger | None,
     metrics: dict[str, float],
+    noise: NoiseSource | None = None,
+    dp_stop: bool = False,
 ) -> nn.Module:
     """A teacher site's training; returns the released model (``teacher.release``).
 
@@ -287,7 +334,8 @@ def teacher_steps(
             teacher, data.train, epochs=tc.epochs, batch_size=t.batch_size, lr=tc.lr, seed=seed
         )
     else:
-        _private_step(teacher, data.train, config=config, ledger=ledger, lr=tc.lr, seed=seed, metrics=metrics)
+        _private_step(teacher, data.train, config=config, ledger=ledger, lr=tc.lr, seed=seed, metrics=metrics,
+                      noise=noise or NoiseSource(), dp_stop=dp_stop)
     logits = torch.as_tensor(predict_logits(teacher, public_x))
     target = torch.softmax(logits, dim=-1).numpy()
     mixed = has_fused and not release_teacher
@@ -318,6 +366,8 @@ def local_round(
     teacher: nn.Module | None = None,
     target_scores: dict[str, list[float]] | None = None,
     consensus: np.ndarray | None = None,
+    noise: NoiseSource | None = None,
+    dp_stop: bool = False,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Steps a-d above: returns the released knowledge ``[len(release_positions), C]`` and
     the round's metrics. ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
@@ -327,12 +377,16 @@ def local_round(
 
     With a ``ledger`` (privacy on) local training is DP-SGD and the metrics carry the
     run's epsilon so far; once the next round would exceed the target, the site stops
-    private training (``dp-stopped`` = 1) and keeps releasing knowledge from its model.
+    private training (``dp-stopped`` = 1) and keeps releasing knowledge from its model; so
+    does it when the server says so (``dp_stop``). ``noise`` (default: the run's seeds)
+    gives the round's DP sampling and noise and its shielding noise
+    (:class:`NoiseSource`).
 
     With ``train.target-choice = "validated"`` (no DP, no teacher, sequential mode) steps a-b
     run once per blend candidate and the site keeps the best (:func:`validated_steps`);
     ``target_scores`` (the site's pooled scores, updated in place) carries across rounds."""
     t = config.train
+    noise = noise or NoiseSource()
     seed = site_seed(config.seed, client, round_number)
     metrics: dict[str, float] = {}
     has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
@@ -342,7 +396,7 @@ def local_round(
         model = teacher_steps(
             student=model, teacher=teacher, config=config, seed=seed, data=data,
             public_x=public_x, fused=fused, fused_positions=fused_positions, ledger=ledger,
-            metrics=metrics,
+            metrics=metrics, noise=noise, dp_stop=dp_stop,
         )
     elif has_fused and t.mode == "joint":
         metrics["train-loss"] = train_joint(
@@ -368,10 +422,10 @@ def local_round(
             )
         else:
             _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
-                          seed=seed, metrics=metrics)
+                          seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
     knowledge, stats = release_knowledge(
         config, predict_logits(model, public_x[release_positions]),
-        rng=np.random.default_rng(seed), public_x=public_x[release_positions],
+        rng=np.random.default_rng(noise.round_seed(seed)), public_x=public_x[release_positions],
         reference=fused if has_fused and np.array_equal(fused_positions, release_positions) else None,
     )
     metrics.update(

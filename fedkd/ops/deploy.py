@@ -270,6 +270,18 @@ def write_supernode_keys(
 # ------------------------------------------------------------------------ commands
 
 
+def address_problem(address: str, *, key: str = "--superlink") -> str | None:
+    """Why ``address`` is not a ``HOST:PORT`` a SuperNode or ``flwr`` can dial (None: it is):
+    a non-empty host (a name, an IPv4 address or a bracketed IPv6 address) and a port in
+    1..65535. Flower would otherwise fail later, or dial a default port silently."""
+    host, sep, port = str(address).rpartition(":")
+    if not sep or not host or host in ("[", "]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{key}: must be HOST:PORT with a port in 1..65535, such as server.example.org:9092; got {address!r}"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return f"{key}: an IPv6 host must be in brackets, such as [::1]:9092; got {address!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class Deployment:
     """Where the SuperLink listens (``address`` = HOST:PORT as sites reach it), where the

@@ -17,7 +17,27 @@ from typing import Any
 
 from fedkd.config import Config, ConfigError
 from fedkd.data import FederatedSplit
-from fedkd.seeds import site_seed
+from fedkd.seeds import NOISE_SEEDS, resolve_noise_seed, site_seed
+
+SIMULATED_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
+"""The node config Flower's simulation engine gives every simulated site, and nothing else."""
+
+
+def is_simulated(node_config: Mapping[str, Any]) -> bool:
+    """True when ``node_config`` is exactly what Flower's simulation engine sets
+    (:data:`SIMULATED_NODE_KEYS`); any other node config is a deployed SuperNode's,
+    written by its operator. Used to resolve ``privacy.noise-seed = "auto"``: a site is
+    taken to be deployed unless it is positively a simulated one."""
+    return set(node_config) == SIMULATED_NODE_KEYS
+
+
+def site_noise_seed(config: Config, node_config: Mapping[str, Any], settings: SiteSettings) -> str:
+    """The noise source of this site (:func:`fedkd.seeds.resolve_noise_seed`): its node
+    config's ``noise-seed``, else the run config's ``privacy.noise-seed`` (``auto``:
+    site-secret when deployed, run-seed when simulated; never run-seed when deployed
+    unless the site's own node config says so)."""
+    return resolve_noise_seed(config.privacy.noise_seed, deployed=not is_simulated(node_config),
+                              site_choice=settings.noise_seed)
 
 NODE_CONFIG_KEYS = {
     "partition-id": "this site's id, 0..data.num-clients-1 (required)",
@@ -26,7 +46,9 @@ NODE_CONFIG_KEYS = {
     "dataset": "rebuild the federation's split from this dataset instead of data.dataset",
     "dataset-path": "this host's copy of the dataset (save_to_disk folder) instead of data.path",
     "model": "this site's architecture instead of its turn in model.architectures",
-    "state-dir": "folder where the site keeps its state after each round (rejoin, resume)",
+    "state-dir": "folder where the site keeps its state after each round (rejoin, resume) and its noise secret",
+    "noise-seed": "where this site's DP and shielding noise come from: site-secret (deployment default), "
+                  "secure-rng or run-seed (reproducible by the server); overrides privacy.noise-seed",
     "num-partitions": "set by Flower's simulation engine; not used",
 }
 
@@ -42,6 +64,7 @@ class SiteSettings:
     dataset_path: str = ""
     model: str = ""
     state_dir: str = ""
+    noise_seed: str = ""
 
     @property
     def uses_local_files(self) -> bool:
@@ -70,7 +93,7 @@ def site_settings(node_config: Mapping[str, Any], *, num_clients: int) -> SiteSe
             f"(data.num-clients is {num_clients}); got {value!r}"
         )
     strings = {}
-    for key in ("data-path", "public-path", "dataset", "dataset-path", "model", "state-dir"):
+    for key in ("data-path", "public-path", "dataset", "dataset-path", "model", "state-dir", "noise-seed"):
         text = node_config.get(key, "")
         if not isinstance(text, str):
             problems.append(f"node config {key}: must be a string (quote it: {key}=\"...\"); got {text!r}")
@@ -78,6 +101,8 @@ def site_settings(node_config: Mapping[str, Any], *, num_clients: int) -> SiteSe
             strings[key.replace("-", "_")] = text.strip()
     if strings.get("model") and strings["model"] not in MODELS.names():
         problems.append(f"node config model: must be one of {', '.join(MODELS.names())}; got {strings['model']!r}")
+    if strings.get("noise_seed") and strings["noise_seed"] not in NOISE_SEEDS:
+        problems.append(f"node config noise-seed: must be one of {', '.join(NOISE_SEEDS)}; got {strings['noise_seed']!r}")
     if problems:
         raise ConfigError(problems)
     return SiteSettings(partition_id=int(value), **strings)

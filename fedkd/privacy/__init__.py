@@ -20,6 +20,7 @@ from fedkd.privacy.accounting import (
     PrivacyPlan,
     PrivacyStateError,
     calibrate_noise_multiplier,
+    compose_epsilon,
     check_privacy_plans,
     create_accountant,
     default_delta,
@@ -27,6 +28,8 @@ from fedkd.privacy.accounting import (
     get_noise_multiplier,
     ledger_metrics,
     ledger_row,
+    parse_history,
+    previous_history,
     plan_privacy,
     sample_rate_for,
     site_privacy_plan,
@@ -45,8 +48,8 @@ from fedkd.privacy.dpsgd import (
 __all__ = [
     "ACCOUNTANTS", "EPSILON_TOLERANCE", "GRAD_SAMPLE_MODES", "LEDGER_METRICS", "MAX_NOISE_MULTIPLIER",
     "PrivacyConfigError", "PrivacyEngine", "PrivacyLedger", "PrivacyPlan", "PrivacyStateError",
-    "PrivateTrainResult", "PrivateTraining", "calibrate_noise_multiplier", "check_privacy_plans",
+    "PrivateTrainResult", "PrivateTraining", "calibrate_noise_multiplier", "check_privacy_plans", "compose_epsilon",
     "create_accountant", "default_delta", "epsilon_for", "get_noise_multiplier", "ledger_metrics",
-    "ledger_row", "plan_privacy", "private_training", "sample_rate_for", "site_privacy_plan",
+    "ledger_row", "parse_history", "plan_privacy", "previous_history", "private_training", "sample_rate_for", "site_privacy_plan",
     "steps_for", "train_private", "train_private_site",
 ]

@@ -91,6 +91,12 @@ def get_noise_multiplier(**kwargs: Any) -> float:
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 """Accountant names accepted by :func:`plan_privacy` (Opacus's registry names)."""
 
+MAX_HISTORY = 10_000
+"""Most (sigma, q, steps) segments a stored or received history may hold."""
+
+MAX_STEPS = 10**9
+"""Most DP-SGD steps one history segment (or one round's report) may count."""
+
 MAX_NOISE_MULTIPLIER = 50.0
 """Above this sigma the noise drowns any clipped gradient: the plan is refused as unreachable."""
 
@@ -98,6 +104,10 @@ EPSILON_TOLERANCE = 0.01
 """Binary-search tolerance of the calibration: sigma gives target - 0.01 < epsilon <= target."""
 
 _STATE_FORMAT = "fedkd.privacy-ledger/1"
+
+EXTENSIBLE_PLAN_FIELDS = ("rounds", "planned_steps", "noise_multiplier")
+"""Plan fields that differ when a run is resumed with another ``num-server-rounds``; the
+budget (target, delta, q, steps per round, clipping, accountant, data size) may not."""
 
 
 class PrivacyConfigError(ValueError):
@@ -401,11 +411,7 @@ class PrivacyLedger:
         )
 
     def _epsilon_of(self, history: History) -> float:
-        if not history:
-            return 0.0
-        acc = create_accountant(mechanism=self.plan.accountant)
-        acc.history = history
-        return float(acc.get_epsilon(delta=self.plan.delta))
+        return compose_epsilon(history=history, delta=self.plan.delta, accountant=self.plan.accountant)
 
     # -- persistence
     def state_dict(self) -> dict[str, Any]:
@@ -418,21 +424,39 @@ class PrivacyLedger:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the history with the stored one. The stored plan must equal this ledger's
-        plan: a run's budget cannot change mid-run. Raises :class:`PrivacyStateError`
-        naming the missing key or the differing plan fields."""
+        """Replace the history (and the plan) with the stored ones.
+
+        The stored plan's budget must equal this ledger's: every field but
+        :data:`EXTENSIBLE_PLAN_FIELDS`, which change when a run is resumed with another
+        ``num-server-rounds``. Then the stored plan is kept: its sigma was calibrated for the
+        rounds planned first, so an extended run spends what is left of the same budget at
+        the same sigma and then stops private training (``dp-stopped``), as documented.
+        Raises :class:`PrivacyStateError` naming the missing key or the differing fields."""
         plan, history = _parse_state(state)
-        if plan != self.plan:
-            diffs = [
-                f"{f.name}: stored {getattr(plan, f.name)!r}, current {getattr(self.plan, f.name)!r}"
-                for f in dataclasses.fields(PrivacyPlan)
-                if getattr(plan, f.name) != getattr(self.plan, f.name)
-            ]
+        diffs = [
+            f"{f.name}: stored {getattr(plan, f.name)!r}, current {getattr(self.plan, f.name)!r}"
+            for f in dataclasses.fields(PrivacyPlan)
+            if f.name not in EXTENSIBLE_PLAN_FIELDS and getattr(plan, f.name) != getattr(self.plan, f.name)
+        ]
+        if diffs:
             raise PrivacyStateError(
-                "stored privacy ledger was made for a different plan (a run's budget cannot "
+                "stored privacy ledger was made for a different budget (a run's budget cannot "
                 "change mid-run): " + "; ".join(diffs)
             )
+        self.plan = plan
         self.accountant.load_state_dict({"history": history, "mechanism": state["mechanism"]})
+
+    def adopt(self, history: Sequence[Sequence[float]]) -> bool:
+        """Take ``history`` (the server's record of this site's spend, see
+        :func:`ledger_row`) in place of the ledger's own when it spends more; never lowers
+        the spend. A site whose state was lost, or rolled back to retry a round, so learns
+        what it has already spent. Returns True when the history was taken."""
+        parsed = parse_history(history)
+        if compose_epsilon(history=parsed, delta=self.plan.delta, accountant=self.plan.accountant) \
+                <= self.epsilon():
+            return False
+        self.accountant.history = parsed
+        return True
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> PrivacyLedger:
@@ -461,6 +485,54 @@ class PrivacyLedger:
         )
 
 
+def parse_history(entries: Any, *, key: str = "history") -> History:
+    """``[(sigma, q, steps), ...]`` from a list of triples, checked: sigma >= 0 finite,
+    0 < q <= 1, steps an integer >= 0, at most :data:`MAX_HISTORY` segments; raises
+    :class:`PrivacyStateError` naming the bad entry (``key`` names the list)."""
+    if isinstance(entries, np.ndarray):
+        entries = entries.tolist()
+    if not isinstance(entries, (list, tuple)) or len(entries) > MAX_HISTORY:
+        raise PrivacyStateError(f"{key} must be a list of at most {MAX_HISTORY} [sigma, q, steps]; "
+                                f"got {type(entries).__name__}")
+    history: History = []
+    for i, entry in enumerate(entries):
+        steps = entry[2] if isinstance(entry, (list, tuple)) and len(entry) == 3 else None
+        if isinstance(steps, float) and steps.is_integer():
+            steps = int(steps)  # an array row carries floats
+        ok = (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and _is_real(entry[0])
+            and _is_real(entry[1])
+            and _is_int(steps)
+            and math.isfinite(entry[0])
+            and entry[0] >= 0
+            and 0 < entry[1] <= 1
+            and 0 <= steps <= MAX_STEPS
+        )
+        if not ok:
+            raise PrivacyStateError(
+                f"{key}[{i}] must be [noise_multiplier >= 0, 0 < sample_rate <= 1, steps >= 0]; got {entry!r}"
+            )
+        history.append((float(entry[0]), float(entry[1]), int(steps)))
+    return history
+
+
+def compose_epsilon(*, history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
+    """epsilon at ``delta`` of the SGM segments ``history`` composed by the named Opacus
+    accountant (0.0 for no steps). Opacus's ``gdp`` accountant reads only the last segment,
+    so a ``gdp`` history with segments of different (sigma, q) is composed by ``rdp`` (an
+    upper bound) instead of being under-counted."""
+    history = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not history:
+        return 0.0
+    if accountant == "gdp" and len(history) > 1:
+        accountant = "rdp"
+    acc = create_accountant(mechanism=accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
 def _parse_state(state: Mapping[str, Any]) -> tuple[PrivacyPlan, History]:
     if not isinstance(state, Mapping):
         raise PrivacyStateError(f"privacy ledger state must be a mapping; got {type(state).__name__}")
@@ -483,24 +555,7 @@ def _parse_state(state: Mapping[str, Any]) -> tuple[PrivacyPlan, History]:
             f"privacy ledger state key 'mechanism' is {state['mechanism']!r} but its plan "
             f"uses accountant {plan.accountant!r}"
         )
-    history: History = []
-    for i, entry in enumerate(state["history"]):
-        ok = (
-            isinstance(entry, (list, tuple))
-            and len(entry) == 3
-            and _is_real(entry[0])
-            and _is_real(entry[1])
-            and _is_int(entry[2])
-            and entry[0] >= 0
-            and 0 < entry[1] <= 1
-            and entry[2] >= 0
-        )
-        if not ok:
-            raise PrivacyStateError(
-                f"privacy ledger state key 'history[{i}]' must be [noise_multiplier >= 0, "
-                f"0 < sample_rate <= 1, steps >= 0]; got {entry!r}"
-            )
-        history.append((float(entry[0]), float(entry[1]), int(entry[2])))
+    history = parse_history(state["history"], key="privacy ledger state key history")
     return plan, history
 
 
@@ -558,12 +613,20 @@ def check_privacy_plans(config: Config, train_sizes: Sequence[int]) -> list[Priv
 # ------------------------------------------------------------------- the ledger's rows
 
 LEDGER_METRICS = ("epsilon", "dp-target-epsilon", "dp-delta", "dp-noise-multiplier",
-                  "dp-sample-rate", "dp-steps", "dp-planned-steps")
-"""The metrics a DP site reports every round (numbers only, as Flower's MetricRecord needs)."""
+                  "dp-sample-rate", "dp-steps", "dp-planned-steps", "dp-round-steps", "dp-stopped",
+                  "dp-noise-seed")
+"""The metrics a DP site reports every round (numbers only, as Flower's MetricRecord needs);
+``dp-noise-seed`` is the index of its noise source in :data:`fedkd.seeds.NOISE_SEEDS`."""
 
 
-def ledger_metrics(ledger: PrivacyLedger) -> dict[str, float]:
-    """The ledger's state as the round metrics :data:`LEDGER_METRICS`."""
+def ledger_metrics(ledger: PrivacyLedger, *, round_steps: int = 0, stopped: bool = False,
+                   noise_seed: str = "run-seed") -> dict[str, float]:
+    """The ledger's state as the round metrics :data:`LEDGER_METRICS`: the run's spend so
+    far, the plan, this round's steps (``round_steps``), whether private training stopped,
+    and where the round's noise came from (``noise_seed``, one of
+    :data:`fedkd.seeds.NOISE_SEEDS`)."""
+    from fedkd.seeds import NOISE_SEEDS
+
     plan = ledger.plan
     return {
         "epsilon": ledger.epsilon(),
@@ -573,22 +636,105 @@ def ledger_metrics(ledger: PrivacyLedger) -> dict[str, float]:
         "dp-sample-rate": plan.sample_rate,
         "dp-steps": float(ledger.steps),
         "dp-planned-steps": float(plan.planned_steps),
+        "dp-round-steps": float(round_steps),
+        "dp-stopped": float(bool(stopped)),
+        "dp-noise-seed": float(NOISE_SEEDS.index(noise_seed)),
     }
+
+
+def _checked_figures(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`LEDGER_METRICS` of a reply, checked (a site's report is a claim): each a
+    finite real number; epsilon >= 0, target > 0, 0 < delta < 1, 0 <= sigma <= 10^6,
+    0 < q <= 1, step counts integers in 0..:data:`MAX_STEPS`, ``dp-stopped`` 0 or 1,
+    ``dp-noise-seed`` an index of :data:`fedkd.seeds.NOISE_SEEDS`. Raises ValueError naming
+    the first bad metric, its bounds and the value received."""
+    from fedkd.seeds import NOISE_SEEDS
+
+    bounds = {  # name: (low, high, low open, integer)
+        "epsilon": (0.0, math.inf, False, False),
+        "dp-target-epsilon": (0.0, math.inf, True, False),
+        "dp-delta": (0.0, 1.0, True, False),
+        "dp-noise-multiplier": (0.0, 1e6, False, False),
+        "dp-sample-rate": (0.0, 1.0, True, False),
+        "dp-steps": (0, MAX_STEPS, False, True),
+        "dp-planned-steps": (0, MAX_STEPS, False, True),
+        "dp-round-steps": (0, MAX_STEPS, False, True),
+        "dp-stopped": (0, 1, False, True),
+        "dp-noise-seed": (0, len(NOISE_SEEDS) - 1, False, True),
+    }
+    out: dict[str, Any] = {}
+    for name, (low, high, low_open, integer) in bounds.items():
+        value = metrics[name]
+        ok = _is_real(value) and math.isfinite(value) and (value > low if low_open else value >= low) \
+            and value <= high and (not integer or float(value).is_integer())
+        if name == "dp-delta" and ok:
+            ok = value < 1
+        if not ok:
+            kind = "an integer" if integer else "a finite number"
+            raise ValueError(f"metric {name} must be {kind} in {'(' if low_open else '['}{low:g}, {high:g}]; "
+                             f"got {value!r}")
+        out[name] = int(value) if integer else float(value)
+    return out
 
 
 def ledger_row(*, metrics: Mapping[str, Any], accountant: str, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One site's row of the run's privacy ledger (``summary.json``'s ``privacy.ledger``),
-    from the site's latest round metrics (:func:`ledger_metrics`, plus ``dp-stopped``).
-    ``stopped`` stays True once a site has stopped private training (``previous``: the row
-    it replaces). The only place this row is built."""
+    kept by the server, from the site's latest round metrics (:func:`ledger_metrics`) and
+    the row it replaces (``previous``). The only place this row is built.
+
+    The server's ledger is authoritative: ``history`` is the server's own record of the
+    site's spend, [(sigma, q, steps), ...], one segment per accepted round (this round's
+    ``dp-round-steps`` at the reported sigma and q, appended, merged like Opacus's
+    ``step``), so it survives a site that lost its state, restarted or retried a round.
+    ``epsilon-spent`` is the largest of that history's epsilon (:func:`compose_epsilon`,
+    target and delta as first reported), the site's own claim (``site-epsilon``) and the
+    previous row's: it never decreases. ``stopped`` stays True once set; ``must-stop``
+    says whether another round like the last one (``round-steps``) would pass the target,
+    which the server tells the site (``dp-stop`` in its inbox). ``noise-seed`` names where
+    the site's noise came from (:data:`fedkd.seeds.NOISE_SEEDS`). Raises ValueError for a
+    metric out of bounds (:func:`_checked_figures`)."""
+    from fedkd.seeds import NOISE_SEEDS
+
+    m = _checked_figures(metrics)
+    prev = dict(previous or {})
+    target = float(prev.get("target-epsilon", m["dp-target-epsilon"]))
+    delta = float(prev.get("delta", m["dp-delta"]))
+    history = previous_history(prev)
+    history = _extend(history, noise_multiplier=m["dp-noise-multiplier"], sample_rate=m["dp-sample-rate"],
+                      steps=m["dp-round-steps"])
+    composed = compose_epsilon(history=history, delta=delta, accountant=accountant)
+    spent = max(composed, m["epsilon"], float(prev.get("epsilon-spent", 0.0)))
+    round_steps = m["dp-round-steps"] or int(prev.get("round-steps", 0))
+    stopped = bool(m["dp-stopped"]) or bool(prev.get("stopped", False))
+    next_round = _extend(history, noise_multiplier=m["dp-noise-multiplier"], sample_rate=m["dp-sample-rate"],
+                         steps=round_steps)
+    must_stop = stopped or spent > target or (
+        round_steps > 0 and compose_epsilon(history=next_round, delta=delta, accountant=accountant) > target)
     return {
-        "target-epsilon": metrics["dp-target-epsilon"],
-        "epsilon-spent": metrics["epsilon"],
-        "delta": metrics["dp-delta"],
-        "noise-multiplier": metrics["dp-noise-multiplier"],
-        "sample-rate": metrics["dp-sample-rate"],
-        "steps": int(metrics["dp-steps"]),
-        "planned-steps": int(metrics["dp-planned-steps"]),
+        "target-epsilon": target,
+        "epsilon-spent": spent,
+        "site-epsilon": m["epsilon"],
+        "delta": delta,
+        "noise-multiplier": m["dp-noise-multiplier"],
+        "sample-rate": m["dp-sample-rate"],
+        "steps": sum(n for _, _, n in history),
+        "site-steps": m["dp-steps"],
+        "planned-steps": m["dp-planned-steps"],
+        "round-steps": round_steps,
         "accountant": accountant,
-        "stopped": bool(metrics.get("dp-stopped")) or bool((previous or {}).get("stopped", False)),
+        "stopped": stopped,
+        "must-stop": bool(must_stop),
+        "noise-seed": NOISE_SEEDS[m["dp-noise-seed"]],
+        "history": [[s, q, n] for s, q, n in history],
     }
+
+
+def previous_history(row: Mapping[str, Any] | None) -> History:
+    """The server's recorded history in a ledger row (``history``); a row from before the
+    server kept histories stands for one segment of its ``steps`` at its sigma and q."""
+    if not row:
+        return []
+    if "history" in row:
+        return parse_history(row["history"], key="ledger row history")
+    return _extend([], noise_multiplier=float(row["noise-multiplier"]), sample_rate=float(row["sample-rate"]),
+                   steps=int(row["steps"]))

@@ -133,8 +133,14 @@ def private_training(
             f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}; got {grad_sample_mode!r}"
         )
     if secure_mode:
-        engine = PrivacyEngine(accountant=plan.accountant, secure_mode=True)
-        loader_gen = noise_gen = None
+        try:
+            engine = PrivacyEngine(accountant=plan.accountant, secure_mode=True)
+        except ImportError:
+            raise RuntimeError(
+                "privacy.noise-seed 'secure-rng' (Opacus secure_mode) needs the torchcsprng package, "
+                "which is not installed on this site; install it or use noise-seed 'site-secret'"
+            ) from None
+        loader_gen = noise_gen = None  # Opacus draws both from its secure generator
     else:
         # seeded pseudo-random sampling and noise: reproducible, but not hardened against
         # floating-point attacks on the noise (Opacus warns once; secure_mode=True for that)
@@ -258,11 +264,13 @@ def train_private(
 
 def train_private_site(
     model: nn.Module, data: ArrayDataset, *, config: Config, ledger: PrivacyLedger, lr: float,
-    seed: int,
+    seed: int, secure_mode: bool = False,
 ) -> PrivateTrainResult:
     """:func:`train_private` with a site's Opacus settings: per-example gradients by
     ``privacy.grad-sample-mode`` ('auto': ghost clipping for text models, hooks otherwise),
-    text embeddings frozen in the DP step when ``privacy.freeze-embeddings``."""
+    text embeddings frozen in the DP step when ``privacy.freeze-embeddings``. ``seed`` is
+    the round's private seed (:func:`fedkd.seeds.noise_rng_seed`); ``secure_mode``: Opacus's
+    secure RNG instead (noise source ``secure-rng``)."""
     from fedkd.models.text import TextClassifier, frozen_embeddings
 
     p = config.privacy
@@ -271,4 +279,4 @@ def train_private_site(
         mode = "ghost" if isinstance(model, TextClassifier) else "hooks"
     with frozen_embeddings(model, enabled=p.freeze_embeddings):
         return train_private(model, data, plan=ledger.plan, ledger=ledger, lr=lr, seed=seed,
-                             grad_sample_mode=mode)
+                             secure_mode=secure_mode, grad_sample_mode=mode)

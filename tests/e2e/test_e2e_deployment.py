@@ -218,9 +218,12 @@ def test_three_round_run_with_tls_and_auth_matches_the_simulation(federation, un
     ]
     assert {e["rounds-trained"] for e in trains if e["round"] == ROUNDS} == {ROUNDS}
     assert (run_dir / "checkpoint.npz").is_file()
-    for c in range(SITES):  # each site kept its state on its own disk (2 latest rounds)
-        kept = sorted(p.name for p in (federation.state / "uninterrupted" / f"site-{c}").iterdir())
-        assert kept == [f"round-{r:04d}.npz" for r in (ROUNDS - 1, ROUNDS)]
+    for c in range(SITES):  # each site kept its state on its own disk (2 latest rounds), owner only,
+        site_dir = federation.state / "uninterrupted" / f"site-{c}"  # and its own noise secret
+        kept = sorted(p.name for p in site_dir.iterdir())
+        assert kept == ["noise-secret", *(f"round-{r:04d}.npz" for r in (ROUNDS - 1, ROUNDS))]
+        assert all(p.stat().st_mode & 0o777 == 0o600 for p in site_dir.iterdir())
+    assert {e["event"] for e in events(run_dir, "client-train") if "dp-noise-seed" in e} == set()  # DP off
 
     simulation = uninterrupted["simulation"]
     assert simulation.wait(timeout=240) == 0, federation.log_text("simulation")[-3000:]
