@@ -34,11 +34,16 @@ CONFIG_FILE = "config.toml"
 WEIGHTS_DIR = "weights"
 
 
+def default_run_name(config: Config) -> str:
+    """``<method>-<timestamp>``; a fusion plugin's method is its rule's name (``pkg.mod:rule`` -> ``rule``)."""
+    return f"{config.fusion.method.rsplit(':', 1)[-1]}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 def run_directory(config: Config) -> Path:
     """The run's directory, ``output-dir/run-name`` (a timestamped name when run-name is
     empty). With ``checkpoint.resume`` it must hold the stopped run's checkpoint; otherwise it
     must be new or empty (a finished run is never overwritten)."""
-    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = config.run_name or default_run_name(config)
     run_dir = Path(config.output_dir).resolve() / name
     if config.checkpoint.resume:  # continue the stopped run there
         if not (run_dir / SERVER_CHECKPOINT).is_file():
@@ -199,29 +204,82 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def compare_table(run_dirs: Iterable[str | Path]) -> str:
-    """A text table over finished runs: method, ALMA mean/worst, global accuracy, bytes."""
-    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "max ε", "bytes/client/round")
-    rows = [header]
+COMPARE_FORMATS = ("text", "csv", "md", "json")
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """The run directories among ``paths``: a run directory (it has ``summary.json``) as
+    it is, a folder of runs (a study) as the runs inside it, in name order; other files (a
+    study's ``comparison.txt``, plots) are skipped. Raises ``FileNotFoundError`` naming a
+    folder that is neither a finished run nor holds one."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if (path / SUMMARY_FILE).is_file():
+            runs.append(path)
+        elif path.is_dir():
+            inside = sorted(p for p in path.iterdir() if (p / SUMMARY_FILE).is_file())
+            if not inside:
+                raise FileNotFoundError(f"{path} is not a finished fedkd run (no {SUMMARY_FILE}) "
+                                        "and holds none")
+            runs.extend(inside)
+        elif not path.exists():
+            raise FileNotFoundError(f"{path}: no such run directory")
+    return runs
+
+
+def _compare_rows(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    rows = []
     for run_dir in run_dirs:
         s = read_summary(run_dir)
         final = s["final"]
         ledger = s.get("privacy", {}).get("ledger", {})
-        max_epsilon = max((e["epsilon-spent"] for e in ledger.values()), default=None)
-        rows.append(
-            (
-                Path(run_dir).name,
-                s["method"],
-                str(s["rounds-completed"]),
-                _fmt(final.get("alma"), ".3f"),
-                _fmt(final.get("worst"), ".3f"),
-                _fmt(final.get("global-accuracy"), ".3f"),
-                _fmt(max_epsilon, ".2f"),
-                _fmt(s["bytes"]["total-per-client-round"], ",.0f"),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        history = s.get("history") or [{}]
+        rows.append({
+            "run": Path(run_dir).name,
+            "method": s["method"],
+            "rounds": s["rounds-completed"],
+            "alma": final.get("alma"),
+            "worst": final.get("worst"),
+            "global-accuracy": final.get("global-accuracy"),
+            "max-epsilon": max((e["epsilon-spent"] for e in ledger.values()), default=None),
+            "bytes-per-client-round": s["bytes"]["total-per-client-round"],
+            "sites-responding": len(history[-1].get("accepted", [])) if "history" in s else None,
+            "status": s.get("status", "-"),
+        })
+    return rows
+
+
+def compare_table(run_dirs: Iterable[str | Path], *, format: str = "text") -> str:  # noqa: A002
+    """A table over finished runs: method, rounds, ALMA mean/worst, global accuracy, max
+    epsilon, bytes, sites responding in the last round and status, as ``format`` ``"text"``
+    (aligned columns), ``"csv"``, ``"md"`` (Markdown) or ``"json"`` (a list of objects with
+    the unformatted values)."""
+    if format not in COMPARE_FORMATS:
+        raise ValueError(f"--format: must be one of {', '.join(COMPARE_FORMATS)}; got {format!r}")
+    rows = _compare_rows(run_dirs)
+    if format == "json":
+        return json.dumps(rows, indent=2, default=_json_default)
+    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "max ε", "bytes/client/round",
+              "sites", "status")
+    cells = [header] + [
+        (r["run"], r["method"], str(r["rounds"]), _fmt(r["alma"], ".3f"), _fmt(r["worst"], ".3f"),
+         _fmt(r["global-accuracy"], ".3f"), _fmt(r["max-epsilon"], ".2f"),
+         _fmt(r["bytes-per-client-round"], ",.0f"), _fmt(r["sites-responding"], "d"), str(r["status"]))
+        for r in rows
+    ]
+    if format == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(cells)
+        return out.getvalue().rstrip("\n")
+    if format == "md":
+        lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
