@@ -41,7 +41,14 @@ REPLY_POLL_SECONDS = 0.1  # as often as the simulation engine polls its own queu
 
 def _show_fedkd_log() -> None:
     """Print the federation's own log lines (logger ``fedkd``: rounds, exclusions) as Flower
-    prints its own, once per process."""
+    prints its own, once per process; Flower's lines without colour codes when the output is
+    not a terminal (a log file, a pipe)."""
+    import sys
+
+    from flwr.common.logger import update_console_handler
+
+    if not sys.stderr.isatty():
+        update_console_handler(colored=False)
     logger = logging.getLogger("fedkd")
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -54,7 +54,13 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.common.logger import update_console_handler
     from flwr.supercore.telemetry import EventType
+
+    import sys
+
+    if not sys.stderr.isatty():  # a log file or a pipe: plain text, no colour codes
+        update_console_handler(colored=False)
 
     from clients.client_app import app as client_app
     from server.server_app import app as server_app
