@@ -819,9 +819,32 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+_NAMED_VALUES: dict[str, Callable[[], list[str]]] = {
+    "model.architectures": lambda: [*_model_names(), "hf:/path", "package.module:Model"],
+    "global-student.model": lambda: [*_model_names(), "package.module:Model"],
+    "fusion.method": lambda: [*_fusion_names(), "package.module:rule"],
+    "data.dataset": lambda: ["digits", "topics", "file", "mnist", "cifar10", "ag_news", "text:<hub id>",
+                             "<hub id>", "package.module:load"],
+}
+"""Keys checked by a function rather than a fixed list: the values ``fedkd options`` lists."""
+
+
+def allowed_values(key: str) -> list[str] | None:
+    """The values a choice key accepts (None for a free or numeric key)."""
+    if key in _NAMED_VALUES:
+        return _NAMED_VALUES[key]()
+    choices = CONFIG_FIELDS[key].metadata["choices"]
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
 def describe_options() -> str:
-    """One line per key: name, default and meaning (for ``fedkd simulate --help-config``)."""
+    """One line per key: name, default and meaning, and for a choice key the values it
+    accepts (``fedkd options``)."""
     lines = []
     for key, f in CONFIG_FIELDS.items():
-        lines.append(f"{key} = {f.default!r}  # {f.metadata['help']}")
+        values = allowed_values(key)
+        allowed = f"  [{' | '.join(values)}]" if values else ""
+        lines.append(f"{key} = {f.default!r}  # {f.metadata['help']}{allowed}")
     return "\n".join(lines)
