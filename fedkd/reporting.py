@@ -118,19 +118,48 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+UNINFORMATIVE_WEIGHTS = frozenset({"none", "mean", "era"})
+"""Fusion methods whose weight matrix says nothing (identity, or every row uniform): no heatmap."""
+
+
+def _run_method(run_dir: Path) -> str | None:
+    import tomllib
+
+    try:
+        return tomllib.loads((run_dir / CONFIG_FILE).read_text())["fusion"]["method"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(ax: Any, **options: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=7, **options)
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write the run's PNG plots from ``metrics.jsonl`` and the weight files."""
+    """Write the run's PNG plots from ``metrics.jsonl`` and the weight files: integer round
+    ticks, legends beside the axes (never over the data), the method and run in each title,
+    sites excluded in a round marked, and no weight heatmap for methods whose weights carry
+    no information (:data:`UNINFORMATIVE_WEIGHTS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    method = _run_method(run_dir)
+    label = f"{method} · {run_dir.name}" if method else run_dir.name
     written = []
     rounds = read_events(run_dir, "round")
     evaluated = [r for r in rounds if r.get("alma") is not None]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if evaluated:
         x = [r["round"] for r in evaluated]
         ax.plot(x, [r["alma"] for r in evaluated], marker="o", label="ALMA (mean local accuracy)")
@@ -139,24 +168,30 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if student:
         ax.plot([r["round"] for r in student], [r["global-accuracy"] for r in student],
                 linestyle=":", label="global student (global test)")
-    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy per round")
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title=f"Accuracy per round: {label}")
+    _integer_rounds(ax)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     written.append(run_dir / "alma.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
     evals = read_events(run_dir, "client-eval")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    excluded = read_events(run_dir, "excluded")
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for client in sorted({e["client"] for e in evals}):
         own = [e for e in evals if e["client"] == client]
-        ax.plot([e["round"] for e in own], [e["accuracy"] for e in own], label=f"client {client}")
-    ax.set(xlabel="round", ylabel="local test accuracy", ylim=(0, 1.02), title="Per-client accuracy")
+        line, = ax.plot([e["round"] for e in own], [e["accuracy"] for e in own], label=f"client {client}")
+        out = sorted({e["round"] for e in excluded if e.get("client") == client})
+        if out:
+            ax.plot(out, [0.0] * len(out), "x", color=line.get_color(), clip_on=False)
+    if excluded:
+        ax.plot([], [], "x", color="gray", label="excluded that round")
+    ax.set(xlabel="round", ylabel="local test accuracy", ylim=(0, 1.02), title=f"Per-client accuracy: {label}")
+    _integer_rounds(ax)
     ax.grid(alpha=0.3)
-    if evals:
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    _legend_outside(ax, ncol=1 if len({e["client"] for e in evals}) <= 12 else 2)
     fig.tight_layout()
     written.append(run_dir / "client_accuracy.png")
     fig.savefig(written[-1], dpi=110)
@@ -164,7 +199,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     trains = [e for e in read_events(run_dir, "client-train") if "epsilon" in e]
     if trains:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         for client in sorted({e["client"] for e in trains}):
             own = [e for e in trains if e["client"] == client]
             ax.plot([e["round"] for e in own], [e["epsilon"] for e in own], marker=".",
@@ -172,16 +207,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         target = trains[0]["dp-target-epsilon"]
         ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target ε = {target:g}")
         ax.set(xlabel="round", ylabel="ε spent (whole run so far)", ylim=(0, target * 1.1),
-               title="Privacy spent per site")
+               title=f"Privacy spent per site: {label}")
+        _integer_rounds(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        _legend_outside(ax)
         fig.tight_layout()
         written.append(run_dir / "epsilon.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
     weight_files = sorted((run_dir / WEIGHTS_DIR).glob("round_*.npz"))
-    if weight_files:
+    if weight_files and method not in UNINFORMATIVE_WEIGHTS:
         last = np.load(weight_files[-1])
         clients = last["clients"]
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -189,13 +225,50 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_xticks(range(len(clients)), clients)
         ax.set_yticks(range(len(clients)), clients)
         ax.set(xlabel="neighbour j (knowledge source)", ylabel="client i (receiver)",
-               title=f"Fusion weights w_ij, {weight_files[-1].stem.replace('_', ' ')}")
+               title=f"Fusion weights w_ij, {weight_files[-1].stem.replace('_', ' ')}\n{label}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         written.append(run_dir / "weights_heatmap.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     return written
+
+
+def plot_study(run_dirs: Iterable[str | Path], *, out_dir: str | Path) -> Path:
+    """One picture comparing a study's runs: ALMA per round for each method (left) and each
+    site's final local accuracy per method (right). Written to ``out_dir/study.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dirs = [Path(r) for r in run_dirs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(len(run_dirs), 1)
+    for i, run_dir in enumerate(run_dirs):
+        name = _run_method(run_dir) or run_dir.name
+        evaluated = [r for r in read_events(run_dir, "round") if r.get("alma") is not None]
+        left.plot([r["round"] for r in evaluated], [r["alma"] for r in evaluated], marker=".", label=name)
+        evals = read_events(run_dir, "client-eval")
+        if evals:
+            last = max(e["round"] for e in evals)
+            final = sorted((e["client"], e["accuracy"]) for e in evals if e["round"] == last)
+            right.bar([c + (i - (len(run_dirs) - 1) / 2) * width for c, _ in final], [a for _, a in final],
+                      width=width, label=name)
+    study = run_dirs[0].parent.name if run_dirs else ""
+    left.set(xlabel="round", ylabel="ALMA", ylim=(0, 1.02), title=f"ALMA per round by method: {study}")
+    _integer_rounds(left)
+    right.set(xlabel="site", ylabel="final local test accuracy", ylim=(0, 1.02),
+              title=f"Final accuracy per site by method: {study}")
+    _integer_rounds(right)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    _legend_outside(right)
+    fig.tight_layout()
+    path = Path(out_dir) / "study.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -37,7 +37,7 @@ from fedkd.cli.args import (
 from fedkd.cli.deploy import add_deploy_parsers
 from fedkd.config import Config, ConfigError, describe_options, load_config, parse_overrides
 from fedkd.engine import launch_audit_sweep, launch_simulation
-from fedkd.reporting import COMPARE_FORMATS, compare_table, default_run_name, find_runs, read_summary
+from fedkd.reporting import COMPARE_FORMATS, compare_table, default_run_name, find_runs, plot_study, read_summary
 
 STUDY_METHODS = ("none", "mean", "era", "knfu")
 
@@ -89,6 +89,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     table = compare_table(run_dirs)
     study_dir = run_dirs[0].parent
     (study_dir / "comparison.txt").write_text(table + "\n")
+    plot_study(run_dirs, out_dir=study_dir)
     print(table)
     print(f"\nruns and plots under: {study_dir}")
     return exit_status(run_dirs)
