@@ -74,17 +74,62 @@ def _scorer_names() -> list[str]:
     return SENSITIVITY_SCORERS.names()
 
 
+def _plugin_problem(names: list[str], kind: str) -> str | None:
+    """The first plugin among ``names`` that cannot be imported, as one line (None if all can)."""
+    from fedkd.plugins import PluginError, is_plugin_path, load_plugin
+
+    for name in names:
+        if is_plugin_path(name):
+            try:
+                load_plugin(name, kind=kind)
+            except PluginError as err:
+                return str(err)
+    return None
+
+
 def _check_architectures(value: str) -> str | None:
-    from fedkd.models import is_model_name
+    from fedkd.models import MODELS, is_model_name
 
     names = [n.strip() for n in value.split(",")]
     unknown = [n for n in names if not is_model_name(n)]
     if not value.strip() or unknown:
         return (
             "must be a comma-separated list of model names from "
-            f"{', '.join(_model_names())} (or hf:/path/to/a/local/model); got '{value}'"
+            f"{', '.join(_model_names())} (or hf:/path/to/a/local/model, or an import path "
+            f"package.module:Model); got '{value}'"
         )
-    return None
+    return _plugin_problem([n for n in names if n not in MODELS], "model")
+
+
+def _check_model(value: Any) -> str | None:
+    from fedkd.models import MODELS
+
+    if not isinstance(value, str) or value.strip() not in MODELS and not _is_plugin(value):
+        return f"must be one of {', '.join(_model_names())} or an import path package.module:Model; got {value!r}"
+    return _plugin_problem([value.strip()] if value.strip() not in MODELS else [], "model")
+
+
+def _check_fusion_method(value: Any) -> str | None:
+    from fedkd.fusion import FUSION_METHODS
+
+    if isinstance(value, str) and value in FUSION_METHODS:
+        return None
+    if not isinstance(value, str) or not _is_plugin(value):
+        return (f"must be one of {', '.join(_fusion_names())} or an import path package.module:rule; "
+                f"got {value!r}")
+    return _plugin_problem([value.strip()], "fusion")
+
+
+def _check_dataset(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return f"must be a dataset name or an import path package.module:load; got {value!r}"
+    return _plugin_problem([value.strip()], "dataset") if _is_plugin(value) else None
+
+
+def _is_plugin(value: str) -> bool:
+    from fedkd.plugins import is_plugin_path
+
+    return is_plugin_path(value)
 
 
 def _parse_teachers(value: str) -> dict[int, str]:
@@ -138,9 +183,28 @@ class DataConfig:
     dataset: str = option(
         "digits",
         help="'digits' (embedded, offline), 'topics' (embedded text corpus, offline) or a Hugging "
-        "Face dataset name such as 'mnist', 'cifar10', 'ag_news' or 'text:<hub id>' (text)",
+        "Face dataset name such as 'mnist', 'cifar10', 'ag_news' or 'text:<hub id>' (text); "
+        "'file' (your own data at data.path); or a loader's import path package.module:load",
+        check=_check_dataset,
     )
-    path: str = option("", help="local copy of a named dataset (datasets.save_to_disk folder)")
+    path: str = option(
+        "", help="your own data: a .csv file (one row an example), an .npz file with x and y, or a "
+        "datasets.save_to_disk folder (a named dataset's local copy, or your own)",
+    )
+    label_column: str = option(
+        "", help="CSV / save_to_disk: the label column ('' = 'label', 'target', 'class' or 'y', "
+        "else the last column)",
+    )
+    feature_columns: str = option(
+        "", help="CSV / save_to_disk: comma-separated feature columns ('' = an image column "
+        "('image', 'img', 'pixel_values') if any, else every other numeric column)",
+    )
+    standardize: str = option(
+        "none", choices=("none", "public", "private"),
+        help="tabular features: subtract the mean and divide by the std per feature, fitted on "
+        "the public set ('public') or on the sites' private training data ('private'), never on "
+        "test data, then applied to every part",
+    )
     num_clients: int = option(10, low=1, help="number of sites (clients)")
     partitioner: str = option(
         "dirichlet", choices=("dirichlet", "pathological", "iid"), help="how private data is split"
@@ -248,7 +312,10 @@ class ShieldConfig:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    method: str = option("expert", choices=_fusion_names, help="fusion method")
+    method: str = option(
+        "expert", check=_check_fusion_method,
+        help="fusion method (see `fedkd options`), or a fusion rule's import path package.module:rule",
+    )
     measure: str = option(
         "agreement", choices=("epd", "agreement"), help="effectiveness measure for knfu"
     )
@@ -293,7 +360,7 @@ class FusionConfig:
 @dataclass(frozen=True)
 class GlobalStudentConfig:
     enabled: bool = option(True, help="distil fused knowledge into a server-side student")
-    model: str = option("mlp-large", choices=_model_names, help="global student architecture")
+    model: str = option("mlp-large", check=_check_model, help="global student architecture")
     epochs: int = option(10, low=1, help="distillation epochs per round")
 
 
@@ -699,6 +766,7 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
         problems.append(
             f"audit.site: must be < data.num-clients ({get('data.num-clients')}); got {get('audit.site')}"
         )
+    problems.extend(_data_checks(get, valid))
     problems.extend(_modality_checks(get, valid))
     if (valid("privacy.enabled", "train.mode") and get("privacy.enabled")
             and get("train.mode") == "joint"):
@@ -706,6 +774,30 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
             "train.mode: must be 'sequential' when privacy.enabled is true (the public KD step "
             "stays outside the DP optimizer); got 'joint'"
         )
+    return problems
+
+
+EMBEDDED_DATASETS = ("digits", "topics")
+
+
+def _data_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[str]:
+    """data.path only where something reads it; standardisation only of float features."""
+    if not valid("data.dataset", "data.path"):
+        return []
+    from fedkd.data.text import is_text_dataset
+
+    dataset, path = get("data.dataset"), get("data.path")
+    problems = []
+    if dataset in EMBEDDED_DATASETS and path:
+        problems.append(
+            f"data.path: the embedded dataset '{dataset}' reads no file; to train on '{path}' set "
+            "data.dataset = \"file\" (CSV, x/y .npz or a save_to_disk folder)")
+    if dataset == "file" and not path:
+        problems.append("data.path: data.dataset 'file' reads your own data from data.path; got an empty data.path")
+    if valid("data.standardize") and get("data.standardize") != "none" and is_text_dataset(dataset):
+        problems.append(
+            f"data.standardize: text data (data.dataset '{dataset}') is token ids; must be 'none'; "
+            f"got {get('data.standardize')!r}")
     return problems
 
 
@@ -784,9 +876,32 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+_NAMED_VALUES: dict[str, Callable[[], list[str]]] = {
+    "model.architectures": lambda: [*_model_names(), "hf:/path", "package.module:Model"],
+    "global-student.model": lambda: [*_model_names(), "package.module:Model"],
+    "fusion.method": lambda: [*_fusion_names(), "package.module:rule"],
+    "data.dataset": lambda: ["digits", "topics", "file", "mnist", "cifar10", "ag_news", "text:<hub id>",
+                             "<hub id>", "package.module:load"],
+}
+"""Keys checked by a function rather than a fixed list: the values ``fedkd options`` lists."""
+
+
+def allowed_values(key: str) -> list[str] | None:
+    """The values a choice key accepts (None for a free or numeric key)."""
+    if key in _NAMED_VALUES:
+        return _NAMED_VALUES[key]()
+    choices = CONFIG_FIELDS[key].metadata["choices"]
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
 def describe_options() -> str:
-    """One line per key: name, default and meaning (for ``fedkd simulate --help-config``)."""
+    """One line per key: name, default and meaning, and for a choice key the values it
+    accepts (``fedkd options``)."""
     lines = []
     for key, f in CONFIG_FIELDS.items():
-        lines.append(f"{key} = {f.default!r}  # {f.metadata['help']}")
+        values = allowed_values(key)
+        allowed = f"  [{' | '.join(values)}]" if values else ""
+        lines.append(f"{key} = {f.default!r}  # {f.metadata['help']}{allowed}")
     return "\n".join(lines)

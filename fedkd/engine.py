@@ -7,6 +7,7 @@ starts. Everything in fedkd/ that runs federations (the CLI's ``simulate``, ``st
 its functions, so that importing fedkd never loads Flower:
 
 * :func:`launch_simulation`  the one function that starts the simulation engine;
+* :func:`launch_inprocess`   the in-process runner (``simulations/floor.py``), no Flower;
 * :func:`launch_audit_sweep` the audit trade-off study's driver
   (simulations/studies/audit_sweep.py), every federation of which it runs through
   :func:`launch_simulation`.
@@ -24,15 +25,26 @@ if TYPE_CHECKING:
     from fedkd.audit.sweep import Setting
 
 
-def launch_simulation(config: Config, *, verbose: bool = False) -> Path:
+def launch_simulation(config: Config, *, verbose: bool = False, num_supernodes: int | None = None) -> Path:
     """Run one federation of ``config`` on Flower's simulation engine
-    (``simulations.runner.simulate``) and return its run directory.
+    (``simulations.runner.simulate``; ``num_supernodes`` defaults to ``data.num-clients``)
+    and return its run directory.
 
     The only function in fedkd/ that starts Flower: Flower is imported here, when called.
     """
     from simulations.runner import simulate
 
-    return simulate(config, verbose=verbose)
+    if num_supernodes is None:
+        return simulate(config, verbose=verbose)
+    return simulate(config, verbose=verbose, num_supernodes=num_supernodes)
+
+
+def launch_inprocess(config: Config) -> Path:
+    """Run one federation of ``config`` in this process (``simulations.floor.run_floor``:
+    the same round loop, no Flower) and return its run directory."""
+    from simulations.floor import run_floor
+
+    return run_floor(config)
 
 
 def launch_audit_sweep(

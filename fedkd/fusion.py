@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from fedkd.plugins import is_plugin_path, load_plugin
 from fedkd.registry import Registry
 
 _EPS = 1e-12
@@ -502,6 +503,9 @@ def fuse(
     """Fuse ``knowledge`` [N, P, C] with ``method`` (see module doc for the formulas).
 
     Extra keyword arguments go to the method (``beta``, ``threshold``, ``measure``, ...).
+    ``method`` may be a fusion rule's import path ``package.module:rule`` (a plugin,
+    :mod:`fedkd.plugins`), called as ``rule(knowledge, mask, **params)``; what it returns is
+    checked (:func:`_plugin_result`).
     """
     unknown = set(params) - FUSION_PARAMETERS
     if unknown:
@@ -512,7 +516,35 @@ def fuse(
     if knowledge.ndim != 3 or knowledge.shape[0] == 0:
         raise ValueError(f"knowledge must have shape [N>0, P, C]; got {knowledge.shape}")
     mask = informative_rows(knowledge, uniform_entropy)
-    result = FUSION_METHODS.get(method)(knowledge, mask, **params)
+    if method not in FUSION_METHODS and is_plugin_path(method):
+        result = _plugin_result(method, load_plugin(method, kind="fusion")(knowledge, mask, **params),
+                                shape=knowledge.shape)
+    else:
+        result = FUSION_METHODS.get(method)(knowledge, mask, **params)
     if result.fused is not None and sharpen_temperature > 0:
         result = FusionResult(sharpen(result.fused, sharpen_temperature), result.weights)
+    return result
+
+
+def _plugin_result(method: str, result: Any, *, shape: tuple[int, ...]) -> FusionResult:
+    """A fusion plugin's return value as a :class:`FusionResult`, checked: fused ``[N, P, C]``
+    rows that are probability vectors (or None: no fused knowledge), weights ``[N, N]``."""
+    from fedkd.plugins import PluginError
+
+    if not isinstance(result, FusionResult):
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise PluginError(f"fusion plugin '{method}' must return a FusionResult or (fused, weights); "
+                              f"got {type(result).__name__}")
+        result = FusionResult(None if result[0] is None else np.asarray(result[0], np.float64),
+                              np.asarray(result[1], np.float64))
+    n = shape[0]
+    if np.shape(result.weights) != (n, n):
+        raise PluginError(f"fusion plugin '{method}': weights must be [{n}, {n}]; got {np.shape(result.weights)}")
+    if result.fused is not None:
+        fused = np.asarray(result.fused, np.float64)
+        if fused.shape != tuple(shape):
+            raise PluginError(f"fusion plugin '{method}': fused must be {list(shape)}; got {list(fused.shape)}")
+        if not np.isfinite(fused).all() or (fused < 0).any() or not np.allclose(fused.sum(axis=-1), 1.0, atol=1e-4):
+            raise PluginError(f"fusion plugin '{method}': fused rows must be probability vectors")
+        result = FusionResult(fused, np.asarray(result.weights, np.float64))
     return result

@@ -34,11 +34,16 @@ CONFIG_FILE = "config.toml"
 WEIGHTS_DIR = "weights"
 
 
+def default_run_name(config: Config) -> str:
+    """``<method>-<timestamp>``; a fusion plugin's method is its rule's name (``pkg.mod:rule`` -> ``rule``)."""
+    return f"{config.fusion.method.rsplit(':', 1)[-1]}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 def run_directory(config: Config) -> Path:
     """The run's directory, ``output-dir/run-name`` (a timestamped name when run-name is
     empty). With ``checkpoint.resume`` it must hold the stopped run's checkpoint; otherwise it
     must be new or empty (a finished run is never overwritten)."""
-    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = config.run_name or default_run_name(config)
     run_dir = Path(config.output_dir).resolve() / name
     if config.checkpoint.resume:  # continue the stopped run there
         if not (run_dir / SERVER_CHECKPOINT).is_file():
@@ -113,19 +118,48 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+UNINFORMATIVE_WEIGHTS = frozenset({"none", "mean", "era"})
+"""Fusion methods whose weight matrix says nothing (identity, or every row uniform): no heatmap."""
+
+
+def _run_method(run_dir: Path) -> str | None:
+    import tomllib
+
+    try:
+        return tomllib.loads((run_dir / CONFIG_FILE).read_text())["fusion"]["method"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(ax: Any, **options: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=7, **options)
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write the run's PNG plots from ``metrics.jsonl`` and the weight files."""
+    """Write the run's PNG plots from ``metrics.jsonl`` and the weight files: integer round
+    ticks, legends beside the axes (never over the data), the method and run in each title,
+    sites excluded in a round marked, and no weight heatmap for methods whose weights carry
+    no information (:data:`UNINFORMATIVE_WEIGHTS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    method = _run_method(run_dir)
+    label = f"{method} · {run_dir.name}" if method else run_dir.name
     written = []
     rounds = read_events(run_dir, "round")
     evaluated = [r for r in rounds if r.get("alma") is not None]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     if evaluated:
         x = [r["round"] for r in evaluated]
         ax.plot(x, [r["alma"] for r in evaluated], marker="o", label="ALMA (mean local accuracy)")
@@ -134,24 +168,30 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if student:
         ax.plot([r["round"] for r in student], [r["global-accuracy"] for r in student],
                 linestyle=":", label="global student (global test)")
-    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy per round")
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1.02), title=f"Accuracy per round: {label}")
+    _integer_rounds(ax)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     written.append(run_dir / "alma.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
     evals = read_events(run_dir, "client-eval")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    excluded = read_events(run_dir, "excluded")
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for client in sorted({e["client"] for e in evals}):
         own = [e for e in evals if e["client"] == client]
-        ax.plot([e["round"] for e in own], [e["accuracy"] for e in own], label=f"client {client}")
-    ax.set(xlabel="round", ylabel="local test accuracy", ylim=(0, 1.02), title="Per-client accuracy")
+        line, = ax.plot([e["round"] for e in own], [e["accuracy"] for e in own], label=f"client {client}")
+        out = sorted({e["round"] for e in excluded if e.get("client") == client})
+        if out:
+            ax.plot(out, [0.0] * len(out), "x", color=line.get_color(), clip_on=False)
+    if excluded:
+        ax.plot([], [], "x", color="gray", label="excluded that round")
+    ax.set(xlabel="round", ylabel="local test accuracy", ylim=(0, 1.02), title=f"Per-client accuracy: {label}")
+    _integer_rounds(ax)
     ax.grid(alpha=0.3)
-    if evals:
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    _legend_outside(ax, ncol=1 if len({e["client"] for e in evals}) <= 12 else 2)
     fig.tight_layout()
     written.append(run_dir / "client_accuracy.png")
     fig.savefig(written[-1], dpi=110)
@@ -159,7 +199,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
     trains = [e for e in read_events(run_dir, "client-train") if "epsilon" in e]
     if trains:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         for client in sorted({e["client"] for e in trains}):
             own = [e for e in trains if e["client"] == client]
             ax.plot([e["round"] for e in own], [e["epsilon"] for e in own], marker=".",
@@ -167,16 +207,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         target = trains[0]["dp-target-epsilon"]
         ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target ε = {target:g}")
         ax.set(xlabel="round", ylabel="ε spent (whole run so far)", ylim=(0, target * 1.1),
-               title="Privacy spent per site")
+               title=f"Privacy spent per site: {label}")
+        _integer_rounds(ax)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+        _legend_outside(ax)
         fig.tight_layout()
         written.append(run_dir / "epsilon.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
     weight_files = sorted((run_dir / WEIGHTS_DIR).glob("round_*.npz"))
-    if weight_files:
+    if weight_files and method not in UNINFORMATIVE_WEIGHTS:
         last = np.load(weight_files[-1])
         clients = last["clients"]
         fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -184,7 +225,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_xticks(range(len(clients)), clients)
         ax.set_yticks(range(len(clients)), clients)
         ax.set(xlabel="neighbour j (knowledge source)", ylabel="client i (receiver)",
-               title=f"Fusion weights w_ij, {weight_files[-1].stem.replace('_', ' ')}")
+               title=f"Fusion weights w_ij, {weight_files[-1].stem.replace('_', ' ')}\n{label}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         written.append(run_dir / "weights_heatmap.png")
@@ -193,35 +234,125 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written
 
 
+def plot_study(run_dirs: Iterable[str | Path], *, out_dir: str | Path) -> Path:
+    """One picture comparing a study's runs: ALMA per round for each method (left) and each
+    site's final local accuracy per method (right). Written to ``out_dir/study.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dirs = [Path(r) for r in run_dirs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(len(run_dirs), 1)
+    for i, run_dir in enumerate(run_dirs):
+        name = _run_method(run_dir) or run_dir.name
+        evaluated = [r for r in read_events(run_dir, "round") if r.get("alma") is not None]
+        left.plot([r["round"] for r in evaluated], [r["alma"] for r in evaluated], marker=".", label=name)
+        evals = read_events(run_dir, "client-eval")
+        if evals:
+            last = max(e["round"] for e in evals)
+            final = sorted((e["client"], e["accuracy"]) for e in evals if e["round"] == last)
+            right.bar([c + (i - (len(run_dirs) - 1) / 2) * width for c, _ in final], [a for _, a in final],
+                      width=width, label=name)
+    study = run_dirs[0].parent.name if run_dirs else ""
+    left.set(xlabel="round", ylabel="ALMA", ylim=(0, 1.02), title=f"ALMA per round by method: {study}")
+    _integer_rounds(left)
+    right.set(xlabel="site", ylabel="final local test accuracy", ylim=(0, 1.02),
+              title=f"Final accuracy per site by method: {study}")
+    _integer_rounds(right)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    _legend_outside(right)
+    fig.tight_layout()
+    path = Path(out_dir) / "study.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
 
 
-def compare_table(run_dirs: Iterable[str | Path]) -> str:
-    """A text table over finished runs: method, ALMA mean/worst, global accuracy, bytes."""
-    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "max ε", "bytes/client/round")
-    rows = [header]
+COMPARE_FORMATS = ("text", "csv", "md", "json")
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """The run directories among ``paths``: a run directory (it has ``summary.json``) as
+    it is, a folder of runs (a study) as the runs inside it, in name order; other files (a
+    study's ``comparison.txt``, plots) are skipped. Raises ``FileNotFoundError`` naming a
+    folder that is neither a finished run nor holds one."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if (path / SUMMARY_FILE).is_file():
+            runs.append(path)
+        elif path.is_dir():
+            inside = sorted(p for p in path.iterdir() if (p / SUMMARY_FILE).is_file())
+            if not inside:
+                raise FileNotFoundError(f"{path} is not a finished fedkd run (no {SUMMARY_FILE}) "
+                                        "and holds none")
+            runs.extend(inside)
+        elif not path.exists():
+            raise FileNotFoundError(f"{path}: no such run directory")
+    return runs
+
+
+def _compare_rows(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    rows = []
     for run_dir in run_dirs:
         s = read_summary(run_dir)
         final = s["final"]
         ledger = s.get("privacy", {}).get("ledger", {})
-        max_epsilon = max((e["epsilon-spent"] for e in ledger.values()), default=None)
-        rows.append(
-            (
-                Path(run_dir).name,
-                s["method"],
-                str(s["rounds-completed"]),
-                _fmt(final.get("alma"), ".3f"),
-                _fmt(final.get("worst"), ".3f"),
-                _fmt(final.get("global-accuracy"), ".3f"),
-                _fmt(max_epsilon, ".2f"),
-                _fmt(s["bytes"]["total-per-client-round"], ",.0f"),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+        history = s.get("history") or [{}]
+        rows.append({
+            "run": Path(run_dir).name,
+            "method": s["method"],
+            "rounds": s["rounds-completed"],
+            "alma": final.get("alma"),
+            "worst": final.get("worst"),
+            "global-accuracy": final.get("global-accuracy"),
+            "max-epsilon": max((e["epsilon-spent"] for e in ledger.values()), default=None),
+            "bytes-per-client-round": s["bytes"]["total-per-client-round"],
+            "sites-responding": len(history[-1].get("accepted", [])) if "history" in s else None,
+            "status": s.get("status", "-"),
+        })
+    return rows
+
+
+def compare_table(run_dirs: Iterable[str | Path], *, format: str = "text") -> str:  # noqa: A002
+    """A table over finished runs: method, rounds, ALMA mean/worst, global accuracy, max
+    epsilon, bytes, sites responding in the last round and status, as ``format`` ``"text"``
+    (aligned columns), ``"csv"``, ``"md"`` (Markdown) or ``"json"`` (a list of objects with
+    the unformatted values)."""
+    if format not in COMPARE_FORMATS:
+        raise ValueError(f"--format: must be one of {', '.join(COMPARE_FORMATS)}; got {format!r}")
+    rows = _compare_rows(run_dirs)
+    if format == "json":
+        return json.dumps(rows, indent=2, default=_json_default)
+    header = ("run", "method", "rounds", "ALMA", "worst", "global acc", "max ε", "bytes/client/round",
+              "sites", "status")
+    cells = [header] + [
+        (r["run"], r["method"], str(r["rounds"]), _fmt(r["alma"], ".3f"), _fmt(r["worst"], ".3f"),
+         _fmt(r["global-accuracy"], ".3f"), _fmt(r["max-epsilon"], ".2f"),
+         _fmt(r["bytes-per-client-round"], ",.0f"), _fmt(r["sites-responding"], "d"), str(r["status"]))
+        for r in rows
+    ]
+    if format == "csv":
+        import csv
+        import io
+
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(cells)
+        return out.getvalue().rstrip("\n")
+    if format == "md":
+        lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

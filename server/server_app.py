@@ -26,6 +26,7 @@ from fedkd.checkpoint import CheckpointError, read_resumable_checkpoint
 from fedkd.config import Config, build_config
 from fedkd.data import load_federation
 from fedkd.federation.loop import Reply, RoundFailed, run_federation
+from fedkd.federation.preflight import check_site_models
 from fedkd.federation.server import ServerState
 from fedkd.federation.site import SiteInbox
 from fedkd.privacy import check_privacy_plans
@@ -34,12 +35,20 @@ from fedkd.reporting import RunRecorder, run_directory, trim_events
 app = ServerApp()
 
 NODE_WAIT_SECONDS = 120.0
+NODE_SETTLE_SECONDS = 1.0  # after the expected number registered: time for any extra to show up
 REPLY_POLL_SECONDS = 0.1  # as often as the simulation engine polls its own queue (docs/benchmarks.md)
 
 
 def _show_fedkd_log() -> None:
     """Print the federation's own log lines (logger ``fedkd``: rounds, exclusions) as Flower
-    prints its own, once per process."""
+    prints its own, once per process; Flower's lines without colour codes when the output is
+    not a terminal (a log file, a pipe)."""
+    import sys
+
+    from flwr.common.logger import update_console_handler
+
+    if not sys.stderr.isatty():
+        update_console_handler(colored=False)
     logger = logging.getLogger("fedkd")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -65,6 +74,13 @@ class GridTransport:
         while len(nodes) < wanted and time.monotonic() < deadline:
             time.sleep(0.5)
             nodes = list(self.grid.get_node_ids())
+        if len(nodes) >= wanted:  # nodes register one by one: let the last ones arrive, then count
+            time.sleep(NODE_SETTLE_SECONDS)
+            nodes = list(self.grid.get_node_ids())
+        if len(nodes) > wanted:
+            raise RoundFailed(
+                f"{len(nodes)} SuperNodes connected but data.num-clients is {wanted}: start {wanted} "
+                f"(flwr run . --federation-config \"num-supernodes={wanted}\"), or set data.num-clients={len(nodes)}")
         if len(nodes) < self.config.min_clients:
             raise RoundFailed(f"only {len(nodes)} site(s) connected within {NODE_WAIT_SECONDS:.0f}s; "
                               f"min-clients is {self.config.min_clients}")
@@ -201,6 +217,7 @@ def main(grid: Grid, context: Context) -> None:
     if config.audit.enabled:  # record which candidates the audited site trains on
         split = start_audit(config, split, run_dir)
     check_privacy_plans(config, [len(c.train) for c in split.clients])  # refuse an unreachable budget
+    check_site_models(config=config, split=split)  # a model that cannot read the data: before round 1
     state = ServerState()
     if resume is not None:
         round_number, arrays, saved = resume

@@ -34,6 +34,7 @@ from fedkd.data import FederatedSplit, load_federation
 from fedkd.distillation import accuracy, train_supervised
 from fedkd.fedavg import average_weights, weight_bytes
 from fedkd.federation.loop import Reply, record_evaluation, run_federation
+from fedkd.federation.preflight import check_site_models
 from fedkd.federation.server import ServerState, privacy_row, run_summary
 from fedkd.federation.site import (
     NoiseSource,
@@ -140,6 +141,7 @@ def run_floor(config: Config) -> Path:
     def run() -> Path:
         split = load_federation(config.data, config.seed)
         check_privacy_plans(config, [len(c.train) for c in split.clients])
+        check_site_models(config=config, split=split)
         recorder = _recorder(config)
         run_federation(config=config, split=split, transport=InProcessTransport(config, split),
                        recorder=recorder, runner="floor")

@@ -24,6 +24,8 @@ import tomli_w
 
 from fedkd.config import Config
 from fedkd.data import load_federation
+from fedkd.federation.preflight import check_site_models
+from fedkd.plugins import config_plugins, export_search_path, plugin_search_path
 from fedkd.privacy import check_privacy_plans
 from fedkd.reporting import read_summary, run_directory
 
@@ -50,19 +52,30 @@ def _write_app_dir(directory: Path, config: Config) -> None:
     (directory / "pyproject.toml").write_text(tomli_w.dumps(project))
 
 
-def simulate(config: Config, *, verbose: bool = False) -> Path:
-    """Run ``config`` through Flower's simulation engine; return the run directory."""
+def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | None = None) -> Path:
+    """Run ``config`` through Flower's simulation engine with ``num_supernodes`` SuperNodes
+    (default ``data.num-clients``; the ServerApp refuses any other number); return the run
+    directory."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.common.logger import update_console_handler
     from flwr.supercore.telemetry import EventType
+
+    import sys
+
+    if not sys.stderr.isatty():  # a log file or a pipe: plain text, no colour codes
+        update_console_handler(colored=False)
 
     from clients.client_app import app as client_app
     from server.server_app import app as server_app
 
     # Fail here, with a clear message, rather than inside the engine's threads and actors.
-    check_privacy_plans(config, [len(c.train) for c in load_federation(config.data, config.seed).clients])
+    split = load_federation(config.data, config.seed)
+    check_privacy_plans(config, [len(c.train) for c in split.clients])
+    check_site_models(config=config, split=split)
+    export_search_path(plugin_search_path(config_plugins(config)))  # Ray workers import plugins too
     if not config.run_name:  # fix the name here so the caller knows where the run lands
         config = _with_run_name(config, run_directory(config).name)
     run_dir = Path(config.output_dir).resolve() / config.run_name
@@ -80,7 +93,7 @@ def simulate(config: Config, *, verbose: bool = False) -> Path:
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=flat
         )
         _run_simulation(
-            num_supernodes=config.data.num_clients,
+            num_supernodes=config.data.num_clients if num_supernodes is None else num_supernodes,
             client_app=client_app,
             server_app=server_app,
             backend_config=backend_config,

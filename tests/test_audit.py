@@ -211,3 +211,14 @@ def test_dp_training_leaks_less_and_the_one_run_bound_stays_below_the_accountant
     assert 0 < spent <= epsilon
     assert bound_dp.epsilon_lower_bound <= spent
     assert bound_overfit.epsilon_lower_bound > 0.5  # 200 canaries suffice without DP
+
+
+def test_each_target_gets_a_verdict_line():
+    from fedkd.audit.report import target_verdict
+
+    leaks = {"attacks": {"loss": {"auc_ci": [0.52, 0.61]}, "lira": {"auc_ci": [0.49, 0.58]}}}
+    assert target_verdict("released knowledge", leaks) == (
+        "- **released knowledge**: leaks membership: loss (AUC CI excludes 0.5); no evidence from lira.")
+    quiet = {"attacks": {"loss": {"auc_ci": [0.40, 0.55]}}}
+    assert target_verdict("final model", quiet) == (
+        "- **final model**: no evidence of membership leakage: every AUC CI (loss) includes 0.5.")

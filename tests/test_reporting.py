@@ -151,3 +151,34 @@ def test_compare_table_unfinished_run_is_a_clear_error(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(FileNotFoundError, match="not a finished fedkd run"):
         compare_table([tmp_path / "half"])
+
+
+def test_plots_skip_the_heatmap_of_uninformative_weights_and_a_study_has_one_picture(tmp_path):
+    from fedkd.reporting import plot_study
+
+    runs = []
+    for method in ("mean", "knfu"):
+        run_dir = tmp_path / "study" / method
+        (run_dir / "weights").mkdir(parents=True)
+        (run_dir / "config.toml").write_text(f'[fusion]\nmethod = "{method}"\n')
+        events = [{"event": "client-eval", "round": 1, "client": 0, "accuracy": 0.5},
+                  {"event": "excluded", "round": 1, "client": 1, "node": 1, "reason": "site failed: x"},
+                  {"event": "round", "round": 1, "alma": 0.5, "worst": 0.5}]
+        (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+        np.savez(run_dir / "weights" / "round_0001.npz", weights=np.full((2, 2), 0.5), clients=np.array([0, 1]))
+        runs.append(run_dir)
+    assert [p.name for p in plot_run(runs[0])] == ["alma.png", "client_accuracy.png"]  # mean: no heatmap
+    assert "weights_heatmap.png" in [p.name for p in plot_run(runs[1])]
+    assert plot_study(runs, out_dir=tmp_path / "study").stat().st_size > 0
+
+
+def test_compare_accepts_a_study_folder_and_skips_other_files(tmp_path):
+    from fedkd.reporting import find_runs
+
+    _write_summary(tmp_path / "study" / "b", "mean", 0.5)
+    _write_summary(tmp_path / "study" / "a", "knfu", 0.9)
+    (tmp_path / "study" / "comparison.txt").write_text("old table\n")
+    assert [p.name for p in find_runs([tmp_path / "study"])] == ["a", "b"]
+    assert [p.name for p in find_runs(sorted((tmp_path / "study").iterdir()))] == ["a", "b"]  # the glob
+    md = compare_table(find_runs([tmp_path / "study"]), format="md").splitlines()
+    assert md[0].startswith("| run | method |") and md[2].startswith("| a | knfu | 3 | 0.900 |")

@@ -53,6 +53,30 @@ def _ci(pair: Sequence[float]) -> str:
     return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
 
+def target_verdict(name: str, target: Mapping[str, Any]) -> str:
+    """One line per target: which attacks' AUC confidence intervals exclude chance (0.5).
+
+    >>> target_verdict("knowledge", {"attacks": {"loss": {"auc_ci": [0.55, 0.70]}, "lira": {"auc_ci": [0.45, 0.6]}}})
+    '- **knowledge**: leaks membership: loss (AUC CI excludes 0.5); no evidence from lira.'
+    >>> target_verdict("model", {"skipped": "no model"})
+    '- **model**: not audited (no model).'
+    """
+    if "skipped" in target:
+        return f"- **{name}**: not audited ({target['skipped']})."
+    above = [a for a, m in target["attacks"].items() if m["auc_ci"][0] > 0.5]
+    below = [a for a, m in target["attacks"].items() if m["auc_ci"][1] < 0.5]
+    none = [a for a in target["attacks"] if a not in above and a not in below]
+    parts = []
+    if above:
+        parts.append(f"leaks membership: {', '.join(above)} (AUC CI excludes 0.5)")
+    if below:
+        parts.append(f"{', '.join(below)} below chance (AUC CI under 0.5: scores inverted)")
+    if none:
+        parts.append(f"no evidence from {', '.join(none)}" if parts else
+                     f"no evidence of membership leakage: every AUC CI ({', '.join(none)}) includes 0.5")
+    return f"- **{name}**: " + "; ".join(parts) + "."
+
+
 def audit_markdown(result: Mapping[str, Any]) -> str:
     """The human-readable report of one audit."""
     p, acc = result["privacy"], result["accuracy"]
@@ -89,8 +113,13 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
                 f"{m['advantage']:.3f} | {m['one-run']['epsilon_lower_bound']:.2f} "
                 f"({m['one-run']['correct']}/{m['one-run']['guesses']} guesses right) |"
             )
+    lines += ["", *(target_verdict(name, target) for name, target in result["targets"].items())]
     lb = result["epsilon-lower-bound"]
     lines += [
+        "",
+        "The accountant's epsilon is a proven upper bound on what any attack can learn; the "
+        "audit's epsilon is an empirical lower bound (what these attacks showed): a sound "
+        "system has lower bound <= upper bound.",
         "",
         f"Largest one-run epsilon lower bound: {lb['max']:.2f} ({lb['where']}), each at "
         f"confidence {result['targets'] and _first_confidence(result)} on its own; accountant's epsilon: "

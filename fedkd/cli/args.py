@@ -14,6 +14,7 @@ from pathlib import Path
 from fedkd.checkpoint import CheckpointError
 from fedkd.config import Config, ConfigError, load_config, parse_overrides
 from fedkd.data import DataUnavailableError
+from fedkd.federation.loop import RoundFailed
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +46,7 @@ def run_reporting_errors(command: Callable[[argparse.Namespace], int], args: arg
         for problem in err.problems:
             print(f"fedkd: error: {problem}", file=sys.stderr)
     except (DataUnavailableError, FileNotFoundError, FileExistsError, ValueError, TimeoutError,
-            CheckpointError) as err:
+            CheckpointError, RoundFailed) as err:  # RoundFailed: the run could not start or go on
         print(f"fedkd: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("fedkd: interrupted; the run directory keeps what was recorded", file=sys.stderr)

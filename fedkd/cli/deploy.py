@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedkd.cli.args import add_config_arguments, config_from_args, config_from_args_with_resume
 from fedkd.config import ConfigError
-from fedkd.reporting import compare_table
+from fedkd.reporting import compare_table, default_run_name
 
 
 def cmd_deploy_certs(args: argparse.Namespace) -> int:
@@ -171,7 +171,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     )
 
     config = config_from_args_with_resume(args)
-    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = config.run_name or default_run_name(config)
     config = dataclasses.replace(config, run_name=name, output_dir=str(Path(config.output_dir).resolve()))
     run_dir = Path(config.output_dir) / name
     with tempfile.TemporaryDirectory(prefix="fedkd-deploy-app-") as app_dir:

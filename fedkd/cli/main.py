@@ -3,7 +3,8 @@
     fedkd simulate [--config FILE] [--set key=value ...]   one federation (simulation engine)
     fedkd study    [--config FILE] [--methods none,mean,era,knfu] [--set ...]
                                                           one run per fusion method + table
-    fedkd compare  RUN_DIR [RUN_DIR ...]                  table over finished runs
+    fedkd compare  RUN_DIR|STUDY_DIR ... [--format text|csv|md|json]
+                                                          table over finished runs
     fedkd options                                         every config key, default, meaning
     fedkd audit    RUN_DIR | --sweep [--config FILE] [--set ...]
                                                           privacy-leakage audit of a run, or the
@@ -37,7 +38,7 @@ from fedkd.cli.args import (
 from fedkd.cli.deploy import add_deploy_parsers
 from fedkd.config import Config, ConfigError, describe_options, load_config, parse_overrides
 from fedkd.engine import launch_audit_sweep, launch_simulation
-from fedkd.reporting import compare_table
+from fedkd.reporting import COMPARE_FORMATS, compare_table, default_run_name, find_runs, plot_study, read_summary
 
 STUDY_METHODS = ("none", "mean", "era", "knfu", "expert")
 
@@ -45,21 +46,22 @@ STUDY_METHODS = ("none", "mean", "era", "knfu", "expert")
 def _resumable(config: Config) -> Config:
     """Name the run now and keep the simulated sites' state in its directory, so that
     ``--resume`` can continue it exactly after an interruption."""
-    name = config.run_name or f"{config.fusion.method}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = config.run_name or default_run_name(config)
     state_dir = config.checkpoint.site_state_dir or str(Path(config.output_dir).resolve() / name / "site-state")
     return dataclasses.replace(
         config, run_name=name, checkpoint=dataclasses.replace(config.checkpoint, site_state_dir=state_dir)
     )
 
 
-def _completed(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` completed; if not, one line on stderr saying why."""
-    from fedkd.reporting import read_summary
-
-    status = read_summary(run_dir).get("status", "unknown")
-    if status != "completed":
-        print(f"fedkd: error: the run in {run_dir} did not complete: {status}", file=sys.stderr)
-    return status == "completed"
+def exit_status(run_dirs: list[Path]) -> int:
+    """0 when every run completed; else 1, with one ``fedkd: error:`` line per run that did not."""
+    failed = 0
+    for run_dir in run_dirs:
+        status = read_summary(run_dir)["status"]
+        if status != "completed":
+            print(f"fedkd: error: run {run_dir.name} did not complete: {status}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -67,7 +69,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     run_dir = launch_simulation(config, verbose=args.verbose)
     print(compare_table([run_dir]))
     print(f"\nrun directory: {run_dir}")
-    return 0 if _completed(run_dir) else 1
+    return exit_status([run_dir])
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -88,14 +90,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     table = compare_table(run_dirs)
     study_dir = run_dirs[0].parent
     (study_dir / "comparison.txt").write_text(table + "\n")
+    plot_study(run_dirs, out_dir=study_dir)
     print(table)
     print(f"\nruns and plots under: {study_dir}")
-    completed = [_completed(run_dir) for run_dir in run_dirs]  # each incomplete run named
-    return 0 if all(completed) else 1
+    return exit_status(run_dirs)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    print(compare_table(args.run_dirs))
+    print(compare_table(find_runs(args.run_dirs), format=args.format))
     return 0
 
 
@@ -155,7 +157,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     )
     print((sweep_dir / "sweep.md").read_text())
     print(f"sweep report and plots: {sweep_dir}")
-    return 0
+    return exit_status(sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").is_file()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated fusion methods (default: %(default)s)")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("compare", help="table over finished run directories")
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p = sub.add_parser("compare", help="table over finished run directories (or study folders)")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories, or folders of runs such as a study's")
+    p.add_argument("--format", choices=COMPARE_FORMATS, default="text",
+                   help="text (default), csv, md (Markdown) or json")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("options", help="list every config key with its default and meaning")

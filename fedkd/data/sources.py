@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedkd.plugins import is_plugin_path
 from fedkd.data.splits import (
     SPLIT_PARTS,
     ArrayDataset,
@@ -33,6 +34,7 @@ from fedkd.data.splits import (
     FederatedSplit,
     split_federation,
 )
+from fedkd.data.own import dataset_arrays, encode_labels, read_own_data, scale_features, standardize_split
 from fedkd.data.text import TOPICS, _HF_TEXT_NAMES, is_text_dataset, tokenize, topic_corpus, vocab_info
 
 
@@ -42,7 +44,8 @@ _HF_NAMES = {"mnist": ("ylecun/mnist", "image"), "cifar10": ("uoft-cs/cifar10", 
 
 
 def load_source(
-    name: str, *, path: str = "", max_length: int = 32, tokenizer: str = "", num_examples: int = 3000
+    name: str, *, path: str = "", max_length: int = 32, tokenizer: str = "", num_examples: int = 3000,
+    label_column: str = "", feature_columns: str = "", seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Return ``(x, y, num_classes)`` for dataset ``name``.
 
@@ -53,10 +56,15 @@ def load_source(
 
     ``digits`` is scikit-learn's 1,797 8x8 handwritten digits (shipped with
     scikit-learn, offline), scaled to [0, 1]. Other names (``mnist``, ``cifar10``, or any
-    Hugging Face image-classification dataset id) are read through ``datasets``: from
-    ``path`` (a ``save_to_disk`` folder) when given, else from the hub, which needs
-    network access.
+    Hugging Face image-classification dataset id) are read from ``path`` when given (a
+    CSV file, an ``x``/``y`` ``.npz`` file or a ``save_to_disk`` folder, with the label and
+    feature columns named or detected: :func:`fedkd.data.own.read_own_data`), else through
+    ``datasets`` from the hub, which needs network access. ``file`` names your own data at
+    ``path``. An import path ``package.module:load`` is a dataset plugin (:mod:`fedkd.plugins`),
+    called as ``load(path=path, seed=seed)`` for ``(x, y)`` or ``(x, y, num_classes)``.
     """
+    if is_plugin_path(name):
+        return _load_plugin_source(name, path=path, seed=seed)
     if is_text_dataset(name):
         return load_text_source(
             name, path=path, max_length=max_length, tokenizer=tokenizer, num_examples=num_examples
@@ -67,36 +75,61 @@ def load_source(
         bunch = load_digits()
         x = (bunch.data / 16.0).astype(np.float32)
         return x, bunch.target.astype(np.int64), 10
-    return _load_hf_images(name, path)
+    hub_id, image_column = _HF_NAMES.get(name, (name, "image"))
+    if path:
+        if not Path(path).expanduser().exists():
+            raise DataUnavailableError(
+                f"could not load dataset '{name}' from '{path}': no such file or folder. "
+                f"Save it once elsewhere with datasets.load_dataset('{hub_id}').save_to_disk(DIR), "
+                "copy DIR here and set data.path = DIR.")
+        return read_own_data(path, label_column=label_column, feature_columns=feature_columns,
+                             image_column=image_column)
+    if name == OWN_DATA:
+        raise DataUnavailableError("data.dataset 'file' reads your own data: set data.path")
+    return _load_hf_images(name, hub_id=hub_id, image_column=image_column, label_column=label_column,
+                           feature_columns=feature_columns)
 
 
-def _load_hf_images(name: str, path: str) -> tuple[np.ndarray, np.ndarray, int]:
+OWN_DATA = "file"
+"""``data.dataset = "file"``: your own data at ``data.path`` (CSV, ``.npz`` or a folder)."""
+
+
+def _load_plugin_source(name: str, *, path: str, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    from fedkd.plugins import PluginError, load_plugin
+
+    loaded = load_plugin(name, kind="dataset")(path=path, seed=seed)
+    if not isinstance(loaded, tuple) or len(loaded) not in (2, 3):
+        raise PluginError(f"dataset plugin '{name}' must return (x, y) or (x, y, num_classes); "
+                          f"got {type(loaded).__name__}")
+    x, labels = np.asarray(loaded[0]), np.asarray(loaded[1])
+    if x.ndim < 2 or labels.shape != (len(x),):
+        raise PluginError(f"dataset plugin '{name}': x must be [n, ...] and y [n]; got x {x.shape}, y {labels.shape}")
+    y, num_classes = encode_labels(labels)
+    if len(loaded) == 3:
+        num_classes = int(loaded[2])
+    return scale_features(x), y, num_classes
+
+
+def _load_hf_images(name: str, *, hub_id: str, image_column: str, label_column: str,
+                    feature_columns: str) -> tuple[np.ndarray, np.ndarray, int]:
     import datasets
 
-    hub_id, image_column = _HF_NAMES.get(name, (name, "image"))
     try:
-        if path:
-            loaded = datasets.load_from_disk(path)
-        else:
-            loaded = datasets.load_dataset(hub_id)
-    except Exception as err:  # offline, missing path, unknown id: one clear message
-        where = f"from '{path}'" if path else f"'{hub_id}' from the Hugging Face hub"
+        loaded = datasets.load_dataset(hub_id)
+    except Exception as err:  # offline, unknown id: one clear message
         raise DataUnavailableError(
-            f"could not load dataset '{name}' {where} ({type(err).__name__}). "
+            f"could not load dataset '{name}' '{hub_id}' from the Hugging Face hub ({type(err).__name__}). "
             "Without network access, save it once elsewhere with "
             f"datasets.load_dataset('{hub_id}').save_to_disk(DIR), copy DIR here and set "
             "data.path = DIR; or use the embedded default data.dataset = 'digits'."
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         loaded = datasets.concatenate_datasets(list(loaded.values()))
-    columns = loaded.column_names
-    image_column = image_column if image_column in columns else columns[0]
-    label_column = "label" if "label" in columns else columns[-1]
-    x = np.stack([np.asarray(img, dtype=np.float32) / 255.0 for img in loaded[image_column]])
-    if x.ndim == 4:  # HWC -> CHW
-        x = x.transpose(0, 3, 1, 2)
-    y = np.asarray(loaded[label_column], dtype=np.int64)
-    return x, y, int(y.max()) + 1
+    x, labels = dataset_arrays(loaded, label_column=label_column,
+                               features=[c.strip() for c in feature_columns.split(",") if c.strip()],
+                               image_column=image_column, where=hub_id)
+    y, num_classes = encode_labels(labels)
+    return scale_features(x), y, num_classes
 
 
 def load_text_corpus(
@@ -159,6 +192,7 @@ def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (
         x, y, num_classes = load_source(
             data_config.dataset, path=data_config.path, max_length=data_config.max_length,
             tokenizer=data_config.tokenizer, num_examples=data_config.text_examples,
+            label_column=data_config.label_column, feature_columns=data_config.feature_columns, seed=seed,
         )  # text: tokenised here, once per process (this function is cached), never per round
         split = split_federation(
             x,
@@ -177,6 +211,8 @@ def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (
         )
         if cache is not None:
             _write_split(cache, split)
+    if data_config.standardize != "none":  # after the cache: the cache keeps the split as read
+        split = standardize_split(split, fit_on=data_config.standardize)
     if is_text_dataset(data_config.dataset):
         split = dataclasses.replace(split, text=vocab_info(data_config.tokenizer))
     return split

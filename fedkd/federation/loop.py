@@ -22,6 +22,7 @@ exclusions, the privacy ledger, evaluation and checkpoints.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +54,44 @@ logger = logging.getLogger("fedkd")
 
 class RoundFailed(RuntimeError):
     """Too few sites connected, or too few valid replies for a round after retries."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Warning)):\s*(.+)$")
+REASON_CHARS = 240
+"""The longest a failure reason is kept (a log line, a ``summary.json`` dropout)."""
+
+
+def short_reason(text: str) -> str:
+    """One short plain line saying why a site failed: ANSI codes gone; of a traceback (Ray's,
+    Flower's ``ClientAppException`` wrapping), the exception's own message; at most
+    ``REASON_CHARS`` characters.
+
+    >>> short_reason("site failed: <class 'X'>:<'\\x1b[31mTraceback...\\nValueError: bad input\\x1b[0m'>")
+    'site failed: ValueError: bad input'
+    >>> short_reason("site failed: boom")
+    'site failed: boom'
+    """
+    plain = _ANSI.sub("", str(text)).replace("\\n", "\n")
+    lines = [line.strip() for line in plain.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    prefix = lines[0].split("<class", 1)[0].strip() if "<class" in lines[0] else ""
+    message = ""
+    found = re.search(r"occurred\. Message:\s*(.+?)(?:'>)?\s*$", plain, flags=re.S)
+    if found and found.group(1).strip():
+        message = found.group(1).strip().splitlines()[-1].strip()
+    errors = [m for m in map(_ERROR_LINE.match, lines) if m and "ClientAppException" not in m.group(1)]
+    if errors:
+        last = errors[-1]
+        message = f"{last.group(1).rsplit('.', 1)[-1]}: {last.group(3)}"
+    if not message:
+        if len(lines) == 1:
+            return lines[0][:REASON_CHARS]
+        message = lines[-1]
+    message = message.removesuffix("'>").strip()
+    line = f"{prefix} {message}".strip() if prefix and not message.startswith(prefix) else message
+    return line[:REASON_CHARS]
 
 
 @dataclass(frozen=True)
@@ -97,6 +136,7 @@ def _exclude(state: ServerState, recorder: RunRecorder, transport: Transport, ro
              node: int, reason: str) -> None:
     client = transport.client_of(node)
     who = f"site {client}" if client is not None else f"node {node}"
+    reason = short_reason(reason)
     logger.warning("fedkd round %d: %s excluded: %s", round_number, who, reason)
     entry = {"round": round_number, "node": node, "client": client, "reason": reason}
     state.dropouts.append(entry)
@@ -151,6 +191,28 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
     return accepted
 
 
+def repeated_failure(dropouts: list[dict[str, Any]], failures: dict[str, str]) -> str | None:
+    """The line that stops a run when a site failed (its own exception, not a timeout or a
+    lost connection) the same way as the last time it failed, else None. ``failures`` (a
+    site -> its last failure) is updated with ``dropouts``, the exclusions just recorded.
+
+    >>> seen = {}
+    >>> repeated_failure([{"client": 2, "node": 7, "reason": "site failed: ValueError: x"}], seen) is None
+    True
+    >>> repeated_failure([{"client": 2, "node": 7, "reason": "site failed: ValueError: x"}], seen)
+    'site 2 failed twice the same way: ValueError: x'
+    """
+    for entry in dropouts:
+        reason = str(entry.get("reason", ""))
+        if not reason.startswith("site failed:"):
+            continue
+        who = f"site {entry['client']}" if entry.get("client") is not None else f"node {entry['node']}"
+        if failures.get(who) == reason:
+            return f"{who} failed twice the same way: {reason.removeprefix('site failed:').strip()}"
+        failures[who] = reason
+    return None
+
+
 def evaluate_sites(*, config: Config, transport: Transport, recorder: RunRecorder,
                    round_number: int) -> dict[str, float]:
     """One evaluation exchange (:meth:`Transport.evaluate`), recorded by :func:`record_evaluation`."""
@@ -167,7 +229,8 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
     examples: dict[int, float] = {}
     for reply in replies:
         if reply.error is not None:
-            logger.warning("fedkd round %d: evaluation failed on node %d: %s", round_number, reply.node, reply.error)
+            logger.warning("fedkd round %d: evaluation failed on node %d: %s", round_number, reply.node,
+                           short_reason(reply.error))
             continue
         try:
             client = reply_client(reply.metrics, config=config)
@@ -199,14 +262,20 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
     torch.manual_seed(config.seed)
     if transport.wait_for_sites() < config.min_clients:
         raise RoundFailed(f"fewer sites connected than min-clients ({config.min_clients})")
+    failures: dict[str, str] = {}  # a site -> how it last failed (its own exception)
     for r in range(state.completed_round + 1, config.num_server_rounds + 1):
         round_start = clock()
         release = release_positions(config, split, r)
         hook = (lambda client, k, r=r, rel=release: on_accept(r, client, rel, k)) if on_accept is not None else None
         accepted: dict[int, np.ndarray] = {}
         for attempt in range(config.round_retries + 1):
+            seen = len(state.dropouts)
             accepted = collect_knowledge(config=config, split=split, state=state, transport=transport,
                                          recorder=recorder, round_number=r, release=release, on_accept=hook)
+            repeated = repeated_failure(state.dropouts[seen:], failures)
+            if repeated is not None:
+                logger.error("fedkd: %s", repeated)
+                return f"stopped in round {r}: {repeated}"
             if len(accepted) >= config.min_clients:
                 break
             logger.warning("fedkd round %d: %d valid replies < min-clients %d (attempt %d)",

@@ -26,6 +26,7 @@ from fedkd.models.registry import (
     minilm,
     mlp_large,
     mlp_small,
+    model_factory,
     model_modality,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "minilm",
     "mlp_large",
     "mlp_small",
+    "model_factory",
     "model_modality",
 ]

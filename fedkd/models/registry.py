@@ -8,6 +8,9 @@ Text models (``modality = "text"``) read token ids ``int64 [B, L]`` (``input_sha
 ``(L,)``) and are built in :mod:`fedkd.models.text`: ``minilm`` (pretrained, from the ``text``
 extra), ``bert-tiny`` / ``bert-mini`` (BERT students from a ``BertConfig``, no download),
 and ``hf:/path`` for any local Hugging Face model folder.
+
+A model may also be named by its import path, ``"package.module:Factory"`` (a plugin,
+:mod:`fedkd.plugins`): every process that builds it imports it itself.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedkd.plugins import is_plugin_path, load_plugin
 from fedkd.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
@@ -33,12 +37,21 @@ def model_modality(name: str) -> str:
     """``"text"`` for models that read token ids, ``"vector"`` for models of float inputs."""
     if name.startswith(HF_PREFIX):
         return "text"
-    return getattr(MODELS.get(name), "modality", "vector")
+    return getattr(model_factory(name), "modality", "vector")
 
 
 def is_model_name(name: str) -> bool:
-    """A registered name or ``hf:<non-empty path>``."""
-    return name in MODELS or (name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX))
+    """A registered name, ``hf:<non-empty path>`` or an import path ``package.module:name``
+    (whether it imports is :func:`model_factory`'s to say)."""
+    return name in MODELS or (name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX)) or is_plugin_path(name)
+
+
+def model_factory(name: str) -> ModelFactory:
+    """The factory of a registered model or of a model plugin (imported here; a
+    :class:`fedkd.plugins.PluginError` when it cannot be)."""
+    if name not in MODELS and is_plugin_path(name):
+        return load_plugin(name, kind="model")
+    return MODELS.get(name)
 
 
 def build_model(
@@ -60,7 +73,7 @@ def build_model(
 
         factory = functools.partial(pretrained_classifier, name[len(HF_PREFIX):])
     else:
-        factory = MODELS.get(name)
+        factory = model_factory(name)
     if seed is None:
         return factory(input_shape=tuple(input_shape), num_classes=num_classes, **options)
     with torch.random.fork_rng():

@@ -100,7 +100,16 @@ def site_settings(node_config: Mapping[str, Any], *, num_clients: int) -> SiteSe
         else:
             strings[key.replace("-", "_")] = text.strip()
     if strings.get("model") and strings["model"] not in MODELS.names():
-        problems.append(f"node config model: must be one of {', '.join(MODELS.names())}; got {strings['model']!r}")
+        from fedkd.plugins import PluginError, is_plugin_path, load_plugin
+
+        if not is_plugin_path(strings["model"]):
+            problems.append(f"node config model: must be one of {', '.join(MODELS.names())} or an import "
+                            f"path package.module:Model; got {strings['model']!r}")
+        else:
+            try:
+                load_plugin(strings["model"], kind="model")
+            except PluginError as err:
+                problems.append(f"node config model: {err}")
     if strings.get("noise_seed") and strings["noise_seed"] not in NOISE_SEEDS:
         problems.append(f"node config noise-seed: must be one of {', '.join(NOISE_SEEDS)}; got {strings['noise_seed']!r}")
     if problems:
