@@ -17,15 +17,17 @@ import tomli_w
 from fedkd.config import Config
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-# from the first config table up to the next table that is not part of it
-_BLOCK = re.compile(r"^\[tool\.flwr\.app\.config\]\n.*?(?=^\[(?!tool\.flwr\.app\.config))", re.S | re.M)
+# from the first config table up to the next table that is not part of it, or to the
+# first comment line after a blank line (the file's closing notes), or the end
+_BLOCK = re.compile(r"^\[tool\.flwr\.app\.config\]\n.*?(?=^\[(?!tool\.flwr\.app\.config)|\n(?=#)|\Z)",
+                    re.S | re.M)
 
 
 def synced(text: str) -> str:
     table = tomli_w.dumps({"tool": {"flwr": {"app": {"config": Config().to_nested()}}}})
     if not _BLOCK.search(text):
-        raise SystemExit("pyproject.toml has no [tool.flwr.app.config] table followed by another table")
-    return _BLOCK.sub(lambda _: table + "\n", text, count=1)
+        raise SystemExit("pyproject.toml has no [tool.flwr.app.config] table")
+    return re.sub(r"\n{3,}", "\n\n", _BLOCK.sub(lambda _: table + "\n", text, count=1))
 
 
 def main() -> None:
