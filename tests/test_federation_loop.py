@@ -153,6 +153,7 @@ def test_duplicate_and_malformed_evaluations_are_left_out(parts, tmp_path):
     summary = run_federation(config=one_round, split=split, transport=transport,
                              recorder=RunRecorder(tmp_path / "run", one_round.to_toml()))
     assert summary["final"]["alma"] == 1.0 and summary["final"]["worst"] == 1.0  # only site 0's first reply
+    assert summary["history"][0]["evaluated-sites"] == 1  # ALMA over 1 of the round's 4 sites, said so
 
 
 def test_a_failed_run_keeps_its_summary(parts, tmp_path):

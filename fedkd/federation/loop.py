@@ -214,17 +214,19 @@ def repeated_failure(dropouts: list[dict[str, Any]], failures: dict[str, str]) -
 
 
 def evaluate_sites(*, config: Config, transport: Transport, recorder: RunRecorder,
-                   round_number: int) -> dict[str, float]:
+                   round_number: int, expected: int | None = None) -> dict[str, float]:
     """One evaluation exchange (:meth:`Transport.evaluate`), recorded by :func:`record_evaluation`."""
     return record_evaluation(config=config, recorder=recorder, round_number=round_number,
-                             replies=transport.evaluate(round_number))
+                             replies=transport.evaluate(round_number), expected=expected)
 
 
 def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: int,
-                      replies: list[Reply]) -> dict[str, float]:
+                      replies: list[Reply], expected: int | None = None) -> dict[str, float]:
     """Each site's accuracy on its local test split (one ``client-eval`` record each) ->
     ALMA, example-weighted mean, worst (:func:`fedkd.reporting.alma_summary`). A failed or
-    malformed reply, or a second reply for the same site, is left out with a log line."""
+    malformed reply, or a second reply for the same site, is left out with a log line.
+    ``expected``: the sites of the round; when fewer were evaluated (evaluations lost) the
+    scores say so (``evaluated-sites``) and a warning names both counts."""
     acc: dict[int, float] = {}
     examples: dict[int, float] = {}
     for reply in replies:
@@ -244,7 +246,12 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
         acc[client], examples[client] = accuracy, num_examples
         recorder.record("client-eval", round=round_number, client=client, accuracy=accuracy,
                         **{"num-examples": num_examples})
-    return alma_summary(acc, examples)
+    scores = alma_summary(acc, examples)
+    if expected is not None and len(acc) < expected:
+        logger.warning("fedkd round %d: ALMA over %d of the round's %d sites (evaluations lost)",
+                       round_number, len(acc), expected)
+        scores["evaluated-sites"] = len(acc)
+    return scores
 
 
 # ------------------------------------------------------------------ the run
@@ -289,7 +296,8 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
         recorder.save_weights(r, record.clients, record.weights)
         entry = dict(record.entry)
         if r % config.eval_every == 0 or r == config.num_server_rounds:
-            entry.update(evaluate_sites(config=config, transport=transport, recorder=recorder, round_number=r))
+            entry.update(evaluate_sites(config=config, transport=transport, recorder=recorder, round_number=r,
+                                        expected=len(accepted)))
         entry["seconds"] = clock() - round_start
         recorder.record("round", **entry)
         state.history.append(entry)
