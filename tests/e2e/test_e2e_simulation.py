@@ -53,9 +53,10 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(tmp_path):
     for key in ("alma", "alma-weighted", "worst", "global-accuracy"):
         assert 0.0 <= final[key] <= 1.0
     assert final["worst"] <= final["alma"]
-    # knowledge is 540 x 10 float16 = 10,800 bytes each way; round 1 sends no F_i
+    # knowledge is 540 x 10 float16 = 10,800 bytes up; down, round 2 sends F_i and the
+    # consensus G (the default expert method), round 1 nothing
     assert summary["bytes"]["uplink-per-client-round"] == 540 * 10 * 2
-    assert summary["bytes"]["downlink-per-client-round"] == 540 * 10 * 2 / 2
+    assert summary["bytes"]["downlink-per-client-round"] == 2 * 540 * 10 * 2 / 2
 
     trains = read_events(run_dir, "client-train")
     assert sorted((e["round"], e["client"]) for e in trains) == [
@@ -63,8 +64,9 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(tmp_path):
     ]
     # the model survives across rounds in the client's persistent state
     assert {e["rounds-trained"] for e in trains if e["round"] == 2} == {2}
-    assert all("distil-loss" in e for e in trains if e["round"] == 2)
-    assert not any("distil-loss" in e for e in trains if e["round"] == 1)
+    # round 2: every site chose its target on validation (expert's default); round 1: no F_i yet
+    assert all("target-lambda" in e and "val-nll" in e for e in trains if e["round"] == 2)
+    assert not any("target-lambda" in e or "distil-loss" in e for e in trains if e["round"] == 1)
 
     evals = read_events(run_dir, "client-eval")
     assert sorted((e["round"], e["client"]) for e in evals) == [(r, c) for r in (1, 2) for c in range(3)]
