@@ -133,8 +133,12 @@ class Transport(Protocol):
 
 
 def _exclude(state: ServerState, recorder: RunRecorder, transport: Transport, round_number: int,
-             node: int, reason: str) -> None:
+             node: int, reason: str, claimed: int | None = None) -> None:
+    """Record ``node``'s exclusion; ``client`` is the site the node is known to hold, else the
+    partition id its (rejected) reply claimed, if any: a label for the record, not an identity."""
     client = transport.client_of(node)
+    if client is None:
+        client = claimed
     who = f"site {client}" if client is not None else f"node {node}"
     reason = short_reason(reason)
     logger.warning("fedkd round %d: %s excluded: %s", round_number, who, reason)
@@ -165,8 +169,9 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
         if reply.error is not None:
             _exclude(state, recorder, transport, round_number, reply.node, reply.error)
             continue
+        claimed = None
         try:
-            client = reply_client(reply.metrics, config=config)
+            client = claimed = reply_client(reply.metrics, config=config)
             if client in accepted:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
             metrics = train_metrics(reply.metrics)  # names, types, bounds: before anything is kept
@@ -175,7 +180,7 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
             row = privacy_row(config=config, metrics=metrics, previous=state.privacy.get(client))
             transport.identified(reply.node, client)
         except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
-            _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}")
+            _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}", claimed)
             continue
         state.bytes_up.append(sum(int(a.nbytes) for a in reply.arrays.values()))
         accepted[client] = knowledge
