@@ -110,7 +110,6 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
 
 
 INTERRUPT_EXIT = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C
-RAY_SHUTDOWN_SECONDS = 3.0
 
 
 @contextlib.contextmanager
@@ -120,8 +119,8 @@ def _stop_on_interrupt(config: Config, app_dir: str) -> Iterator[None]:
 
     Flower's simulation engine runs the ServerApp in a thread the main thread does not
     stop, so a KeyboardInterrupt left the run going to its end. Instead the handler says
-    how to continue, removes the temporary app folder, shuts Ray down (at most
-    ``RAY_SHUTDOWN_SECONDS``) and ends the process at once. That is safe at any instant
+    how to continue, removes the temporary app folder and ends the process at once (the
+    local Ray cluster's processes share its fate). That is safe at any instant
     because every checkpoint and site state is written to a temporary name and renamed
     into place (:func:`fedkd.checkpoint.save_checkpoint`), and a resumed run drops the
     events recorded past its checkpoint (:func:`fedkd.reporting.trim_events`): ``--resume``
@@ -135,9 +134,9 @@ def _stop_on_interrupt(config: Config, app_dir: str) -> Iterator[None]:
               f"checkpoint: continue with fedkd simulate --resume --set run-name={config.run_name} "
               "(and the same --config / --set)", file=sys.stderr, flush=True)
         shutil.rmtree(app_dir, ignore_errors=True)
-        closer = threading.Thread(target=_shutdown_ray, daemon=True)
-        closer.start()
-        closer.join(RAY_SHUTDOWN_SECONDS)
+        # Exit at once: shutting Ray down here races the engine's threads (a thread that
+        # touches Ray after ray.shutdown() makes Ray's core end the process with status 1).
+        # The Ray processes a local ray.init started share this process's fate and end with it.
         os._exit(INTERRUPT_EXIT)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -146,14 +145,6 @@ def _stop_on_interrupt(config: Config, app_dir: str) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _shutdown_ray() -> None:
-    with contextlib.suppress(Exception):
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
 
 
 def _check_resume(config: Config, run_dir: Path) -> None:
