@@ -401,11 +401,17 @@ def _fuse_knfu(
     max_neighbours: int = 10,
     **_: Any,
 ) -> FusionResult:
-    d = effectiveness_matrix(
-        knowledge, measure=measure, divergence=divergence, confident_fraction=confident_fraction
-    )
-    weights = neighbour_weights(d, beta=beta, threshold=threshold, max_neighbours=max_neighbours)
+    weights = knfu_weights(knowledge, measure=measure, divergence=divergence, confident_fraction=confident_fraction,
+                           beta=beta, threshold=threshold, max_neighbours=max_neighbours)
     return FusionResult(weighted_fusion(knowledge, weights, mask), weights)
+
+
+def knfu_weights(knowledge: np.ndarray, *, measure: str, divergence: str, confident_fraction: float, beta: float,
+                 threshold: float | str, max_neighbours: int) -> np.ndarray:
+    """knfu's neighbour weights [N, N]: :func:`effectiveness_matrix`, then
+    :func:`neighbour_weights` (nonzero exactly on each receiver's effective neighbours)."""
+    d = effectiveness_matrix(knowledge, measure=measure, divergence=divergence, confident_fraction=confident_fraction)
+    return neighbour_weights(d, beta=beta, threshold=threshold, max_neighbours=max_neighbours)
 
 
 def class_expert_fusion(
@@ -477,9 +483,9 @@ def _fuse_expert(
     if neighbours == "all":
         members = np.ones((n, n), dtype=bool)
     else:
-        d = effectiveness_matrix(knowledge, measure=measure, divergence=divergence,
-                                 confident_fraction=confident_fraction)
-        members = neighbour_weights(d, beta=beta, threshold=threshold, max_neighbours=max_neighbours) > 0
+        members = knfu_weights(knowledge, measure=measure, divergence=divergence,
+                               confident_fraction=confident_fraction, beta=beta, threshold=threshold,
+                               max_neighbours=max_neighbours) > 0
     fused, weights = class_expert_fusion(knowledge, members, mask, prior_weight=prior_weight,
                                          prior_floor=prior_floor)
     return FusionResult(fused, weights)
