@@ -23,8 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedkd.audit.store import save_released, start_audit
 from fedkd.checkpoint import CheckpointError, read_resumable_checkpoint
-from fedkd.config import Config, build_config
+from fedkd.config import Config, ConfigError, build_config
 from fedkd.data import load_federation
+from fedkd.data.splits import DataUnavailableError, FederatedSplit
+from fedkd.data.text import TextExtraMissingError
 from fedkd.federation.loop import Reply, RoundFailed, run_federation
 from fedkd.federation.preflight import check_site_models
 from fedkd.federation.server import ServerState
@@ -204,10 +206,27 @@ def _inbox_content(inbox: SiteInbox) -> RecordDict:
     return content
 
 
+# Input the run cannot start with: said in one line each (as `fedkd simulate` says it), not as
+# a traceback. Under `flwr run .` the run config is first read here, in Flower's process.
+REFUSED = (ConfigError, CheckpointError, DataUnavailableError, TextExtraMissingError, FileNotFoundError)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     _show_fedkd_log()
-    config = build_config(context.run_config)
+    try:
+        config = build_config(context.run_config)
+        prepared = _prepare(config)
+    except REFUSED as err:
+        for problem in getattr(err, "problems", None) or [str(err)]:
+            log(logging.ERROR, "fedkd: error: %s", problem)
+        log(logging.ERROR, "fedkd: the run did not start (nothing was sent to the sites)")
+        return
+    _serve(grid, config, *prepared)
+
+
+def _prepare(config: Config) -> tuple[Path, RunRecorder, FederatedSplit, ServerState]:
+    """Everything the server checks and loads before round 1; raises one of ``REFUSED``."""
     run_dir = run_directory(config)
     resume = _read_checkpoint(config, run_dir) if config.checkpoint.resume else None
     recorded = dataclasses.replace(config, checkpoint=dataclasses.replace(config.checkpoint, resume=False))
@@ -226,6 +245,11 @@ def main(grid: Grid, context: Context) -> None:
         state.load_state_dict(arrays, saved, round_number=round_number)
         recorder.record("resumed", **{"after-round": round_number})
         log(logging.INFO, "fedkd: resuming after round %d of %d", round_number, config.num_server_rounds)
+    return run_dir, recorder, split, state
+
+
+def _serve(grid: Grid, config: Config, run_dir: Path, recorder: RunRecorder, split: FederatedSplit,
+           state: ServerState) -> None:
     transport = GridTransport(grid, config)
     on_accept = None
     if config.audit.enabled:

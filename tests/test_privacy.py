@@ -476,3 +476,21 @@ def test_secure_mode_reaches_opacus(data, plan, monkeypatch):
         assert dp.optimizer.generator is dp.data_loader.batch_sampler.generator is not None
     with private_training(_model(), data, plan=plan, ledger=PrivacyLedger(plan), lr=1e-3) as dp:
         assert dp.optimizer.secure_mode is False
+
+
+def test_opacus_leaves_the_root_logger_alone_so_flower_lines_print_once() -> None:
+    """Opacus calls logging.basicConfig when first imported; through fedkd's imports the
+    handler it adds is removed, so Flower's (propagating) log lines are not printed twice.
+    A fresh interpreter: here Opacus is imported already."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from fedkd.privacy import accounting, dpsgd\n"
+        "accounting.create_accountant('rdp'); dpsgd.PrivacyEngine()\n"
+        "import opacus.utils.module_utils\n"  # the module whose import calls basicConfig
+        "print(len(logging.getLogger().handlers))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "0"

@@ -58,7 +58,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -76,16 +78,25 @@ if TYPE_CHECKING:
 # started once per message in a deployment) does not pay its ~2 s import.
 
 
-def create_accountant(mechanism: str) -> IAccountant:
-    from opacus.accountants import create_accountant as _create_accountant
+def import_opacus(module: str) -> Any:
+    """``importlib.import_module(module)`` for an Opacus module, without the handler Opacus
+    puts on the root logger when first imported (``logging.basicConfig`` in
+    ``opacus/utils/module_utils.py``): with it, every line of Flower's logger (which
+    propagates to the root) would print a second time in Opacus's format."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    imported = importlib.import_module(module)
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+    return imported
 
-    return _create_accountant(mechanism=mechanism)
+
+def create_accountant(mechanism: str) -> IAccountant:
+    return import_opacus("opacus.accountants").create_accountant(mechanism=mechanism)
 
 
 def get_noise_multiplier(**kwargs: Any) -> float:
-    from opacus.accountants.utils import get_noise_multiplier as _get_noise_multiplier
-
-    return _get_noise_multiplier(**kwargs)
+    return import_opacus("opacus.accountants.utils").get_noise_multiplier(**kwargs)
 
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")

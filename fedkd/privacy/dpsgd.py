@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedkd.data import ArrayDataset
 from fedkd.distillation import as_input_tensor
-from fedkd.privacy.accounting import PrivacyLedger, PrivacyPlan, _is_real, steps_for
+from fedkd.privacy.accounting import PrivacyLedger, PrivacyPlan, _is_real, import_opacus, steps_for
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
@@ -34,9 +34,7 @@ if TYPE_CHECKING:
 
 def PrivacyEngine(*args: Any, **kwargs: Any):  # noqa: ANN201, N802  (opacus.PrivacyEngine)
     """Opacus's engine, imported on first use (a site without DP does not pay its import)."""
-    from opacus import PrivacyEngine as _PrivacyEngine
-
-    return _PrivacyEngine(*args, **kwargs)
+    return import_opacus("opacus").PrivacyEngine(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- training
