@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedkd.config import ConfigError, load_config
-from fedkd.data import load_federation, split_cache_path
+from fedkd.data import load_federation, site_view, split_cache_path
 from fedkd.data.own import encode_labels, read_own_data, scale_features, standardize_split
 from fedkd.data.splits import ArrayDataset, ClientData, FederatedSplit
 
@@ -75,6 +75,16 @@ def test_standardize_fits_on_public_or_private_never_test():
     private = standardize_split(_tiny_split(), fit_on="private")  # train [2, 4]: mean 3, std 1
     assert private.clients[0].train.x.ravel().tolist() == [-1.0, 1.0]
     assert private.clients[0].test.x.ravel().tolist() == [997.0]  # test values did not move the fit
+
+
+def test_standardize_a_site_view_fits_on_its_own_part_and_keeps_its_partition_id():
+    split = _tiny_split()
+    view = site_view(public=split.public, client=4, data=split.clients[0], num_classes=2)
+    private = standardize_split(view, fit_on="private")  # site 4's train [2, 4]: mean 3, std 1
+    assert list(private.clients) == [4]
+    assert private.clients[4].train.x.ravel().tolist() == [-1.0, 1.0]
+    assert private.public.x.ravel().tolist() == [-3.0, -1.0]
+    assert private.test.x.shape == (0, 1)  # a site holds no global test set
 
 
 def test_data_path_refusals_are_one_line_each():

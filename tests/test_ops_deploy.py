@@ -4,6 +4,7 @@ certificates and keys (fedkd.ops.deploy), site-local data files (fedkd.data), no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 import subprocess
@@ -168,6 +169,29 @@ def test_exported_files_reproduce_the_split_exactly(exported):
             np.testing.assert_array_equal(a.y, b.y)
             np.testing.assert_array_equal(a.ids, b.ids)
         assert (view.num_classes, view.input_shape) == (split.num_classes, split.input_shape)
+
+
+def test_exported_files_are_unscaled_and_a_site_scales_them_as_the_simulation(tmp_path):
+    """data.standardize: export writes the data as read; a site reading the files with
+    "public" gets exactly the simulation's scaled data (the statistics of the shared
+    public set), and with "private" is scaled by its own training part alone."""
+    config = load_config(overrides={"data.num-clients": 3, "data.standardize": "public"})
+    export_partitions(config, tmp_path)
+    raw = load_federation(dataclasses.replace(config.data, standardize="none"), config.seed)
+    scaled = load_federation(config.data, config.seed)
+    with np.load(tmp_path / "site-1.npz") as f:
+        np.testing.assert_array_equal(f["train_x"], raw.clients[1].train.x)
+    node = {"partition-id": 1, "public-path": str(tmp_path / "public.npz"), "data-path": str(tmp_path / "site-1.npz")}
+    view = load_site_split(config, site_settings(node, num_clients=3))
+    np.testing.assert_allclose(view.clients[1].train.x, scaled.clients[1].train.x, atol=1e-5)
+    np.testing.assert_allclose(view.public.x, scaled.public.x, atol=1e-5)
+    own = dataclasses.replace(config, data=dataclasses.replace(config.data, standardize="private"))
+    view = load_site_split(own, site_settings(node, num_clients=3))
+    train = raw.clients[1].train.x.reshape(len(raw.clients[1].train.x), -1).astype(np.float64)
+    std = train.std(axis=0)
+    std[std == 0] = 1.0  # by hand: the site's own mean and std
+    expected = (raw.clients[1].val.x.reshape(len(raw.clients[1].val.x), -1) - train.mean(axis=0)) / std
+    np.testing.assert_allclose(view.clients[1].val.x.reshape(len(expected), -1), expected, atol=1e-4)
 
 
 def test_a_site_file_of_its_own_records_is_split_locally(tmp_path, exported):

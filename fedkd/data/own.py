@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedkd.data.splits import SPLIT_PARTS, ArrayDataset, DataUnavailableError, FederatedSplit
+from fedkd.data.splits import SPLIT_PARTS, ArrayDataset, ClientData, DataUnavailableError, FederatedSplit
 
 LABEL_NAMES = ("label", "labels", "target", "class", "y")
 IMAGE_NAMES = ("image", "img", "pixel_values")
@@ -213,12 +213,16 @@ def _is_numeric_scalar(loaded: Any, column: str) -> bool:
 def standardize_split(split: FederatedSplit, *, fit_on: str) -> FederatedSplit:
     """Every part of ``split`` with each feature centred and scaled: x' = (x - mean) / std,
     the mean and std fitted on the public set (``fit_on="public"``: labels hidden, shared by
-    everyone) or on the sites' private training parts pooled (``"private"``), never on a
-    test or validation part. Features with std 0 are only centred."""
+    everyone) or on the private training parts the split holds, pooled (``"private"``:
+    every site's in a simulation; on a site that reads its own files
+    (:func:`fedkd.data.site_view`), its own only), never on a test or validation part.
+    Features with std 0 are only centred."""
+    clients = split.clients
+    held = list(clients.values()) if isinstance(clients, dict) else list(clients)
     if fit_on == "public":
         fit = split.public.x
     elif fit_on == "private":
-        fit = np.concatenate([split.clients[c].train.x for c in range(len(split.clients))])
+        fit = np.concatenate([client.train.x for client in held])
     else:
         raise ValueError(f"data.standardize: must be one of none, public, private; got {fit_on!r}")
     flat = fit.reshape(len(fit), -1).astype(np.float64)
@@ -227,11 +231,16 @@ def standardize_split(split: FederatedSplit, *, fit_on: str) -> FederatedSplit:
     std[std == 0] = 1.0
 
     def scaled(part: ArrayDataset) -> ArrayDataset:
+        if len(part.x) == 0:
+            return dataclasses.replace(part, x=part.x.astype(np.float32))
         x = ((part.x.reshape(len(part.x), -1) - mean) / std).astype(np.float32).reshape(part.x.shape)
         return dataclasses.replace(part, x=x)
 
-    clients = tuple(
-        dataclasses.replace(client, **{name: scaled(getattr(client, name)) for name in SPLIT_PARTS})
-        for client in split.clients
-    )
-    return dataclasses.replace(split, public=scaled(split.public), test=scaled(split.test), clients=clients)
+    def scaled_client(client: ClientData) -> ClientData:
+        return dataclasses.replace(client, **{name: scaled(getattr(client, name)) for name in SPLIT_PARTS})
+
+    if isinstance(clients, dict):
+        new_clients = {key: scaled_client(client) for key, client in clients.items()}
+    else:
+        new_clients = tuple(scaled_client(client) for client in clients)
+    return dataclasses.replace(split, public=scaled(split.public), test=scaled(split.test), clients=new_clients)

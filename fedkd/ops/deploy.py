@@ -28,6 +28,7 @@ import shlex
 import socket
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -447,14 +448,16 @@ def export_partitions(config, out_dir: str | Path, *, overwrite: bool = False) -
     train / validation / local test split, for site i's host only), taken from the split
     the run config defines (``data.*``, ``seed``). A SuperNode started with
     ``public-path`` and ``data-path`` pointing at them reproduces exactly the data the
-    simulation gives that site.
+    simulation gives that site (with ``data.standardize = "private"``, scaled by its own
+    training part's statistics instead of the pooled ones).
     """
     from fedkd.data import load_federation, save_public_file, save_site_file
 
     out = Path(out_dir)
     targets = [out / PUBLIC_FILE] + [out / site_file_name(i) for i in range(config.data.num_clients)]
     _refuse_overwrite(targets, overwrite)
-    split = load_federation(config.data, config.seed)
+    # as read, unscaled: each site applies data.standardize to what it holds (fedkd.ops.node)
+    split = load_federation(dataclasses.replace(config.data, standardize="none"), config.seed)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for target in targets:

@@ -136,10 +136,13 @@ def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
     simulation's way). ``dataset``/``dataset-path`` rebuild it from this host's copy.
     ``public-path`` and ``data-path`` read the public set and the site's private data
     from files; with both, the site needs nothing else (no other site's data, no copy of
-    the whole dataset). Whichever way, the train handler compares the public set's
+    the whole dataset). ``data.standardize`` is applied to what the site then holds:
+    ``public`` gives exactly the simulation's scaling; ``private`` fits on the site's own
+    training part (the pooled private data of a simulation is on no single host). Whichever way, the train handler compares the public set's
     fingerprint with the server's and refuses to take part when they differ.
     """
     from fedkd.data import load_federation, load_public_file, load_site_file, site_view
+    from fedkd.data.own import standardize_split
 
     client = settings.partition_id
     if not settings.uses_local_files:
@@ -148,6 +151,7 @@ def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
     if not (settings.public_path and settings.data_path):
         data_config = dataclasses.replace(
             config.data,
+            standardize="none",  # files are read as written: the site's view is scaled once, below
             dataset=settings.dataset or config.data.dataset,
             path=settings.dataset_path or (config.data.path if not settings.dataset else ""),
         )
@@ -173,4 +177,7 @@ def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
 
         if is_text_dataset(config.data.dataset):  # token ids: the model needs the vocabulary
             text = vocab_info(config.data.tokenizer)
-    return site_view(public=public, client=client, data=data, num_classes=num_classes, text=text)
+    view = site_view(public=public, client=client, data=data, num_classes=num_classes, text=text)
+    if config.data.standardize != "none":  # "private": fitted on this site's own training part
+        view = standardize_split(view, fit_on=config.data.standardize)
+    return view
