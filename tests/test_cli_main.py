@@ -67,3 +67,11 @@ def test_package_main_is_the_console_script_entry():
     from fedkd.cli.main import main
 
     assert fedkd.cli.main is main  # pyproject.toml: fedkd = "fedkd.cli:main"
+
+
+def test_a_plugin_method_gets_a_portable_study_folder():
+    from fedkd.cli.main import method_folder
+
+    assert method_folder("examples.fedkd_plugins.fusion:median") == "examples.fedkd_plugins.fusion-median"
+    assert method_folder("expert") == "expert"
+    assert method_folder("a b/c:d") == "a-b-c-d"  # nothing that nests folders or needs quoting

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -72,6 +73,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return exit_status([run_dir])
 
 
+def method_folder(method: str) -> str:
+    """A study's folder for one method: the name, with a plugin's import path made a plain
+    file name (``mypkg.fusion:rule`` -> ``mypkg.fusion-rule``; ':' is not portable in paths).
+
+    >>> method_folder("mypkg.fusion:rule"), method_folder("expert")
+    ('mypkg.fusion-rule', 'expert')
+    """
+    return re.sub(r"[^A-Za-z0-9._-]", "-", method)
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -83,7 +94,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(methods)}] fusion method '{method}'", file=sys.stderr, flush=True)
         run_config = dataclasses.replace(
             config,
-            run_name=f"{study}/{method}",
+            run_name=f"{study}/{method_folder(method)}",
             fusion=dataclasses.replace(config.fusion, method=method),
         )
         run_dirs.append(launch_simulation(run_config, verbose=args.verbose))
