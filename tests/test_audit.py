@@ -137,6 +137,41 @@ def test_one_run_p_value_and_bound_known_answers():
     assert ps == sorted(ps)
 
 
+def test_epsilon_ceiling_is_every_guess_right_at_the_largest_guess_count():
+    from fedkd.audit.one_run import epsilon_ceiling
+
+    # m = 100: k in {1, 2, 5, 10, 20, 50}, beta split 6 ways; all 100 guesses right:
+    # q^100 = 0.05 / 6, eps = logit(q)
+    q = (0.05 / 6) ** (1 / 100)
+    assert epsilon_ceiling(m=100, delta=0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-6)
+    assert epsilon_ceiling(m=1000, delta=0.0) > epsilon_ceiling(m=100, delta=0.0)  # more canaries
+    assert epsilon_ceiling(m=1, delta=0.0) == 0.0  # no guess count fits
+
+
+def test_audit_report_marks_its_ceiling_and_blanks_unresolvable_low_fpr():
+    from fedkd.audit.report import audit_markdown
+
+    attack = {"auc": 0.6, "auc_ci": [0.5, 0.7], "tpr_at_1pct": 0.02, "tpr_at_1pct_ci": [0.0, 0.05],
+              "tpr_at_01pct": 0.01, "tpr_at_01pct_ci": [0.0, 0.03], "advantage": 0.15,
+              "advantage_ci": [0.05, 0.25],
+              "one-run": {"epsilon_lower_bound": 0.3, "confidence": 0.95, "delta": 0.0, "canaries": 100,
+                          "guesses": 20, "correct": 15, "tried": []}}
+    result = {"run": "/runs/r", "site": 0, "candidates": 100, "members": 50, "canary-labels": 10,
+              "reference-models": 4, "rounds-released": 2,
+              "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-5},
+              "shield": {"temperature": 1, "gamma": 0, "noise_std": 0, "scorer": "uniform", "top_k": 0},
+              "accuracy": {"alma": 0.9, "site": 0.9, "global": 0.8},
+              "targets": {"site-model": {"threat-model": "white-box", "attacks": {"loss": attack}}},
+              "epsilon-lower-bound": {"max": 0.3, "where": "site-model/loss"}, "seconds": 1.0}
+    text = audit_markdown(result)
+    q = (0.05 / 6) ** (1 / 100)
+    assert f"could certify, every guess right, is {math.log(q / (1 - q)):.2f}; the accountant's 8.00 is above it" in text
+    row = next(line for line in text.splitlines() if line.startswith("| site-model |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[6] == ""  # TPR@0.1%FPR with 50 non-members: unresolvable, blank
+    assert cells[7] == "0.150 [0.050, 0.250]"  # advantage with its CI
+
+
 def test_one_run_audit_uses_top_and_bottom_guesses():
     included = np.array([True] * 100 + [False] * 100)
     perfect = one_run_audit(scores=included.astype(float) + np.linspace(0, 0.1, 200), included=included)

@@ -113,3 +113,17 @@ def one_run_audit(
                                                     confidence=split_confidence)))
     r, v, best = max(tried, key=lambda t: t[2])
     return OneRunAudit(best, confidence, delta, m, r, v, tuple(tried))
+
+
+def epsilon_ceiling(*, m: int, delta: float, confidence: float = 0.95,
+                    fractions: tuple[float, ...] = GUESS_FRACTIONS) -> float:
+    """The largest bound :func:`one_run_audit` can certify with ``m`` canaries: every guess
+    right at the largest guess count it tries (r = 2k, v = r, the same Bonferroni split).
+    With delta = 0 that is logit(beta'^(1/r)), from P[Binomial(r, q) >= r] = q^r = beta'.
+    A DP run whose accountant epsilon is above it cannot be shown to leak that much by
+    this audit, however strong the attack: more canaries raise the ceiling."""
+    ks = sorted({k for f in fractions if 1 <= (k := int(round(f * m))) <= m // 2})
+    if not ks:
+        return 0.0
+    split_confidence = 1 - (1 - confidence) / len(ks)
+    return epsilon_lower_bound(m=m, r=2 * ks[-1], v=2 * ks[-1], delta=delta, confidence=split_confidence)

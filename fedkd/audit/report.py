@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedkd.audit.metrics import roc_points
+from fedkd.audit.one_run import epsilon_ceiling
 
 
 def _plt():  # noqa: ANN202
@@ -99,18 +100,20 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
         "",
         "## Membership inference",
         "",
-        "| target | threat model | attack | AUC [95% CI] | TPR@1%FPR [CI] | TPR@0.1%FPR | advantage | one-run ε lower bound |",
+        "| target | threat model | attack | AUC [95% CI] | TPR@1%FPR [CI] | TPR@0.1%FPR | advantage [CI] | one-run ε lower bound |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    non_members = result["candidates"] - result["members"]
     for name, target in result["targets"].items():
         if "skipped" in target:
             lines.append(f"| {name} | {target['threat-model']} | - | skipped: {target['skipped']} | | | | |")
             continue
         for attack, m in target["attacks"].items():
+            low_fpr = f"{m['tpr_at_01pct']:.3f}" if non_members >= 1000 else ""  # 0.1% unresolvable
             lines.append(
                 f"| {name} | {target['threat-model']} | {attack} | {m['auc']:.3f} {_ci(m['auc_ci'])} | "
-                f"{m['tpr_at_1pct']:.3f} {_ci(m['tpr_at_1pct_ci'])} | {m['tpr_at_01pct']:.3f} | "
-                f"{m['advantage']:.3f} | {m['one-run']['epsilon_lower_bound']:.2f} "
+                f"{m['tpr_at_1pct']:.3f} {_ci(m['tpr_at_1pct_ci'])} | {low_fpr} | "
+                f"{m['advantage']:.3f} {_ci(m['advantage_ci'])} | {m['one-run']['epsilon_lower_bound']:.2f} "
                 f"({m['one-run']['correct']}/{m['one-run']['guesses']} guesses right) |"
             )
     lines += ["", *(target_verdict(name, target) for name, target in result["targets"].items())]
@@ -128,8 +131,18 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
            if p["enabled"] and lb["max"] > p["epsilon"] else ""),
         "",
         "With fewer than 100 (1,000) non-members an FPR of 1% (0.1%) cannot be resolved; read "
-        "TPR at low FPR with the member counts above in mind.",
+        "TPR at low FPR with the member counts above in mind (an unresolvable TPR is left blank).",
     ]
+    ceiling = audit_ceiling(result)
+    if ceiling is not None:
+        lines += [
+            "",
+            f"Audit ceiling: with {result['candidates']} canaries (delta "
+            f"{_f(result['targets'] and _first_delta(result), '.2g')}) the largest epsilon this audit "
+            f"could certify, every guess right, is {ceiling:.2f}"
+            + (f"; the accountant's {p['epsilon']:.2f} is above it, so no attack here could reach it."
+               if p["enabled"] and p["epsilon"] is not None and p["epsilon"] > ceiling else "."),
+        ]
     if "exposure" in result:
         e = result["exposure"]
         lines += [
@@ -151,6 +164,13 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _first_delta(result: Mapping[str, Any]) -> float | None:
+    for target in result["targets"].values():
+        for m in target.get("attacks", {}).values():
+            return m["one-run"]["delta"]
+    return None
+
+
 def _first_confidence(result: Mapping[str, Any]) -> str:
     for target in result["targets"].values():
         for m in target.get("attacks", {}).values():
@@ -161,23 +181,38 @@ def _first_confidence(result: Mapping[str, Any]) -> str:
 def plot_roc(path: Path, scores: Mapping[str, np.ndarray], title: str) -> Path:
     plt = _plt()
     labels = scores["labels"]
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    floor = 1.0 / max(1, int((labels == 0).sum()))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    negatives = max(1, int((labels == 0).sum()))
+    floor = 1.0 / negatives
     for name, s in scores.items():
         if name == "labels":
             continue
         fpr, tpr = roc_points(scores=s, labels=labels)
-        ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2), label=name, linewidth=1.2)
+        auc = float(np.trapezoid(tpr, fpr))
+        ax.plot(np.maximum(fpr, floor / 2), np.maximum(tpr, floor / 2), label=f"{name} (AUC {auc:.3f})",
+                linewidth=1.2)
     grid = np.logspace(math.log10(floor / 2), 0, 50)
     ax.plot(grid, grid, color="black", linestyle="--", linewidth=1, label="chance (TPR = FPR)")
+    ax.axvline(floor, color="grey", linestyle=":", linewidth=1,
+               label=f"FPR floor 1/{negatives} (no lower FPR is resolvable)")
     ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
            xlim=(floor / 2, 1), ylim=(floor / 2, 1.05), title=title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def audit_ceiling(result: Mapping[str, Any]) -> float | None:
+    """The largest one-run epsilon this audit could certify (:func:`epsilon_ceiling` for its
+    canary count, delta and confidence); None when no target was attacked."""
+    for target in result["targets"].values():
+        for m in target.get("attacks", {}).values():
+            one = m["one-run"]
+            return epsilon_ceiling(m=one["canaries"], delta=one["delta"], confidence=one["confidence"])
+    return None
 
 
 def plot_bounds(path: Path, result: Mapping[str, Any]) -> Path:
@@ -187,14 +222,19 @@ def plot_bounds(path: Path, result: Mapping[str, Any]) -> Path:
         for attack, m in t.get("attacks", {}).items():
             names.append(f"{target}\n{attack}")
             values.append(m["one-run"]["epsilon_lower_bound"])
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2) + 4, 4))
     ax.bar(range(len(names)), values, color="tab:blue", label="one-run ε lower bound (95%)")
     eps = result["privacy"]["epsilon"]
     if eps is not None:
-        ax.axhline(eps, color="black", linestyle="--", label=f"accountant ε = {eps:.2f}")
+        ax.axhline(eps, color="black", linestyle="--", label=f"accountant ε = {eps:.2f} (proven upper bound)")
+    ceiling = audit_ceiling(result)
+    if ceiling is not None:
+        ax.axhline(ceiling, color="tab:red", linestyle=":",
+                   label=f"audit ceiling ε = {ceiling:.2f} (the most {result['candidates']} canaries can show)")
     ax.set_xticks(range(len(names)), names, fontsize=6)
-    ax.set(ylabel="ε", title="Empirical ε lower bound vs the accountant")
-    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.set(ylabel="ε", title=f"Empirical ε lower bound vs the accountant, site {result['site']}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
