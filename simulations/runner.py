@@ -73,6 +73,10 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
 
     # Fail here, with a clear message, rather than inside the engine's threads and actors.
     split = load_federation(config.data, config.seed)
+    if config.audit.enabled:  # the audit plan (candidates, secret) is refused here, not in the engine
+        from fedkd.audit.canaries import with_audit
+
+        split = with_audit(config, split)
     check_privacy_plans(config, [len(c.train) for c in split.clients])
     check_site_models(config=config, split=split)
     export_search_path(plugin_search_path(config_plugins(config)))  # Ray workers import plugins too

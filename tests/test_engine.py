@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 import fedkd.engine
 from fedkd.config import Config
 
@@ -27,3 +29,18 @@ def test_audit_sweep_runs_every_federation_through_launch_simulation(monkeypatch
         sweep_name="s", command="c")
     assert folder == Path("sweep") and rows == [Path("run"), {"sweep_name": "s", "command": "c"}]
     assert [(c.run_name, v) for c, v in launched] == [("prepared", True)]
+
+
+def test_an_audit_plan_the_site_cannot_hold_is_refused_before_the_engine_starts(tmp_path):
+    """100 candidates on a site of 37 training examples: ConfigError from the driver (one
+    line, exit 2 under the CLI), no run directory, no Flower or Ray started."""
+    from fedkd.config import ConfigError, load_config
+    from fedkd.engine import launch_simulation
+
+    config = load_config(overrides={"output-dir": str(tmp_path), "run-name": "a", "data.num-clients": 4,
+                                    "audit.enabled": True, "audit.site": 1, "audit.canaries": 100})
+    with pytest.raises(ConfigError) as err:
+        launch_simulation(config)
+    assert err.value.problems == ["audit.canaries: site 1 has 37 private training examples; asked for 100 "
+                                  "candidates (use at most 37, or 0 for all of them)"]
+    assert not (tmp_path / "a").exists()
