@@ -502,8 +502,8 @@ class AuditConfig:
         "that the format alone does not give the secret's label (the digits must be learnt)",
     )
     reference_models: int = option(
-        4, low=0, help="LiRA reference models, each trained on a random half of the candidates "
-        "(0 = LOSS attack only)"
+        4, low=0, help="reference models of LiRA and RMIA, each trained on a random half of the "
+        "candidates (0 = LOSS and the trained attacks only)"
     )
     reference_epochs: int = option(
         0, low=0, help="epochs of each reference model (0 = num-server-rounds * train.local-epochs)"

@@ -304,7 +304,8 @@ def trained_scores(
     if not isinstance(folds, int) or folds < 2 or folds > smaller:
         raise ValueError(f"folds: must be an integer from 2 to the smaller class's count ({smaller}); got {folds!r}")
     out = np.full(len(membership), np.nan)
-    for k, (fit, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, membership)):
+    splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, membership)
+    for k, (fit, held) in enumerate(splits):
         if classifier == "random-forest":
             model = RandomForestClassifier(n_estimators=300, min_samples_leaf=2, random_state=seed + k, n_jobs=1)
         else:

@@ -94,7 +94,7 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
         f"Target: site {result['site']}'s private training examples: {result['candidates']} "
         f"candidates ({result['canary-labels']} labels), {result['members']} of them trained on "
         "(each with probability 1/2, seeded). "
-        f"LiRA reference models: {result['reference-models']}. Released knowledge recorded for "
+        f"Reference models (LiRA, RMIA): {result['reference-models']}. Released knowledge recorded for "
         f"{result['rounds-released']} rounds.",
         "",
         f"Protection: DP {'on, accountant epsilon ' + _f(p['epsilon'], '.2f') + ' (delta ' + _f(p['delta'], '.2g') + ')' if p['enabled'] else 'off'}; "
@@ -126,7 +126,8 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
             b = target["strongest"]
             lines.append(
                 f"| **{name}** | **strongest of {b['of']}** | **{b['attack']}** | **{b['auc']:.3f}** "
-                f"{_ci(b['auc_ci_simultaneous'])} | **{b['tpr_at_1pct']:.3f}** {_ci(b['tpr_at_1pct_ci_simultaneous'])} "
+                f"{_ci(b['auc_ci_simultaneous'])} | **{b['tpr_at_1pct']:.3f}** "
+                f"{_ci(b['tpr_at_1pct_ci_simultaneous'])} "
                 f"| | | (intervals at {b['simultaneous-confidence']:.2%}) |"
             )
     lines += ["", *(target_verdict(name, target) for name, target in result["targets"].items())]
