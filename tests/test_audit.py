@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from fedkd.audit.attacks import ATTACKS, lira_offline, lira_online, log_prob_of_label, logit_confidence, \
-    loss_attack, reference_masks
+    loss_attack, output_features, reference_masks, rmia_scores, trained_scores
 from fedkd.audit.exposure import candidate_fillings, exposure_by_rank, exposure_by_skewnorm, fill
-from fedkd.audit.metrics import attack_metrics
+from fedkd.audit.metrics import attack_metrics, bootstrap_draws, curve_metrics, simultaneous_confidence, \
+    strongest_attack
 from fedkd.audit.one_run import epsilon_lower_bound, one_run_audit, p_value
 
 
@@ -50,6 +51,65 @@ def test_metrics_refuse_one_class_and_non_finite_scores():
         attack_metrics(scores=np.array([0.0, np.nan]), labels=np.array([0, 1]))
 
 
+def test_vectorised_replicate_formulas_match_scikit_learn_with_unit_weights():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(2)
+    labels = rng.random(300) < 0.4
+    scores = np.round(rng.normal(size=300) + labels, 1)  # many ties
+    fpr, tpr, _ = roc_curve(labels, scores)
+    got = curve_metrics(scores=scores, labels=labels)
+    assert got["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert got["advantage"] == pytest.approx(np.max(tpr - fpr), abs=1e-12)
+    for alpha in (0.01, 0.001, 0.1):
+        ok = fpr <= alpha + 1e-12
+        expected = tpr[ok].max() if ok.any() else 0.0
+        if alpha in (0.01, 0.001):
+            assert got[f"tpr@{alpha:g}"] == pytest.approx(expected, abs=1e-12)
+    # a replicate that duplicates one member and drops another, by hand: members scores
+    # {3, 1} -> {3, 3}, non-members {2, 0}: AUC = (1 + 1 + 1 + 1) / 4 = 1
+    draws = bootstrap_draws(scores=np.array([3.0, 1.0, 2.0, 0.0]), labels=np.array([1, 1, 0, 0]),
+                            num_bootstrap=400, seed=0)
+    assert set(np.round(draws["auc"], 6)) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert draws["auc"].max() == 1.0 and draws["auc"].min() <= 0.5
+
+
+def _realistic_scores():
+    """100 members / 100 non-members: a weak shift plus 15% strongly memorised members."""
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(100), np.zeros(100)].astype(int)
+    return rng.normal(size=200) + 0.6 * labels + 3.0 * labels * (rng.random(200) < 0.15), labels
+
+
+def test_interval_ends_move_less_than_0_01_between_bootstrap_seeds_at_the_default_replicates():
+    scores, labels = _realistic_scores()
+
+    def spread(num_bootstrap=None):
+        extra = {} if num_bootstrap is None else {"num_bootstrap": num_bootstrap}
+        runs = [attack_metrics(scores=scores, labels=labels, seed=seed, **extra) for seed in (1, 2)]
+        return max(abs(a - b) for key in ("auc_ci", "tpr_at_1pct_ci", "tpr_at_01pct_ci", "advantage_ci")
+                   for a, b in zip(getattr(runs[0], key), getattr(runs[1], key)))
+
+    assert spread() <= 0.01 + 1e-9
+    assert attack_metrics.__kwdefaults__["num_bootstrap"] == 10_000
+    assert spread(200) > 0.01  # what the old default did: the test can fail
+
+
+def test_strongest_attack_rule_and_bonferroni_level():
+    attacks = {
+        "loss": {"tpr_at_1pct_ci": (0.0, 0.05), "auc_ci": (0.55, 0.70), "auc": 0.62},
+        "rmia": {"tpr_at_1pct_ci": (0.03, 0.20), "auc_ci": (0.50, 0.66), "auc": 0.58},
+        "lira": {"tpr_at_1pct_ci": (0.03, 0.25), "auc_ci": (0.52, 0.66), "auc": 0.59},
+    }
+    assert strongest_attack(attacks=attacks) == "lira"  # tie on TPR lower bound, higher AUC lower bound
+    quiet = {"a": {"tpr_at_1pct_ci": (0.0, 0.02), "auc_ci": (0.45, 0.55), "auc": 0.50},
+             "b": {"tpr_at_1pct_ci": (0.0, 0.02), "auc_ci": (0.45, 0.55), "auc": 0.50}}
+    assert strongest_attack(attacks=quiet) == "a"  # full tie: the first name
+    assert simultaneous_confidence(confidence=0.95, num_attacks=5) == pytest.approx(0.99)
+    with pytest.raises(ValueError, match="attacks: need at least one"):
+        strongest_attack(attacks={})
+
+
 # ------------------------------------------------------------------ attacks
 
 
@@ -64,7 +124,8 @@ def test_loss_and_logit_confidence_match_their_formulas():
     # stable where p rounds to 1 in floating point
     huge = np.array([[200.0, 0.0, 0.0]])
     assert logit_confidence(huge, np.array([0]))[0] == pytest.approx(200 - math.log(2))
-    assert sorted(ATTACKS.names()) == ["lira-offline", "lira-online", "loss"]
+    assert sorted(ATTACKS.names()) == ["lira-offline", "lira-online", "loss", "rmia", "rmia-online",
+                                       "trained-gb", "trained-rf"]
 
 
 def _gaussian_world(shift: float, seed: int = 0):
@@ -96,6 +157,119 @@ def test_lira_finds_members_that_loss_misses_and_stays_at_chance_without_signal(
     m = attack_metrics(scores=lira_online(logits=logits, labels=labels, reference_logits=ref, in_mask=masks),
                        labels=members, num_bootstrap=100)
     assert m.auc_ci[0] <= 0.5 <= m.auc_ci[1]
+
+
+def _two_class_logits(p):
+    """Logits whose softmax probability of label 0 is exactly ``p``."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.stack([np.log(p), np.log1p(-p)], axis=-1)
+
+
+def test_rmia_known_answer_by_hand():
+    # 2 candidates, 2 reference models (model 0 trained on x2, model 1 on x1), 3 population samples
+    inputs = dict(
+        target_probs=np.array([0.8, 0.4]),
+        reference_probs=np.array([[0.2, 0.9], [0.6, 0.3]]),
+        in_mask=np.array([[False, True], [True, False]]),
+        population_target_probs=np.array([0.5, 0.9, 0.6]),
+        population_reference_probs=np.array([[0.4, 0.8, 0.2], [0.6, 0.8, 0.3]]),
+    )
+    # offline, a = 0.5: p(x) = (1.5 p_OUT + 0.5) / 2 -> p(x1) = 0.4, p(x2) = 0.475;
+    # r(x) = 2.0, 0.842; p(z) = 0.625, 0.85, 0.4375 -> r(z) = 0.8, 1.059, 1.371
+    # gamma 1: x1 beats all 3, x2 only z1 (0.842 / 0.8 >= 1)
+    assert rmia_scores(**inputs, offline_a=0.5) == pytest.approx([1.0, 1 / 3])
+    # gamma 2: x1 needs r(z) <= 1.0 (z1 only), x2 none
+    assert rmia_scores(**inputs, offline_a=0.5, gamma=2.0) == pytest.approx([1 / 3, 0.0])
+    # online: p(x) = (p_IN + p_OUT) / 2 = 0.4, 0.6 -> r(x) = 2.0, 0.667; p(z) = p_OUT(z) =
+    # 0.5, 0.8, 0.25 -> r(z) = 1.0, 1.125, 2.4: x1 beats z1, z2; x2 none
+    assert rmia_scores(**inputs, online=True) == pytest.approx([2 / 3, 0.0])
+    # the registered attack reads the same numbers from logits
+    labels = np.zeros(2, np.int64)
+    got = ATTACKS.get("rmia")(
+        logits=_two_class_logits(inputs["target_probs"]), labels=labels,
+        reference_logits=_two_class_logits(inputs["reference_probs"]), in_mask=inputs["in_mask"],
+        population_logits=_two_class_logits(inputs["population_target_probs"]),
+        population_labels=np.zeros(3, np.int64),
+        population_reference_logits=_two_class_logits(inputs["population_reference_probs"]), offline_a=0.5)
+    assert got == pytest.approx([1.0, 1 / 3])
+    with pytest.raises(ValueError, match=r"offline_a: must be in \[0, 1\]; got 1.5"):
+        rmia_scores(**inputs, offline_a=1.5)
+    with pytest.raises(ValueError, match="RMIA needs"):
+        ATTACKS.get("rmia")(logits=_two_class_logits([0.5, 0.5]), labels=labels)
+
+
+def test_rmia_separates_synthetic_members_and_stays_at_chance_without_signal():
+    for shift, seed in ((2.0, 0), (0.0, 4)):
+        logits, labels, ref, masks, members = _gaussian_world(shift=shift, seed=seed)
+        rng = np.random.default_rng(seed + 100)
+        difficulty = rng.normal(0, 2, 400)  # population: OUT of the target and of every reference
+        pop = np.stack([difficulty + rng.normal(0, 1, 400), np.zeros(400)], -1)
+        pop_ref = np.stack([difficulty + rng.normal(0, 1, (16, 400)), np.zeros((16, 400))], -1)
+        kwargs = dict(logits=logits, labels=labels, reference_logits=ref, in_mask=masks, population_logits=pop,
+                      population_labels=np.zeros(400, np.int64), population_reference_logits=pop_ref)
+        for name in ("rmia", "rmia-online"):
+            m = attack_metrics(scores=ATTACKS.get(name)(**kwargs), labels=members, num_bootstrap=1000)
+            if shift:
+                assert m.auc > 0.85, name
+            else:
+                assert m.auc_ci[0] <= 0.5 <= m.auc_ci[1], name
+
+
+def test_output_features_by_hand():
+    logits = np.log(np.array([[0.1, 0.7, 0.2]]))
+    f = output_features(logits, np.array([2]))
+    assert f.shape == (1, 6)
+    assert f[0, :3] == pytest.approx(np.log([0.7, 0.2, 0.1]))
+    assert f[0, 3] == pytest.approx(np.log(0.2 / 0.8))  # phi of label 2
+    assert f[0, 4] == 1  # label 2 is the second most probable
+    assert f[0, 5] == pytest.approx(-(0.1 * np.log(0.1) + 0.7 * np.log(0.7) + 0.2 * np.log(0.2)))
+
+
+def test_trained_attack_separates_synthetic_members():
+    rng = np.random.default_rng(0)
+    n = 200
+    members = rng.random(n) < 0.5
+    labels = rng.integers(0, 10, n)
+    logits = rng.normal(0, 1, (n, 10))
+    logits[np.arange(n), labels] += np.where(members, 3.0, 0.5)  # members: confident on their label
+    for name in ("trained-rf", "trained-gb"):
+        s = ATTACKS.get(name)(logits=logits, labels=labels, membership=members, seed=0)
+        assert attack_metrics(scores=s, labels=members, num_bootstrap=0).auc > 0.85, name
+
+
+def test_trained_attack_scores_are_out_of_fold():
+    # random features: a forest scored on its own training rows memorises them (AUC ~ 1);
+    # out-of-fold scores must stay at chance
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(200, 6))
+    members = rng.random(200) < 0.5
+    in_sample = RandomForestClassifier(n_estimators=300, min_samples_leaf=2, random_state=0).fit(features, members)
+    assert attack_metrics(scores=in_sample.predict_proba(features)[:, 1], labels=members,
+                          num_bootstrap=0).auc > 0.95
+    for folds in (2, 5):
+        s = trained_scores(features=features, membership=members, folds=folds, seed=0)
+        assert np.isfinite(s).all()
+        m = attack_metrics(scores=s, labels=members, num_bootstrap=1000)
+        assert m.auc_ci[0] <= 0.5 <= m.auc_ci[1], folds
+    # make row 0 an outlier: every model that trained on it changes; the rows held out with
+    # row 0 are scored by the model of the other fold, which never saw it, so their scores
+    # stay exactly the same (an in-sample scorer would move them)
+    from sklearn.model_selection import StratifiedKFold
+
+    base = trained_scores(features=features, membership=members, folds=2, seed=0)
+    moved = features.copy()
+    moved[0] += 100.0
+    again = trained_scores(features=moved, membership=members, folds=2, seed=0)
+    held = next(h for _, h in StratifiedKFold(2, shuffle=True, random_state=0).split(features, members) if 0 in h)
+    others = np.setdiff1d(np.arange(200), held)
+    assert np.array_equal(base[held[held != 0]], again[held[held != 0]])
+    assert not np.array_equal(base[others], again[others])  # the fold that trained on row 0 did change
+    with pytest.raises(ValueError, match="folds: must be an integer from 2"):
+        trained_scores(features=features, membership=members, folds=1)
+    with pytest.raises(ValueError, match="classifier: must be one of random-forest, gradient-boosting; got 'svm'"):
+        trained_scores(features=features, membership=members, classifier="svm")
 
 
 # ------------------------------------------------------------------ exposure

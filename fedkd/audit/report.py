@@ -55,7 +55,8 @@ def _ci(pair: Sequence[float]) -> str:
 
 
 def target_verdict(name: str, target: Mapping[str, Any]) -> str:
-    """One line per target: which attacks' AUC confidence intervals exclude chance (0.5).
+    """One line per target: which attacks' AUC confidence intervals exclude chance (0.5),
+    and, where the audit chose one, the strongest attack with its simultaneous interval.
 
     >>> target_verdict("knowledge", {"attacks": {"loss": {"auc_ci": [0.55, 0.70]}, "lira": {"auc_ci": [0.45, 0.6]}}})
     '- **knowledge**: leaks membership: loss (AUC CI excludes 0.5); no evidence from lira.'
@@ -64,6 +65,12 @@ def target_verdict(name: str, target: Mapping[str, Any]) -> str:
     """
     if "skipped" in target:
         return f"- **{name}**: not audited ({target['skipped']})."
+    best = ""
+    if "strongest" in target:
+        b = target["strongest"]
+        best = (f" Strongest: {b['attack']}, AUC {b['auc']:.3f}, TPR@1%FPR {b['tpr_at_1pct']:.3f} "
+                f"{_ci(b['tpr_at_1pct_ci_simultaneous'])} (interval at {b['simultaneous-confidence']:.1%}, "
+                f"{b['of']} attacks).")
     above = [a for a, m in target["attacks"].items() if m["auc_ci"][0] > 0.5]
     below = [a for a, m in target["attacks"].items() if m["auc_ci"][1] < 0.5]
     none = [a for a in target["attacks"] if a not in above and a not in below]
@@ -75,7 +82,7 @@ def target_verdict(name: str, target: Mapping[str, Any]) -> str:
     if none:
         parts.append(f"no evidence from {', '.join(none)}" if parts else
                      f"no evidence of membership leakage: every AUC CI ({', '.join(none)}) includes 0.5")
-    return f"- **{name}**: " + "; ".join(parts) + "."
+    return f"- **{name}**: " + "; ".join(parts) + "." + best
 
 
 def audit_markdown(result: Mapping[str, Any]) -> str:
@@ -88,7 +95,7 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
         f"Target: site {result['site']}'s private training examples: {result['candidates']} "
         f"candidates ({result['canary-labels']} labels), {result['members']} of them trained on "
         "(each with probability 1/2, seeded). "
-        f"LiRA reference models: {result['reference-models']}. Released knowledge recorded for "
+        f"Reference models (LiRA, RMIA): {result['reference-models']}. Released knowledge recorded for "
         f"{result['rounds-released']} rounds.",
         "",
         f"Protection: DP {'on, accountant epsilon ' + _f(p['epsilon'], '.2f') + ' (delta ' + _f(p['delta'], '.2g') + ')' if p['enabled'] else 'off'}; "
@@ -109,14 +116,36 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {target['threat-model']} | - | skipped: {target['skipped']} | | | | |")
             continue
         for attack, m in target["attacks"].items():
+            bound = m["one-run"]
             low_fpr = f"{m['tpr_at_01pct']:.3f}" if non_members >= 1000 else ""  # 0.1% unresolvable
             lines.append(
                 f"| {name} | {target['threat-model']} | {attack} | {m['auc']:.3f} {_ci(m['auc_ci'])} | "
                 f"{m['tpr_at_1pct']:.3f} {_ci(m['tpr_at_1pct_ci'])} | {low_fpr} | "
-                f"{m['advantage']:.3f} {_ci(m['advantage_ci'])} | {m['one-run']['epsilon_lower_bound']:.2f} "
-                f"({m['one-run']['correct']}/{m['one-run']['guesses']} guesses right) |"
+                f"{m['advantage']:.3f} {_ci(m['advantage_ci'])} | "
+                + (f"{bound['epsilon_lower_bound']:.2f} ({bound['correct']}/{bound['guesses']} guesses right) |"
+                   if bound else "- (guesses use known membership) |")
+            )
+        if "strongest" in target:
+            b = target["strongest"]
+            lines.append(
+                f"| **{name}** | **strongest of {b['of']}** | **{b['attack']}** | **{b['auc']:.3f}** "
+                f"{_ci(b['auc_ci_simultaneous'])} | **{b['tpr_at_1pct']:.3f}** "
+                f"{_ci(b['tpr_at_1pct_ci_simultaneous'])} "
+                f"| | | (intervals at {b['simultaneous-confidence']:.2%}) |"
             )
     lines += ["", *(target_verdict(name, target) for name, target in result["targets"].items())]
+    if "strongest-rule" in result:
+        lines += [
+            "",
+            f"**Strongest attack per target**: {result['strongest-rule']}. Picking the maximum over "
+            "several attacks is optimistic (at chance level the best of k attacks still looks "
+            "better than each); the bold rows therefore give the winner's intervals at the "
+            "Bonferroni level 1 - 0.05/k, which hold whichever attack wins. The trained attacks "
+            f"(`trained-*`) assume an attacker who knows the membership of the other "
+            f"{result.get('attack-folds', 2) - 1} of {result.get('attack-folds', 2)} folds of candidates; "
+            "LOSS, LiRA and RMIA know no membership. RMIA's population: "
+            f"{result.get('population', '-')} examples of the global test split.",
+        ]
     lb = result["epsilon-lower-bound"]
     lines += [
         "",
@@ -138,7 +167,7 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
         lines += [
             "",
             f"Audit ceiling: with {result['candidates']} canaries (delta "
-            f"{_f(result['targets'] and _first_delta(result), '.2g')}) the largest epsilon this audit "
+            f"{_f(_first_bound(result)['delta'], '.2g')}) the largest epsilon this audit "
             f"could certify, every guess right, is {ceiling:.2f}"
             + (f"; the accountant's {p['epsilon']:.2f} is above it, so no attack here could reach it."
                if p["enabled"] and p["epsilon"] is not None and p["epsilon"] > ceiling else "."),
@@ -164,18 +193,19 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _first_delta(result: Mapping[str, Any]) -> float | None:
+def _first_bound(result: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The first attack's one-run bound (canaries, delta and confidence are the audit's own);
+    None when no attack made one (trained attacks make none)."""
     for target in result["targets"].values():
         for m in target.get("attacks", {}).values():
-            return m["one-run"]["delta"]
+            if m["one-run"] is not None:
+                return m["one-run"]
     return None
 
 
 def _first_confidence(result: Mapping[str, Any]) -> str:
-    for target in result["targets"].values():
-        for m in target.get("attacks", {}).values():
-            return f"{m['one-run']['confidence']:.0%}"
-    return "-"
+    bound = _first_bound(result)
+    return "-" if bound is None else f"{bound['confidence']:.0%}"
 
 
 def plot_roc(path: Path, scores: Mapping[str, np.ndarray], title: str) -> Path:
@@ -208,11 +238,10 @@ def plot_roc(path: Path, scores: Mapping[str, np.ndarray], title: str) -> Path:
 def audit_ceiling(result: Mapping[str, Any]) -> float | None:
     """The largest one-run epsilon this audit could certify (:func:`epsilon_ceiling` for its
     canary count, delta and confidence); None when no target was attacked."""
-    for target in result["targets"].values():
-        for m in target.get("attacks", {}).values():
-            one = m["one-run"]
-            return epsilon_ceiling(m=one["canaries"], delta=one["delta"], confidence=one["confidence"])
-    return None
+    one = _first_bound(result)
+    if one is None:
+        return None
+    return epsilon_ceiling(m=one["canaries"], delta=one["delta"], confidence=one["confidence"])
 
 
 def plot_bounds(path: Path, result: Mapping[str, Any]) -> Path:
@@ -220,6 +249,8 @@ def plot_bounds(path: Path, result: Mapping[str, Any]) -> Path:
     names, values = [], []
     for target, t in result["targets"].items():
         for attack, m in t.get("attacks", {}).items():
+            if m["one-run"] is None:
+                continue
             names.append(f"{target}\n{attack}")
             values.append(m["one-run"]["epsilon_lower_bound"])
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(names) + 2) + 4, 4))
@@ -263,15 +294,23 @@ def _metric(row: Mapping[str, Any], target: str, attack: str, key: str = "auc") 
     return row["audit"]["targets"].get(target, {}).get("attacks", {}).get(attack, {}).get(key)
 
 
+def _strongest(row: Mapping[str, Any], target: str, key: str) -> str:
+    best = row["audit"]["targets"].get(target, {}).get("strongest")
+    return f"{_f(best[key])} {best['attack']}" if best else "-"
+
+
 def _pair(row: Mapping[str, Any], target: str, key: str) -> str:
-    return f"{_f(_metric(row, target, 'loss', key))} / {_f(_metric(row, target, 'lira-online', key))}"
+    return (f"{_f(_metric(row, target, 'loss', key))} / {_f(_metric(row, target, 'lira-online', key))} / "
+            f"{_strongest(row, target, key)}")
 
 
 def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
     lines = [
         "# Privacy-leakage sweep", "", f"Command: `{command}`", "",
-        "Each cell: LOSS attack / LiRA online (each attack fixed in advance; the largest of "
-        "several attacks would be biased upwards at chance level). ε LB: largest one-run lower "
+        "Each cell: LOSS attack / LiRA online (each fixed in advance) / the strongest attack on "
+        "that target and its name (chosen by the highest TPR@1%FPR lower bound: a maximum over "
+        "attacks, biased upwards at chance level; each run's audit.md gives its Bonferroni "
+        "intervals). Global student: LOSS / strongest. ε LB: largest one-run lower "
         "bound over targets and attacks (each valid at 95% on its own). Accuracy: ALMA, the "
         "audited site's local test accuracy, the global student's.", "",
         "| setting | shield T0 | noise | DP ε (accountant) | released knowledge AUC | TPR@1%FPR | site model AUC | TPR@1%FPR | global student AUC | ε LB | ALMA | site acc | global acc |",
@@ -285,7 +324,8 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
             f"{_f(p['epsilon'], '.2f') if p['enabled'] else 'off'} | "
             f"{_pair(row, 'released-knowledge', 'auc')} | {_pair(row, 'released-knowledge', 'tpr_at_1pct')} | "
             f"{_pair(row, 'site-model', 'auc')} | {_pair(row, 'site-model', 'tpr_at_1pct')} | "
-            f"{_f(_metric(row, 'global-student', 'loss'))} | {a['epsilon-lower-bound']['max']:.2f} | "
+            f"{_f(_metric(row, 'global-student', 'loss'))} / {_strongest(row, 'global-student', 'auc')} | "
+            f"{a['epsilon-lower-bound']['max']:.2f} | "
             f"{_f(acc['alma'])} | {_f(acc['site'])} | {_f(acc['global'])} |"
         )
     exposure_rows = [r for r in rows if "exposure" in r["audit"]]

@@ -14,7 +14,10 @@ Threat models and targets (docs/audit.md):
   directly. Not protected by shielding (shielding changes only what is released).
 * ``global-student`` (a curious site that receives the server's student): scored directly.
 
-Attacks: LOSS on every target; LiRA (offline and online) on ``site-model`` and
+Attacks (:mod:`fedkd.audit.attacks`): LOSS and the trained attacks (``trained-rf``,
+``trained-gb``; cross-fitted over ``audit.attack-folds`` folds of the known inclusion bits)
+on every target; LiRA (offline and online) and RMIA (offline with ``audit.rmia-offline-a``,
+and online; population: the global test split) on ``site-model`` and
 ``released-knowledge`` with ``audit.reference-models`` reference models trained by fedkd's
 own training code (``train_supervised``, or DP-SGD through ``train_private`` with the
 site's privacy plan when the run used DP) on the site's non-candidate data plus a random
@@ -23,10 +26,15 @@ is shielded with the run's settings and distilled into a reference surrogate, as
 attacker does with the target. The references skip the federated distillation steps the
 site also ran (an approximation: they are trained like a local-only site).
 
+Strongest per target: :func:`fedkd.audit.metrics.strongest_attack` (rule
+:data:`fedkd.audit.metrics.STRONGEST_RULE`), its intervals also given at the Bonferroni
+level for the number of attacks tried.
+
 One-run bound: :func:`fedkd.audit.one_run.one_run_audit` on each (target, attack)'s scores
 of the candidates, whose inclusion bits are the Bernoulli(1/2) mask; each bound holds
 at ``audit.confidence`` on its own (the largest over targets and attacks is reported with
-that caveat). The accountant's epsilon is the audited site's from the run's ledger.
+that caveat), except the trained attacks' (their guesses use other candidates' inclusion
+bits). The accountant's epsilon is the audited site's from the run's ledger.
 """
 
 from __future__ import annotations
@@ -42,10 +50,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkd.audit.attacks import ATTACKS, log_prob_of_label, reference_masks
+from fedkd.audit.attacks import ATTACKS, NEEDS, log_prob_of_label, reference_masks
 from fedkd.audit.canaries import AuditPlan, secret_inputs, with_audit
 from fedkd.audit.exposure import candidate_fillings, exposure_by_rank, exposure_by_skewnorm
-from fedkd.audit.metrics import attack_metrics
+from fedkd.audit.metrics import STRONGEST_RULE, attack_metrics, simultaneous_confidence, strongest_attack
 from fedkd.audit.one_run import one_run_audit
 from fedkd.audit.store import AuditDataError, load_plan, load_released, load_site_state_arrays
 from fedkd.config import Config, load_config
@@ -196,8 +204,26 @@ def train_like_site(config: Config, model: nn.Module, data: ArrayDataset, *, sit
     train_supervised(model, data, epochs=epochs, batch_size=t.batch_size, lr=t.lr, seed=seed)
 
 
-def reference_logits(inputs: AuditInputs, *, progress: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``(in_mask [R, m], {target: logits [R, m, C]})`` of the LiRA reference models."""
+@dataclass
+class References:
+    """The reference models' predictions: ``in_mask`` [R, m] (which candidates each
+    trained on), ``candidates`` {target: logits [R, m, C]} and ``population`` {target:
+    logits [R, P, C]} on the population (the global test split, :func:`population`)."""
+
+    in_mask: np.ndarray
+    candidates: dict[str, np.ndarray]
+    population: dict[str, np.ndarray]
+
+
+def population(split: FederatedSplit) -> ArrayDataset:
+    """RMIA's population samples z: the federation's global test split, which neither the
+    target nor any reference model trained on."""
+    return split.test
+
+
+def reference_logits(inputs: AuditInputs, *, progress: bool) -> References:
+    """The reference models (LiRA and RMIA) and their predictions on the candidates and
+    the population."""
     from tqdm import tqdm
 
     config, split, plan = inputs.config, inputs.split, inputs.plan
@@ -209,8 +235,10 @@ def reference_logits(inputs: AuditInputs, *, progress: bool) -> tuple[np.ndarray
     audited = with_audit(config, split).clients[site].train
     secret = audited.subset(np.flatnonzero(audited.ids < 0))  # the inserted secret copies
     masks = reference_masks(num_models=num, pool_size=len(plan.positions), seed=config.seed)
+    pop_x = population(split).x
     out: dict[str, list[np.ndarray]] = {"site-model": [], "released-knowledge": []}
-    for r in tqdm(range(num), desc="LiRA reference models", disable=not progress, leave=False):
+    pop: dict[str, list[np.ndarray]] = {"site-model": [], "released-knowledge": []}
+    for r in tqdm(range(num), desc="reference models", disable=not progress, leave=False):
         chosen = plan.positions[masks[r]]
         data = ArrayDataset(
             np.concatenate([original.x[keep], original.x[chosen], secret.x]),
@@ -222,6 +250,7 @@ def reference_logits(inputs: AuditInputs, *, progress: bool) -> tuple[np.ndarray
             model = _site_model(config, split, site, seed_offset=1 + r)
             train_like_site(config, model, data, site=site, seed=config.seed + 17 * (r + 1))
             out["site-model"].append(predict_logits(model, inputs.x))
+            pop["site-model"].append(predict_logits(model, pop_x))
             if inputs.released:
                 positions = inputs.released[-1][1]
                 knowledge = release(config, predict_logits(model, split.public.x[positions]),
@@ -229,7 +258,9 @@ def reference_logits(inputs: AuditInputs, *, progress: bool) -> tuple[np.ndarray
                                     inputs=split.public.x[positions])
                 surrogate = distil_surrogate(config, split, site, [(positions, knowledge)], seed=100 + r)
                 out["released-knowledge"].append(predict_logits(surrogate, inputs.x))
-    return masks, {k: np.stack(v) for k, v in out.items() if v}
+                pop["released-knowledge"].append(predict_logits(surrogate, pop_x))
+    return References(masks, {k: np.stack(v) for k, v in out.items() if v},
+                      {k: np.stack(v) for k, v in pop.items() if v})
 
 
 # ------------------------------------------------------------------ exposure
@@ -290,8 +321,71 @@ def _privacy(inputs: AuditInputs) -> dict[str, Any]:
             "target-epsilon": ledger["target-epsilon"], "accountant": ledger.get("accountant")}
 
 
+def attack_names(*, target: str, references: References | None, population_size: int,
+                 included: np.ndarray, folds: int) -> list[str]:
+    """The attacks that can run on ``target``: LOSS always; LiRA with reference models;
+    RMIA with references and a population; the trained attacks when both members and
+    non-members number at least ``folds``."""
+    have = set()
+    if references is not None and target in references.candidates:
+        have.add("references")
+        if population_size > 0 and target in references.population:
+            have.add("population")
+    if min(int(included.sum()), int((~included).sum())) >= folds:
+        have.add("membership")
+    return [n for n in ("loss", "lira-offline", "lira-online", "rmia", "rmia-online", "trained-rf", "trained-gb")
+            if NEEDS[n] <= have]
+
+
+def target_attacks(
+    *, logits: np.ndarray, labels: np.ndarray, included: np.ndarray, references: References | None,
+    target: str, population_logits: np.ndarray, population_labels: np.ndarray, config: Config,
+    delta: float, scores_out: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Every applicable attack's metrics on one target (and its one-run bound, except for
+    the trained attacks: their guesses use other candidates' inclusion bits, which the
+    one-run theorem's guesser does not see); each attack's scores go into ``scores_out``
+    under ``"<target>/<attack>"``."""
+    a = config.audit
+    inputs: dict[str, Any] = {
+        "logits": logits, "labels": labels, "membership": included, "folds": a.attack_folds,
+        "seed": config.seed, "offline_a": a.rmia_offline_a,
+        "population_logits": population_logits, "population_labels": population_labels,
+    }
+    if references is not None:
+        inputs.update(in_mask=references.in_mask, reference_logits=references.candidates.get(target),
+                      population_reference_logits=references.population.get(target))
+    out = {}
+    for attack in attack_names(target=target, references=references, population_size=len(population_labels),
+                               included=included, folds=a.attack_folds):
+        s = ATTACKS.get(attack)(**inputs)
+        scores_out[f"{target}/{attack}"] = s
+        metrics = attack_metrics(scores=s, labels=included, num_bootstrap=a.bootstrap,
+                                 confidence=a.confidence, seed=config.seed)
+        bound = None if "membership" in NEEDS[attack] else \
+            one_run_audit(scores=s, included=included, delta=delta, confidence=a.confidence).to_dict()
+        out[attack] = {**metrics.to_dict(), "one-run": bound}
+    return out
+
+
+def strongest(attacks: dict[str, Any], *, labels: np.ndarray, scores: dict[str, np.ndarray],
+              config: Config) -> dict[str, Any]:
+    """The strongest attack on a target (:func:`fedkd.audit.metrics.strongest_attack`) with
+    its intervals re-computed at the Bonferroni level for the number of attacks tried."""
+    a = config.audit
+    best = strongest_attack(attacks=attacks)
+    level = simultaneous_confidence(confidence=a.confidence, num_attacks=len(attacks))
+    joint = attack_metrics(scores=scores[best], labels=labels, num_bootstrap=a.bootstrap,
+                           confidence=level, seed=config.seed)
+    m = attacks[best]
+    return {"attack": best, "of": len(attacks), "auc": m["auc"], "auc_ci": m["auc_ci"],
+            "tpr_at_1pct": m["tpr_at_1pct"], "tpr_at_1pct_ci": m["tpr_at_1pct_ci"],
+            "simultaneous-confidence": level, "auc_ci_simultaneous": joint.auc_ci,
+            "tpr_at_1pct_ci_simultaneous": joint.tpr_at_1pct_ci}
+
+
 AUDIT_TIME_KEYS = ("audit.reference-models", "audit.reference-epochs", "audit.exposure-candidates",
-                   "audit.bootstrap", "audit.confidence")
+                   "audit.bootstrap", "audit.confidence", "audit.attack-folds", "audit.rmia-offline-a")
 """Settings an audit of a finished run may change (the rest fixed what the run did)."""
 
 
@@ -327,10 +421,9 @@ def _audit_run(run_dir: Path, overrides: dict[str, Any], progress: bool) -> tupl
             config, inputs.split, plan.site, [(pos, kn) for _, pos, kn in inputs.released], seed=0)
     privacy = _privacy(inputs)
     delta = privacy["delta"] if privacy["enabled"] else 1.0 / (10 * max(1, len(plan.positions)))
-    lira_targets = {"site-model", "released-knowledge"} & set(inputs.models)
-    masks = refs = None
-    if a.reference_models > 0 and lira_targets:
-        masks, refs = reference_logits(inputs, progress=progress)
+    ref_targets = {"site-model", "released-knowledge"} & set(inputs.models)
+    refs = reference_logits(inputs, progress=progress) if a.reference_models > 0 and ref_targets else None
+    pop = population(inputs.split)
 
     scores: dict[str, np.ndarray] = {"labels": plan.included.astype(np.int64)}
     targets: dict[str, Any] = {}
@@ -338,18 +431,15 @@ def _audit_run(run_dir: Path, overrides: dict[str, Any], progress: bool) -> tupl
         if name not in inputs.models:
             targets[name] = {"threat-model": THREAT_MODELS[name], "skipped": inputs.skipped.get(name, "")}
             continue
-        logits = predict_logits(inputs.models[name], inputs.x)
-        attacks = {}
-        names = ["loss"] + (["lira-offline", "lira-online"] if refs is not None and name in refs else [])
-        for attack in names:
-            s = ATTACKS.get(attack)(logits=logits, labels=plan.labels,
-                                    reference_logits=None if refs is None else refs.get(name), in_mask=masks)
-            scores[f"{name}/{attack}"] = s
-            metrics = attack_metrics(scores=s, labels=plan.included, num_bootstrap=a.bootstrap,
-                                     confidence=a.confidence, seed=config.seed)
-            bound = one_run_audit(scores=s, included=plan.included, delta=delta, confidence=a.confidence)
-            attacks[attack] = {**metrics.to_dict(), "one-run": bound.to_dict()}
-        targets[name] = {"threat-model": THREAT_MODELS[name], "attacks": attacks}
+        attacks = target_attacks(
+            logits=predict_logits(inputs.models[name], inputs.x), labels=plan.labels,
+            included=plan.included, references=refs, target=name,
+            population_logits=predict_logits(inputs.models[name], pop.x), population_labels=pop.y,
+            config=config, delta=delta, scores_out=scores,
+        )
+        targets[name] = {"threat-model": THREAT_MODELS[name], "attacks": attacks,
+                         "strongest": strongest(attacks, labels=plan.included,
+                                                scores={n: scores[f"{name}/{n}"] for n in attacks}, config=config)}
 
     result: dict[str, Any] = {
         "run": str(inputs.run_dir),
@@ -358,6 +448,9 @@ def _audit_run(run_dir: Path, overrides: dict[str, Any], progress: bool) -> tupl
         "members": int(plan.included.sum()),
         "canary-labels": a.canary_labels,
         "reference-models": a.reference_models if refs is not None else 0,
+        "population": int(len(pop)),
+        "attack-folds": a.attack_folds,
+        "strongest-rule": STRONGEST_RULE,
         "rounds-released": len(inputs.released),
         "privacy": privacy,
         "shield": dataclasses.asdict(config.shield),
@@ -365,7 +458,7 @@ def _audit_run(run_dir: Path, overrides: dict[str, Any], progress: bool) -> tupl
         "targets": targets,
     }
     bounds = [(att["one-run"]["epsilon_lower_bound"], f"{t}/{n}") for t, v in targets.items()
-              for n, att in v.get("attacks", {}).items()]
+              for n, att in v.get("attacks", {}).items() if att["one-run"] is not None]
     result["epsilon-lower-bound"] = {"max": max(bounds)[0] if bounds else 0.0,
                                      "where": max(bounds)[1] if bounds else None}
     if plan.secret:

@@ -61,7 +61,17 @@ def test_audited_run_then_fedkd_audit_writes_the_report(tmp_path, capsys):
         attacks = result["targets"][target]["attacks"]
         assert 0.0 <= attacks["loss"]["auc"] <= 1.0
         assert attacks["loss"]["one-run"]["canaries"] == 60
-    assert set(result["targets"]["site-model"]["attacks"]) == {"loss", "lira-offline", "lira-online"}
+    assert set(result["targets"]["site-model"]["attacks"]) == {
+        "loss", "lira-offline", "lira-online", "rmia", "rmia-online", "trained-rf", "trained-gb"}
+    assert set(result["targets"]["global-student"]["attacks"]) == {"loss", "trained-rf", "trained-gb"}
+    assert result["targets"]["site-model"]["attacks"]["trained-rf"]["one-run"] is None
+    assert result["population"] == len(load_federation(config.data, config.seed).test)
+    for target in ("released-knowledge", "site-model", "global-student"):
+        best = result["targets"][target]["strongest"]
+        assert best["attack"] in result["targets"][target]["attacks"]
+        assert best["of"] == len(result["targets"][target]["attacks"])
+        low, high = best["tpr_at_1pct_ci_simultaneous"]
+        assert low <= best["tpr_at_1pct_ci"][0] and high >= best["tpr_at_1pct_ci"][1]  # wider at 1 - 0.05/k
     assert result["privacy"]["enabled"] is False
 
     # audit-time settings only
