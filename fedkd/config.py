@@ -370,9 +370,16 @@ class PrivacyConfig:
     target_epsilon: float = option(
         4.0, low=0, low_open=True, help="each site's epsilon for the whole run (not per round)"
     )
-    delta: float = option(0.0, low=0, high=1, help="delta; 0 = 1/(10 n_i) for a site with n_i examples")
+    delta: float = option(
+        0.0, low=0, high=1,
+        help="delta; 0 = min(1e-5, 1/(100 n_i)) for a site with n_i examples (delta * n_i <= 0.01)",
+    )
     max_grad_norm: float = option(1.0, low=0, low_open=True, help="per-example clipping norm C")
-    accountant: str = option("rdp", choices=("rdp", "prv", "gdp"), help="Opacus accountant")
+    accountant: str = option(
+        "prv", choices=("rdp", "prv", "gdp"),
+        help="Opacus accountant that calibrates sigma and reports epsilon: 'prv' (tightest sound: "
+        "min of PRV and RDP, RDP where PRV is out of range), 'rdp', 'gdp' (approximate, can under-estimate)",
+    )
     local_epochs: int = option(
         1, low=1,
         help="epochs over private data per round under DP (instead of train.local-epochs): "
