@@ -308,6 +308,20 @@ class ShieldConfig:
     gamma: float = option(0.0, low=0, help="temperature gain: T = T0 * (1 + gamma * s)")
     noise_std: float = option(0.0, low=0, help="std of Gaussian noise added to logits")
     top_k: int = option(0, low=0, help="release only the k largest probabilities (0 = all)")
+    release: str = option(
+        "none", choices=("none", "label-rr"),
+        help="release mechanism with a guarantee: 'label-rr' releases a one-hot of k-ary randomized "
+        "response on each row's top-1 label (pure eps-DP per public example and round on the "
+        "site's prediction, charged to its ledger); 'none' releases the shielded probabilities",
+    )
+    release_epsilon: float = option(
+        2.0, low=0, low_open=True,
+        help="label-rr: epsilon per released label and round (keep probability e^eps/(e^eps+K-1))",
+    )
+    release_smoothing: float = option(
+        0.0, low=0, high=0.99,
+        help="label-rr: released row = (1 - s) one-hot + s/K (post-processing, free)",
+    )
 
 
 @dataclass(frozen=True)
@@ -370,9 +384,16 @@ class PrivacyConfig:
     target_epsilon: float = option(
         4.0, low=0, low_open=True, help="each site's epsilon for the whole run (not per round)"
     )
-    delta: float = option(0.0, low=0, high=1, help="delta; 0 = 1/(10 n_i) for a site with n_i examples")
+    delta: float = option(
+        0.0, low=0, high=1,
+        help="delta; 0 = min(1e-5, 1/(100 n_i)) for a site with n_i examples (delta * n_i <= 0.01)",
+    )
     max_grad_norm: float = option(1.0, low=0, low_open=True, help="per-example clipping norm C")
-    accountant: str = option("rdp", choices=("rdp", "prv", "gdp"), help="Opacus accountant")
+    accountant: str = option(
+        "prv", choices=("rdp", "prv", "gdp"),
+        help="Opacus accountant that calibrates sigma and reports epsilon: 'prv' (tightest sound: "
+        "min of PRV and RDP, RDP where PRV is out of range), 'rdp', 'gdp' (approximate, can under-estimate)",
+    )
     local_epochs: int = option(
         1, low=1,
         help="epochs over private data per round under DP (instead of train.local-epochs): "

@@ -114,6 +114,8 @@ class ShieldStats:
     mean_sensitivity: float
     mean_temperature: float
     mean_entropy: float
+    release_flipped: float = 0.0
+    """Fraction of rows whose released label is not the top-1 (``shield.release``; 0 without)."""
 
 
 def shield(

@@ -90,21 +90,25 @@ def test_privacy_row_is_built_once_and_refuses_a_stray_epsilon(parts):
     metrics = {"epsilon": 1.5, "dp-target-epsilon": 4.0, "dp-delta": 1e-5, "dp-noise-multiplier": 1.1,
                "dp-sample-rate": 0.1, "dp-steps": 30.0, "dp-planned-steps": 200.0, "dp-round-steps": 30.0,
                "dp-stopped": 0.0, "dp-noise-seed": 1.0}
-    composed = _rdp([(1.1, 0.1, 30)], 1e-5)
-    assert composed > 1.5  # the site under-reports: the server's composition wins
+    from fedkd.privacy import compose_epsilon
+
+    assert config.privacy.accountant == "prv"  # the default: the tightest sound accountant
+    composed = compose_epsilon(history=[(1.1, 0.1, 30)], delta=1e-5, accountant="prv")
+    assert 1.5 < composed < _rdp([(1.1, 0.1, 30)], 1e-5)  # the site under-reports; PRV beats RDP
     row = privacy_row(config=config, metrics=metrics, previous=None)
     assert row == {
         "target-epsilon": 4.0, "epsilon-spent": composed, "site-epsilon": 1.5, "delta": 1e-5,
         "noise-multiplier": 1.1, "sample-rate": 0.1, "steps": 30, "site-steps": 30, "planned-steps": 200,
-        "round-steps": 30, "accountant": "rdp", "stopped": False,
-        "must-stop": _rdp([(1.1, 0.1, 60)], 1e-5) > 4.0, "noise-seed": "site-secret",
+        "round-steps": 30, "accountant": "prv", "certified-by": "prv", "stopped": False,
+        "must-stop": compose_epsilon(history=[(1.1, 0.1, 60)], delta=1e-5) > 4.0, "noise-seed": "site-secret",
         "history": [[1.1, 0.1, 30]],
     }
     # the site lost its state: it reports 10 steps in all; the server keeps composing
     lost = {**metrics, "epsilon": 0.4, "dp-steps": 10.0, "dp-round-steps": 10.0}
     again = privacy_row(config=config, metrics=lost, previous=row)
     assert again["history"] == [[1.1, 0.1, 40]] and again["steps"] == 40
-    assert again["epsilon-spent"] == _rdp([(1.1, 0.1, 40)], 1e-5) > row["epsilon-spent"]
+    assert again["epsilon-spent"] == compose_epsilon(history=[(1.1, 0.1, 40)], delta=1e-5) > row["epsilon-spent"]
+    assert again["epsilon-spent"] < _rdp([(1.1, 0.1, 40)], 1e-5)
     # out-of-bounds figures are refused, naming the metric
     for key, value in (("dp-delta", 1.0), ("dp-round-steps", 2.5), ("epsilon", float("nan")),
                        ("dp-noise-seed", 7.0), ("dp-sample-rate", 0.0)):

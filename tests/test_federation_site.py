@@ -173,3 +173,28 @@ def test_a_site_obeys_the_servers_dp_stop_and_adopts_its_history(parts):
     assert all(torch.equal(before[k], v) for k, v in state.model.state_dict().items())  # no private step
     fewer = np.array([[plan.noise_multiplier, plan.sample_rate, 1]])
     assert not state.ledger.adopt(fewer) and state.ledger.steps == 3 * plan.steps_per_round  # never lowered
+
+
+def test_secure_rng_noise_seed_reaches_opacus_secure_mode(parts):
+    """noise-seed 'secure-rng' through a site's round: Opacus's PrivacyEngine is built with
+    secure_mode=True, which imports torchcsprng (not installable here); Opacus's own
+    ImportError comes back as fedkd's one-line error naming the setting, before any step.
+    (tests/test_privacy.py's test_secure_mode_reaches_opacus checks the engine's optimizer
+    and sampler with a stand-in torchcsprng.)"""
+    pytest.importorskip("opacus")
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchcsprng is installed: secure mode would run")
+    from fedkd.federation.site import NoiseSource
+
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "model.architectures": "mlp-small"})
+    state = SiteState.fresh(config=private, split=split, client=0, noise=NoiseSource("secure-rng"))
+    with pytest.raises(RuntimeError, match="privacy.noise-seed 'secure-rng' \\(Opacus secure_mode\\) needs the "
+                                           "torchcsprng package"):
+        site_round(config=private, split=split, client=0, state=state, inbox=_inbox(private, split))
+    assert state.ledger.steps == 0  # nothing was spent

@@ -315,10 +315,13 @@ def _accuracy(inputs: AuditInputs) -> dict[str, float | None]:
 
 def _privacy(inputs: AuditInputs) -> dict[str, Any]:
     ledger = inputs.summary.get("privacy", {}).get("ledger", {}).get(str(inputs.plan.site))
-    if not inputs.config.privacy.enabled or ledger is None:
-        return {"enabled": False, "epsilon": None, "delta": None}
+    release = {key: ledger[key] for key in ("release", "release-epsilon", "combined-epsilon", "combined-delta")
+               if ledger is not None and key in ledger}
+    if not inputs.config.privacy.enabled or ledger is None or "epsilon-spent" not in ledger:
+        return {"enabled": False, "epsilon": None, "delta": None, **release}
     return {"enabled": True, "epsilon": ledger["epsilon-spent"], "delta": ledger["delta"],
-            "target-epsilon": ledger["target-epsilon"], "accountant": ledger.get("accountant")}
+            "target-epsilon": ledger["target-epsilon"], "accountant": ledger.get("accountant"),
+            "certified-by": ledger.get("certified-by"), **release}
 
 
 def attack_names(*, target: str, references: References | None, population_size: int,

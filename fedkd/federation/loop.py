@@ -188,7 +188,7 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
             on_accept(client, knowledge)
         recorder.record("client-train", round=round_number, client=client, **metrics)
         if row is not None:
-            if row["stopped"] and not state.privacy.get(client, {}).get("stopped"):
+            if row.get("stopped") and not state.privacy.get(client, {}).get("stopped"):
                 logger.warning("fedkd round %d: site %d stopped private training: epsilon %.3f of %g "
                                "spent, the next round would exceed it; it keeps releasing knowledge",
                                round_number, client, row["epsilon-spent"], row["target-epsilon"])

@@ -19,6 +19,7 @@ partition id, the student, bytes, dropouts, history, privacy ledger);
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from fedkd.fusion import fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
+from fedkd.privacy.release import release_ledger, with_combined
 from fedkd.seeds import public_subset
 
 FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy")
@@ -149,7 +151,7 @@ def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, cli
         if state.consensus is not None:
             consensus = encode(state.consensus, config.knowledge.wire_format)
     row = state.privacy.get(client) if client is not None else None
-    if row is not None:  # the server's record of the site's spend, and its verdict
+    if row is not None and "noise-multiplier" in row:  # the server's record of the site's DP spend
         recorded = previous_history(row)
         history = np.array(recorded, dtype=np.float64).reshape(len(recorded), 3)
     return SiteInbox(
@@ -201,20 +203,31 @@ def train_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict | None:
     """The site's new privacy-ledger row from its train metrics (:func:`fedkd.privacy.ledger_row`:
     the server's own history of the site's spend, composed), or None when the site reports
-    no DP figure and privacy is off. A reply with some ``dp-*`` figures or ``epsilon`` but
-    not all of them, with figures out of bounds, or with none of them when privacy is on,
-    raises :class:`InvalidPayload`."""
+    no DP figure, privacy is off and no release mechanism is on. A reply with some ``dp-*``
+    figures or ``epsilon`` but not all of them, with figures out of bounds, or with none of
+    them when privacy is on, raises :class:`InvalidPayload`. With ``shield.release`` on, the
+    row also carries the release's epsilon, counted by the server
+    (:func:`fedkd.privacy.release.release_ledger`), and, beside DP-SGD's, their composition
+    (:func:`fedkd.privacy.release.with_combined`)."""
     reported = [key for key in LEDGER_METRICS if key in metrics]
-    if not reported and not config.privacy.enabled:
-        return None
-    missing = [key for key in LEDGER_METRICS if key not in metrics]
-    if missing:
-        what = f"'{reported[0]}'" if reported else "privacy.enabled"
-        raise InvalidPayload(f"metrics report {what} without {', '.join(missing)}")
-    try:
-        return ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
-    except ValueError as err:
-        raise InvalidPayload(str(err)) from None
+    releasing = config.shield.release != "none"
+    row: dict | None = None
+    if reported or config.privacy.enabled:
+        missing = [key for key in LEDGER_METRICS if key not in metrics]
+        if missing:
+            what = f"'{reported[0]}'" if reported else "privacy.enabled"
+            raise InvalidPayload(f"metrics report {what} without {', '.join(missing)}")
+        try:
+            row = ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
+        except ValueError as err:
+            raise InvalidPayload(str(err)) from None
+    if not releasing:
+        return row
+    claim = metrics.get("release-epsilon")
+    if claim is not None and not (math.isfinite(claim) and claim >= 0):
+        raise InvalidPayload(f"metric release-epsilon must be a finite number >= 0; got {claim!r}")
+    release = release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon, site_claim=claim)
+    return with_combined({**(row or {}), **release})
 
 
 def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:

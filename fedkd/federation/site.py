@@ -10,7 +10,9 @@ b. *local train*: cross-entropy on the private train split, with DP-SGD through 
    (``train.mode = "joint"`` merges a and b into CE + kd_weight * KD per step; not under
    DP, where the public KD step stays outside the DP optimizer);
 c. *extract*: logits on this round's public positions;
-d. *shield*: per-example temperature and logit noise -> released knowledge K_i;
+d. *shield*: per-example temperature and logit noise -> released knowledge K_i; with
+   ``shield.release = "label-rr"`` a one-hot of randomized response on each row's top-1
+   label instead (:mod:`fedkd.privacy.release`), its epsilon in the round's metrics;
 e. *pack*: the knowledge record on the wire (``knowledge.wire-format``, ``shield.top-k``);
    a simulated adversary (``adversary.clients``) corrupts it first.
 
@@ -29,6 +31,7 @@ keeps in ``context.state`` and the in-process transport keeps in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping
@@ -45,7 +48,9 @@ from fedkd.data import ClientData, FederatedSplit
 from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
+from fedkd.fusion import entropy
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
+from fedkd.privacy.release import composed_release_epsilon, label_release
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import shield
 from fedkd.targets import CONSENSUS, LOCAL_CONSENSUS, blend, local_prior, parse_candidates, pooled_choice, record_scores, under_prior, validation_nll
@@ -250,6 +255,9 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
         noise=state.noise, dp_stop=inbox.dp_stop,
     )
     state.rounds_trained += 1
+    if config.shield.release != "none":  # the site's own count; the server keeps its own (ledger row)
+        metrics["release-epsilon"] = composed_release_epsilon(epsilon_per_round=config.shield.release_epsilon,
+                                                              rounds=state.rounds_trained)
     arrays = {"knowledge": knowledge}
     if client in config.adversaries:
         arrays = corrupt(knowledge, config.adversaries[client], np.random.default_rng(client))
@@ -437,6 +445,8 @@ def local_round(
             "shield-entropy": stats.mean_entropy,
         }
     )
+    if config.shield.release != "none":
+        metrics["release-flipped"] = stats.release_flipped
     return knowledge, metrics
 
 
@@ -484,7 +494,11 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
     """Step d: the run's shielding (``shield.*``) of ``logits`` [P, C] on the public inputs
     ``public_x`` -> ``(knowledge [P, C], ShieldStats)``. ``reference``: last round's fused
     knowledge on the same positions (the ``divergence`` scorer's public reference). The
-    ``pii`` scorer reads ``public_x`` as token ids. The wire format's rounding comes after
+    ``pii`` scorer reads ``public_x`` as token ids. With ``shield.release = "label-rr"`` the
+    shielded rows then go through k-ary randomized response on their top-1 label
+    (:func:`fedkd.privacy.release.label_release`, ``shield.release-epsilon`` per row, drawn
+    from the same ``rng``, i.e. the site's noise source) and the released rows are one-hot
+    (smoothed by ``shield.release-smoothing``). The wire format's rounding comes after
     (:func:`fedkd.wire.site_record`)."""
     s = config.shield
     texts = None
@@ -492,8 +506,13 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
         from fedkd.data.text import detokenize
 
         texts = detokenize(public_x, tokenizer=config.data.tokenizer)
-    return shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,
-                  scorer=s.scorer, reference=reference, top_k=s.top_k, rng=rng, texts=texts)
+    knowledge, stats = shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,
+                              scorer=s.scorer, reference=reference, top_k=s.top_k, rng=rng, texts=texts)
+    if s.release == "label-rr":
+        knowledge, flipped = label_release(knowledge, epsilon=s.release_epsilon, rng=rng,
+                                           smoothing=s.release_smoothing)
+        stats = dataclasses.replace(stats, mean_entropy=float(entropy(knowledge).mean()), release_flipped=flipped)
+    return knowledge, stats
 
 
 def evaluate_site(

@@ -12,14 +12,17 @@ No Flower imports.
 
 from fedkd.privacy.accounting import (
     ACCOUNTANTS,
+    DEFAULT_ACCOUNTANT,
     EPSILON_TOLERANCE,
     LEDGER_METRICS,
     MAX_NOISE_MULTIPLIER,
+    RDP_ALPHAS,
     PrivacyConfigError,
     PrivacyLedger,
     PrivacyPlan,
     PrivacyStateError,
     calibrate_noise_multiplier,
+    compose,
     compose_epsilon,
     check_privacy_plans,
     create_accountant,
@@ -46,9 +49,9 @@ from fedkd.privacy.dpsgd import (
 )
 
 __all__ = [
-    "ACCOUNTANTS", "EPSILON_TOLERANCE", "GRAD_SAMPLE_MODES", "LEDGER_METRICS", "MAX_NOISE_MULTIPLIER",
+    "ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "EPSILON_TOLERANCE", "RDP_ALPHAS", "GRAD_SAMPLE_MODES", "LEDGER_METRICS", "MAX_NOISE_MULTIPLIER",
     "PrivacyConfigError", "PrivacyEngine", "PrivacyLedger", "PrivacyPlan", "PrivacyStateError",
-    "PrivateTrainResult", "PrivateTraining", "calibrate_noise_multiplier", "check_privacy_plans", "compose_epsilon",
+    "PrivateTrainResult", "PrivateTraining", "calibrate_noise_multiplier", "check_privacy_plans", "compose", "compose_epsilon",
     "create_accountant", "default_delta", "epsilon_for", "get_noise_multiplier", "ledger_metrics",
     "ledger_row", "parse_history", "plan_privacy", "previous_history", "private_training", "sample_rate_for", "site_privacy_plan",
     "steps_for", "train_private", "train_private_site",

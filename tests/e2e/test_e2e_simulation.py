@@ -152,7 +152,7 @@ def test_dp_sites_accumulate_epsilon_within_target(tmp_path):
     assert sorted(ledger) == ["0", "1", "2"]
     for entry in ledger.values():
         assert entry["steps"] == entry["planned-steps"]
-        assert entry["noise-multiplier"] > 0 and entry["accountant"] == "rdp"
+        assert entry["noise-multiplier"] > 0 and entry["accountant"] == "prv" and entry["certified-by"] in ("prv", "rdp") and entry["delta"] <= 1e-5
         assert not entry["stopped"]
     assert (run_dir / "epsilon.png").stat().st_size > 1000
 

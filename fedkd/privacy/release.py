@@ -1,0 +1,155 @@
+"""A release mechanism with a guarantee: k-ary randomized response on each released label.
+
+Shielding by temperature and logit noise (:mod:`fedkd.shielding`) keeps the top class, so
+label-only attacks (Choquette-Choo et al., ICML 2021, "Label-Only Membership Inference
+Attacks") see through it. Here the site releases, for each public example x of the round,
+only a label drawn by *k-ary randomized response* from its own top-1 prediction
+y(x) = argmax_c K(x)_c over K classes (Warner 1965, "Randomized Response: A Survey
+Technique for Eliminating Evasive Answer Bias", JASA 60; the k-ary form of Kairouz, Oh,
+Viswanath 2016, "Extremal Mechanisms for Local Differential Privacy"; applied to released
+knowledge as in PrivateKT, Qi et al., Nat. Commun. 2023)::
+
+    P[out = y(x)]       = e^eps / (e^eps + K - 1)
+    P[out = c], c != y  = 1     / (e^eps + K - 1)      (uniform over the other K - 1 classes)
+
+and the released knowledge row is the one-hot of ``out``, optionally smoothed:
+(1 - s) onehot(out) + s / K (post-processing, free).
+
+Guarantee. For any two values y, y' of the site's top-1 prediction on x and every output
+o, P[o | y] / P[o | y'] <= (e^eps / (e^eps+K-1)) / (1 / (e^eps+K-1)) = e^eps, with
+equality for o = y: the released label is eps-DP (pure, delta 0) with respect to the
+site's prediction on x. Said precisely, the neighbouring relation is *label-level* on the
+released prediction: two states of the site (any private data, any model) are neighbours
+for x when they differ only in the top-1 label they would release on x. It holds whatever
+the private data and without DP-SGD, so it bounds what any attacker (label-only or not)
+learns from a released row about that prediction. It is not record-level DP on its own:
+one private record may change the site's predictions on many public examples, and the
+guarantee for that record is then eps times the number of rows it changed (group
+privacy). Record-level protection comes from DP-SGD (:mod:`fedkd.privacy.accounting`).
+
+Composition over rounds. A public example released in R rounds (fresh randomness each
+round) is R * eps-DP by basic composition of pure DP (Dwork & Roth 2014, Thm 3.14); the
+ledger charges R * eps, R = rounds released (an upper bound for a round that releases a
+subset). Advanced composition would give about eps sqrt(2 R ln(1/delta')) + R eps (e^eps - 1)
+at an extra delta', smaller only for many rounds of small eps; fedkd keeps the pure bound.
+
+Composition with DP-SGD. Where both are on, the release reads the DP-trained model only,
+so at record level it is post-processing: the record-level epsilon stays DP-SGD's. The
+ledger also reports the sequential composition of the two mechanisms, eps_dp + eps_release
+with delta_dp + 0 (:func:`combined_epsilon`), the bound one would state if the release read
+the private data directly as in PATE (Papernot et al. 2018, "Scalable Private Learning with
+PATE", which releases noisy vote histograms' argmax): sums of epsilons with deltas added are
+always sound (Dwork & Roth 2014, Thm 3.16) and never below either part.
+
+Pure functions on arrays; no Flower imports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+RELEASES = ("none", "label-rr")
+"""Values of ``shield.release``: ``none`` (release the shielded probabilities) or
+``label-rr`` (k-ary randomized response on each row's top-1 label)."""
+
+
+def _check(*, epsilon: float, num_classes: int) -> None:
+    if not (isinstance(epsilon, (int, float, np.integer, np.floating)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"shield.release-epsilon must be a finite number > 0; got {epsilon!r}")
+    if not (isinstance(num_classes, (int, np.integer)) and num_classes >= 2):
+        raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}")
+
+
+def keep_probability(*, epsilon: float, num_classes: int) -> float:
+    """P[out = y] = e^eps / (e^eps + K - 1), computed as 1 / (1 + (K - 1) e^-eps) (no overflow)."""
+    _check(epsilon=epsilon, num_classes=num_classes)
+    return 1.0 / (1.0 + (num_classes - 1) * math.exp(-epsilon))
+
+
+def response_distribution(*, label: int, epsilon: float, num_classes: int) -> np.ndarray:
+    """The output distribution [K] of k-ary randomized response on ``label`` (module doc)."""
+    keep = keep_probability(epsilon=epsilon, num_classes=num_classes)
+    dist = np.full(num_classes, (1.0 - keep) / (num_classes - 1))
+    dist[label] = keep
+    return dist
+
+
+def randomized_response(labels: np.ndarray, *, epsilon: float, num_classes: int,
+                        rng: np.random.Generator) -> np.ndarray:
+    """Released labels [P] from true labels [P] in 0..K-1: each kept with probability
+    :func:`keep_probability`, else replaced by one of the other K - 1 classes uniformly
+    (drawn as (y + U) mod K, U uniform on 1..K-1)."""
+    _check(epsilon=epsilon, num_classes=num_classes)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"labels must be a vector of classes in 0..{num_classes - 1}")
+    keep = rng.random(labels.shape) < keep_probability(epsilon=epsilon, num_classes=num_classes)
+    other = (labels + rng.integers(1, num_classes, size=labels.shape)) % num_classes
+    return np.where(keep, labels, other)
+
+
+def label_release(probs: np.ndarray, *, epsilon: float, rng: np.random.Generator,
+                  smoothing: float = 0.0) -> tuple[np.ndarray, float]:
+    """Released rows [P, K] from probability rows [P, K]: (1 - s) onehot(RR(argmax_c p_c)) + s / K,
+    and the fraction of rows whose released label differs from the top-1. Ties in the
+    argmax go to the lowest class index."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must have shape [P, K]; got {probs.shape}")
+    if not (0.0 <= smoothing < 1.0):
+        raise ValueError(f"shield.release-smoothing must be in [0, 1); got {smoothing!r}")
+    num_classes = probs.shape[1]
+    top = probs.argmax(axis=1)
+    released = randomized_response(top, epsilon=epsilon, num_classes=num_classes, rng=rng)
+    rows = np.full(probs.shape, smoothing / num_classes)
+    rows[np.arange(len(rows)), released] += 1.0 - smoothing
+    return rows, float(np.mean(released != top)) if len(top) else 0.0
+
+
+def mechanism_epsilon(*, epsilon: float, num_classes: int) -> float:
+    """The mechanism's epsilon from its output distributions: max over outputs o and label
+    pairs (y, y') of ln P[o | y] / P[o | y'] (= ``epsilon``, module doc)."""
+    dists = np.stack([response_distribution(label=y, epsilon=epsilon, num_classes=num_classes)
+                      for y in range(num_classes)])
+    return float(np.max(np.log(dists.max(axis=0)) - np.log(dists.min(axis=0))))
+
+
+def composed_release_epsilon(*, epsilon_per_round: float, rounds: int) -> float:
+    """Basic composition of pure eps-DP over ``rounds`` releases: rounds * eps (module doc)."""
+    if not (isinstance(rounds, (int, np.integer)) and rounds >= 0):
+        raise ValueError(f"rounds must be an integer >= 0; got {rounds!r}")
+    return float(rounds) * float(epsilon_per_round)
+
+
+def combined_epsilon(*, dp_epsilon: float, dp_delta: float, release_epsilon: float) -> tuple[float, float]:
+    """Sequential composition of DP-SGD's (eps_dp, delta_dp) and the release's (eps_r, 0):
+    (eps_dp + eps_r, delta_dp), always sound and never below either part (module doc)."""
+    for name, value in (("dp_epsilon", dp_epsilon), ("dp_delta", dp_delta), ("release_epsilon", release_epsilon)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    return float(dp_epsilon) + float(release_epsilon), float(dp_delta)
+
+
+def release_ledger(*, previous: dict | None, epsilon_per_round: float, site_claim: float | None = None) -> dict:
+    """The release fields of a site's ledger row after one more accepted round: ``release``,
+    ``release-epsilon-round``, ``release-rounds`` (the server's own count), ``release-epsilon``
+    = max(rounds * eps, the site's claim, the previous row's), ``release-delta`` 0. Never
+    decreases. :func:`with_combined` adds the composition with DP-SGD."""
+    prev = dict(previous or {})
+    rounds = int(prev.get("release-rounds", 0)) + 1
+    spent = max(composed_release_epsilon(epsilon_per_round=epsilon_per_round, rounds=rounds),
+                float(site_claim or 0.0), float(prev.get("release-epsilon", 0.0)))
+    return {"release": "label-rr", "release-epsilon-round": float(epsilon_per_round),
+            "release-rounds": rounds, "release-epsilon": spent, "release-delta": 0.0}
+
+
+def with_combined(row: dict) -> dict:
+    """``row`` with ``combined-epsilon`` / ``combined-delta`` when it holds both DP-SGD
+    (``epsilon-spent``, ``delta``) and release (``release-epsilon``) figures."""
+    if "epsilon-spent" in row and "release-epsilon" in row:
+        eps, delta = combined_epsilon(dp_epsilon=row["epsilon-spent"], dp_delta=row["delta"],
+                                      release_epsilon=row["release-epsilon"])
+        row = {**row, "combined-epsilon": eps, "combined-delta": delta}
+    return row
