@@ -102,6 +102,9 @@ class InProcessTransport:
             replies.append(Reply(node=client, metrics=metrics, records=frozenset({"metrics"})))
         return replies
 
+    def query(self, round_number: int) -> list[Reply]:
+        return []  # node c is site c: no node to ask
+
     def identified(self, node: int, client: int) -> None:
         pass  # node c is site c
 
