@@ -1,5 +1,5 @@
 """fedkd on Flower's deployment engine: real flower-superlink / flower-supernode / flwr
-processes on 127.0.0.1, TLS and SuperNode authentication on.
+processes on 127.0.0.1, TLS, SuperNode authentication and identities (signed replies) on.
 
 One federation (SuperLink + 3 SuperNodes, each with its own node config: partition id,
 its own data files exported from the embedded split, a state directory) is shared by
@@ -212,6 +212,11 @@ def test_three_round_run_with_tls_and_auth_matches_the_simulation(federation, un
     assert summary["dropouts"] == []
 
     run_dir = Path(uninterrupted["config"].output_dir) / "uninterrupted"
+    import tomllib  # identities on (the default deployment): every reply above was signed and verified
+
+    recorded = tomllib.loads((run_dir / "config.toml").read_text())
+    assert recorded["identity"]["site-keys"] == str(federation.keys / "sites.toml")
+    assert events(run_dir, "excluded") == []
     trains = events(run_dir, "client-train")
     assert sorted((e["round"], e["client"]) for e in trains) == [
         (r, c) for r in range(1, ROUNDS + 1) for c in range(SITES)
