@@ -53,6 +53,8 @@ PLAN_FILE = "sites.toml"
 class IdentityError(ValueError):
     """A reply whose signature is missing or does not verify, or an unusable key or plan."""
 
+    claimed: int | None = None  # the partition id the refused reply claimed (set by the loop)
+
 
 def new_challenge() -> bytes:
     """A fresh random challenge for one message (32 bytes from the OS)."""

@@ -173,6 +173,20 @@ def _exclude(state: ServerState | None, recorder: RunRecorder, transport: Transp
     recorder.record("excluded", **entry)
 
 
+def _claim(*, config: Config, identities: Identities | None, reply: Reply, kind: str, round_number: int) -> int:
+    """The partition id ``reply`` claims (checked); with ``identities`` only once its signature
+    verified as that partition's, else :class:`IdentityError` (its ``claimed``: the id)."""
+    client = reply_client(reply.metrics, config=config)
+    if identities is not None:
+        try:
+            identities.verify(kind=kind, round_number=round_number, partition_id=client, challenge=reply.challenge,
+                              signature=reply.signature, metrics=reply.metrics, arrays=reply.arrays)
+        except IdentityError as err:
+            err.claimed = client
+            raise
+    return client
+
+
 def identify_nodes(*, config: Config, state: ServerState, transport: Transport, recorder: RunRecorder,
                    round_number: int, identities: Identities | None = None) -> None:
     """The query exchange (:meth:`Transport.query`): a node is mapped to the partition its
@@ -181,17 +195,13 @@ def identify_nodes(*, config: Config, state: ServerState, transport: Transport, 
     and recorded; its node stays unknown and gets no site's fused knowledge. Any other bad
     answer only leaves the node unknown (a log line), as a node that did not answer."""
     for reply in transport.query(round_number):
-        claimed = None
         try:
             if reply.error is not None:
                 raise ValueError(reply.error)
-            client = claimed = reply_client(reply.metrics, config=config)
-            if identities is not None:
-                identities.verify(kind="query", round_number=round_number, partition_id=client,
-                                  challenge=reply.challenge, signature=reply.signature, metrics=reply.metrics)
+            client = _claim(config=config, identities=identities, reply=reply, kind="query", round_number=round_number)
         except IdentityError as err:
             _exclude(state, recorder, transport, round_number, reply.node, f"query answer refused: {err}",
-                     claimed, impostor=True)
+                     err.claimed, impostor=True)
             continue
         except Exception as err:  # noqa: BLE001  an unknown node just gets no fused knowledge
             logger.warning("fedkd round %d: node %d did not say which site it is: %s", round_number, reply.node,
@@ -229,17 +239,14 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
             continue
         claimed = None
         try:
-            client = claimed = reply_client(reply.metrics, config=config)
-            if identities is not None:
-                identities.verify(kind="train", round_number=round_number, partition_id=client,
-                                  challenge=reply.challenge, signature=reply.signature, metrics=reply.metrics,
-                                  arrays=reply.arrays or {})
+            client = claimed = _claim(config=config, identities=identities, reply=reply, kind="train",
+                                      round_number=round_number)
         except IdentityError as err:
-            _exclude(state, recorder, transport, round_number, reply.node, f"reply refused: {err}", claimed,
+            _exclude(state, recorder, transport, round_number, reply.node, f"reply refused: {err}", err.claimed,
                      impostor=True)
             continue
         except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
-            _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}", claimed)
+            _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}")
             continue
         try:
             if client in accepted:
@@ -315,15 +322,12 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
             logger.warning("fedkd round %d: evaluation failed on node %d: %s", round_number, reply.node,
                            short_reason(reply.error))
             continue
-        claimed = None
         try:
-            client = claimed = reply_client(reply.metrics, config=config)
-            if identities is not None:
-                identities.verify(kind="evaluate", round_number=round_number, partition_id=client,
-                                  challenge=reply.challenge, signature=reply.signature, metrics=reply.metrics)
+            client = _claim(config=config, identities=identities, reply=reply, kind="evaluate",
+                            round_number=round_number)
         except IdentityError as err:
             _exclude(state, recorder, transport, round_number, reply.node, f"evaluation reply refused: {err}",
-                     claimed, impostor=True)
+                     err.claimed, impostor=True)
             continue
         except Exception as err:  # noqa: BLE001
             logger.warning("fedkd round %d: evaluation reply from node %d ignored: %s",
