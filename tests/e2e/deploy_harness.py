@@ -139,8 +139,11 @@ class LocalFederation:
                 "data-path": str(self.data / site_file_name(client)), "state-dir": str(self.state)}
 
     def start_supernode(self, client: int, *, key_name: str | None = None, insecure: bool = False,
-                        max_wait_time: float | None = None, name: str | None = None) -> subprocess.Popen:
+                        max_wait_time: float | None = None, name: str | None = None,
+                        state_dir: Path | None = None) -> subprocess.Popen:
         node = self.node_config(client)
+        if state_dir is not None:
+            node["state-dir"] = str(state_dir)
         if not insecure:  # signs its replies with its SuperNode key, as fedkd deploy supernode sets it
             node["identity-key"] = str(self.keys / (key_name or self.site_name(client)))
         cmd = supernode_command(
