@@ -6,6 +6,11 @@ the ``persist_site_state`` mod also keeps it on the site's disk, so it survives 
 restart and a resumed run (clients/site_state.py). Under the deployment engine each
 SuperNode's node config says which partition it holds, where its data is and which model
 it runs (:data:`fedkd.ops.node.NODE_CONFIG_KEYS`).
+
+Identities: when the server's message carries a challenge (record ``identity``) and the
+node config names this site's ``identity-key``, every reply (train, evaluate, query) gets
+a record ``identity`` holding its signature (:func:`fedkd.identity.sign_reply` over the
+reply's metrics and arrays as the server will decode them).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from flwr.clientapp import ClientApp
 from fedkd.config import Config, build_config
 from fedkd.data import FederatedSplit
 from fedkd.federation.site import NoiseSource, SiteInbox, SiteState, site_evaluation, site_round
+from fedkd.identity import load_private_key, sign_reply
 from fedkd.ops.node import load_site_split, site_noise_seed, site_settings
 from fedkd.seeds import new_site_secret
 
@@ -99,6 +105,23 @@ def inbox_from_message(msg: Message) -> SiteInbox:
     )
 
 
+def signed_reply(msg: Message, context: Context, content: RecordDict, *, num_clients: int) -> Message:
+    """``content`` as the reply to ``msg``, signed when the server sent a challenge and this
+    site has an ``identity-key`` (unsigned otherwise: a server with identities on refuses it)."""
+    identity = msg.content.config_records.get("identity")
+    settings = site_settings(context.node_config, num_clients=num_clients)
+    if identity is not None and settings.identity_key:
+        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else None
+        arrays = ({name: a.numpy() for name, a in content["knowledge"].items()}
+                  if "knowledge" in content.array_records else None)
+        signature = sign_reply(load_private_key(settings.identity_key), run_id=context.run_id,
+                               kind=msg.metadata.message_type, round_number=int(msg.content["config"]["round"]),
+                               partition_id=settings.partition_id, challenge=identity["challenge"],
+                               metrics=metrics, arrays=arrays)
+        content["identity"] = ConfigRecord({"signature": signature})
+    return Message(content, reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, split, client = _site(context)
@@ -106,7 +129,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = site_round(config=config, split=split, client=client, inbox=inbox_from_message(msg), state=state)
     save_state(context, state)
     knowledge = ArrayRecord({name: Array(a) for name, a in reply.arrays.items()})
-    return Message(RecordDict({"knowledge": knowledge, "metrics": MetricRecord(reply.metrics)}), reply_to=msg)
+    return signed_reply(msg, context, RecordDict({"knowledge": knowledge, "metrics": MetricRecord(reply.metrics)}),
+                        num_clients=config.data.num_clients)
 
 
 @app.evaluate()
@@ -114,7 +138,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, split, client = _site(context)
     state = load_state(context, config, split, client)
     metrics = site_evaluation(config=config, split=split, client=client, state=state)
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return signed_reply(msg, context, RecordDict({"metrics": MetricRecord(metrics)}),
+                        num_clients=config.data.num_clients)
 
 
 @app.query()
@@ -123,5 +148,5 @@ def identify(msg: Message, context: Context) -> Message:
     (a resumed run, a site that rejoined under a new node id) before sending fused knowledge."""
     config = build_config(context.run_config)
     settings = site_settings(context.node_config, num_clients=config.data.num_clients)
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": settings.partition_id})}),
-                   reply_to=msg)
+    return signed_reply(msg, context, RecordDict({"metrics": MetricRecord({"partition-id": settings.partition_id})}),
+                        num_clients=config.data.num_clients)

@@ -478,6 +478,17 @@ class CheckpointConfig:
     )
 
 
+@dataclass(frozen=True)
+class IdentityConfig:
+    site_keys: str = option(
+        "",
+        help="the server operator's plan binding each partition id to its site's public key: "
+        "a TOML plan (fedkd deploy keys writes <keys>/sites.toml) or a folder of site-<i>.pub "
+        "files, read on the server host; every reply must then be signed with its partition's "
+        "key ('' = off: partition ids are taken as claimed, as in a simulation; docs/deployment.md)",
+    )
+
+
 def _check_secret_format(value: Any) -> str | None:
     problem = (
         "must be a sentence with 1 to 8 digit slots '{}' and no other braces, such as "
@@ -570,6 +581,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 
     def to_flat(self) -> dict[str, Any]:

@@ -5,6 +5,11 @@ inboxes and replies as Flower Messages (``train``, ``evaluate`` and ``query``), 
 replies, and learns which node holds which partition. Node ids are not kept across
 restarts (they change when a SuperNode re-registers): before sending anyone fused
 knowledge, the server asks nodes it does not know which partition they hold (``query``).
+
+With ``identity.site-keys`` every message carries a fresh challenge (record ``identity``,
+``challenge``: 32 random bytes) and every reply must carry the site's signature (record
+``identity``, ``signature``); the loop checks them (:mod:`fedkd.identity`). This module only
+puts the one in and takes the other out.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fedkd.federation.loop import Reply, RoundFailed, run_federation
 from fedkd.federation.preflight import check_site_models
 from fedkd.federation.server import ServerState
 from fedkd.federation.site import SiteInbox
+from fedkd.identity import Identities, IdentityError, load_site_keys, new_challenge
 from fedkd.privacy import check_privacy_plans
 from fedkd.reporting import RunRecorder, run_directory, trim_events
 
@@ -63,9 +69,10 @@ def _show_fedkd_log() -> None:
 class GridTransport:
     """:class:`fedkd.federation.loop.Transport` over Flower's Grid."""
 
-    def __init__(self, grid: Grid, config: Config) -> None:
-        self.grid, self.config = grid, config
+    def __init__(self, grid: Grid, config: Config, *, challenges: bool = False) -> None:
+        self.grid, self.config, self.challenges = grid, config, challenges
         self.node_client: dict[int, int] = {}
+        self.sent_challenge: dict[int, bytes] = {}  # node -> the challenge of its latest message
 
     # ------------------------------------------------------------- the Transport
 
@@ -92,9 +99,6 @@ class GridTransport:
 
     def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox]) -> list[Reply]:
         nodes = list(self.grid.get_node_ids())
-        unknown = [node for node in nodes if node not in self.node_client]
-        if unknown and round_number > 1:  # someone may be owed fused knowledge: learn who is who
-            self.identify(unknown)
         messages = [self._message(node, "train", _inbox_content(inbox_for(self.node_client.get(node))))
                     for node in nodes]
         replies = [self._reply(node, message) for node, message in self._exchange(messages)]
@@ -113,6 +117,16 @@ class GridTransport:
                     for node in self.grid.get_node_ids()]
         return [self._reply(node, message) for node, message in self._exchange(messages)]
 
+    def query(self, round_number: int) -> list[Reply]:
+        """Ask the nodes not yet known which partition they hold (from round 2: someone may
+        be owed fused knowledge); the loop decides whom to believe."""
+        unknown = [node for node in self.grid.get_node_ids() if node not in self.node_client]
+        if not unknown or round_number < 2:
+            return []
+        messages = [self._message(node, "query", RecordDict({"config": ConfigRecord(
+            {"question": "partition-id", "round": round_number})})) for node in unknown]
+        return [self._reply(node, message) for node, message in self._exchange(messages)]
+
     def identified(self, node: int, client: int) -> None:
         self.node_client[node] = client
 
@@ -121,22 +135,10 @@ class GridTransport:
 
     # ------------------------------------------------------------- messages
 
-    def identify(self, nodes: list[int]) -> None:
-        """Ask ``nodes`` which partition they hold (``query``); unanswered ones stay unknown
-        and get no fused knowledge until their train reply says who they are."""
-        from fedkd.federation.server import reply_client
-
-        query = RecordDict({"config": ConfigRecord({"question": "partition-id"})})
-        for node, reply in self._exchange([self._message(node, "query", query) for node in nodes]):
-            parsed = self._reply(node, reply)
-            try:
-                if parsed.error is not None:
-                    raise ValueError(parsed.error)
-                self.node_client[node] = reply_client(parsed.metrics, config=self.config)
-            except Exception as err:  # noqa: BLE001  an unknown node just gets no fused knowledge
-                log(logging.WARNING, "fedkd: node %d did not say which site it is: %s", node, err)
-
     def _message(self, node: int, kind: str, content: RecordDict) -> Message:
+        if self.challenges:  # a fresh challenge per message: a signed reply answers this one only
+            self.sent_challenge[node] = new_challenge()
+            content["identity"] = ConfigRecord({"challenge": self.sent_challenge[node]})
         # undelivered by the round timeout: dropped, not queued
         return Message(content=content, dst_node_id=node, message_type=kind, ttl=self.config.round_timeout)
 
@@ -147,7 +149,12 @@ class GridTransport:
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else None
         arrays = ({name: a.numpy() for name, a in content["knowledge"].items()}
                   if "knowledge" in content.array_records else None)
-        return Reply(node=node, metrics=metrics, arrays=arrays, records=frozenset(content.keys()))
+        identity = content.config_records.get("identity")
+        signature = identity.get("signature") if identity is not None else None
+        return Reply(node=node, metrics=metrics, arrays=arrays,
+                     records=frozenset(name for name in content.keys() if name != "identity"),
+                     challenge=self.sent_challenge.get(node) if self.challenges else None,
+                     signature=signature if isinstance(signature, bytes) else None)
 
     def _failure(self, reply: Message) -> str:
         """Why an error reply came back: the message expired undelivered (a site that is
@@ -216,13 +223,28 @@ def main(grid: Grid, context: Context) -> None:
     _show_fedkd_log()
     try:
         config = build_config(context.run_config)
+        keys = _site_keys(config)  # before the run directory: a bad plan leaves nothing behind
         prepared = _prepare(config)
     except REFUSED as err:
         for problem in getattr(err, "problems", None) or [str(err)]:
             log(logging.ERROR, "fedkd: error: %s", problem)
         log(logging.ERROR, "fedkd: the run did not start (nothing was sent to the sites)")
         return
-    _serve(grid, config, *prepared)
+    identities = Identities(keys, run_id=grid.run.run_id) if keys is not None else None
+    _serve(grid, config, *prepared, identities=identities)
+
+
+def _site_keys(config: Config) -> dict | None:
+    """The plan's public keys (``identity.site-keys``), or None when identities are off;
+    raises ConfigError (one line) for a plan that lacks a partition or cannot be read."""
+    if not config.identity.site_keys:
+        return None
+    try:
+        keys = load_site_keys(config.identity.site_keys, num_clients=config.data.num_clients)
+    except IdentityError as err:
+        raise ConfigError([str(err)]) from None
+    log(logging.INFO, "fedkd: identities on: %d site keys from %s", len(keys), config.identity.site_keys)
+    return keys
 
 
 def _prepare(config: Config) -> tuple[Path, RunRecorder, FederatedSplit, ServerState]:
@@ -249,15 +271,15 @@ def _prepare(config: Config) -> tuple[Path, RunRecorder, FederatedSplit, ServerS
 
 
 def _serve(grid: Grid, config: Config, run_dir: Path, recorder: RunRecorder, split: FederatedSplit,
-           state: ServerState) -> None:
-    transport = GridTransport(grid, config)
+           state: ServerState, *, identities: Identities | None = None) -> None:
+    transport = GridTransport(grid, config, challenges=identities is not None)
     on_accept = None
     if config.audit.enabled:
         def on_accept(round_number: int, client: int, release: np.ndarray, knowledge: np.ndarray) -> None:
             if client == config.audit.site:  # the audited site's releases, for the audit
                 save_released(run_dir, round_number, positions=release, knowledge=knowledge)
     summary = run_federation(config=config, split=split, transport=transport, recorder=recorder,
-                             state=state, on_accept=on_accept)
+                             state=state, on_accept=on_accept, identities=identities)
     log(logging.INFO, "fedkd: %s; summary in %s", summary["status"], run_dir / "summary.json")
 
 

@@ -102,6 +102,9 @@ class InProcessTransport:
             replies.append(Reply(node=client, metrics=metrics, records=frozenset({"metrics"})))
         return replies
 
+    def query(self, round_number: int) -> list[Reply]:
+        return []  # node c is site c: no node to ask
+
     def identified(self, node: int, client: int) -> None:
         pass  # node c is site c
 
@@ -134,7 +137,8 @@ def _one_thread(run: Callable[[], Path]) -> Path:
 
 def run_floor(config: Config) -> Path:
     """Run ``config``'s federation in this process (see module doc); returns the run directory."""
-    for setting, on in (("audit.enabled", config.audit.enabled), ("checkpoint.resume", config.checkpoint.resume)):
+    for setting, on in (("audit.enabled", config.audit.enabled), ("checkpoint.resume", config.checkpoint.resume),
+                        ("identity.site-keys", bool(config.identity.site_keys))):
         if on:
             raise ValueError(f"the in-process runner does not support {setting}; use fedkd simulate")
 

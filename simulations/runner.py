@@ -72,6 +72,11 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
     from server.server_app import app as server_app
 
     # Fail here, with a clear message, rather than inside the engine's threads and actors.
+    if config.identity.site_keys:  # simulated sites hold no keys: every reply would be refused
+        from fedkd.config import ConfigError
+
+        raise ConfigError(["identity.site-keys: simulated sites hold no keys, so every reply would be "
+                           "refused; identities are for deployments (fedkd deploy run)"])
     split = load_federation(config.data, config.seed)
     if config.audit.enabled:  # the audit plan (candidates, secret) is refused here, not in the engine
         from fedkd.audit.canaries import with_audit

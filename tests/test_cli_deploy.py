@@ -74,3 +74,31 @@ def test_deploy_connect_refuses_an_address_without_a_port(tmp_path, monkeypatch,
         assert capsys.readouterr().err.startswith("fedkd: error: --superlink: ")
     assert not (tmp_path / "flwr" / "config.toml").exists()
     assert main(["deploy", "connect", "--superlink", "[::1]:9091", "--insecure"]) == 0
+
+
+def test_deploy_keys_writes_the_identity_plan_and_run_and_supernode_use_it(tmp_path, monkeypatch, capsys):
+    """keys -> keys/sites.toml (partition i = the i-th name); supernode --key signs with it
+    (node config identity-key); run adds identity.site-keys by default, refuses a plan that
+    lacks a site, and says when identities are off."""
+    from fedkd.identity import load_site_keys
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["deploy", "keys", "hospital-a", "hospital-b"]) == 0
+    assert "partition 0 = hospital-a, partition 1 = hospital-b" in capsys.readouterr().out
+    plan = tomllib.loads((tmp_path / "keys" / "sites.toml").read_text())
+    assert [(s["partition-id"], s["name"]) for s in plan["site"]] == [(0, "hospital-a"), (1, "hospital-b")]
+    assert plan["site"][1]["public-key"] == (tmp_path / "keys" / "hospital-b.pub").read_text().strip()
+    assert sorted(load_site_keys(tmp_path / "keys" / "sites.toml", num_clients=2)) == [0, 1]
+
+    assert main(["deploy", "supernode", "--superlink", "h:9092", "--partition-id", "1", "--ca", "ca.crt",
+                 "--key", "keys/hospital-b", "--dry-run"]) == 0
+    assert f'identity-key="{tmp_path / "keys" / "hospital-b"}"' in capsys.readouterr().out
+
+    run = ["deploy", "run", "--set", f"output-dir={tmp_path}", "--set", "run-name=x", "--dry-run"]
+    assert main([*run, "--set", "data.num-clients=2"]) == 0
+    assert f"identities on: replies must be signed with the keys in {tmp_path / 'keys' / 'sites.toml'}" \
+        in capsys.readouterr().out
+    assert main([*run, "--set", "data.num-clients=3"]) == 2  # the plan has no key for partition 2
+    assert "no public key for partition-id 2" in capsys.readouterr().err
+    assert main([*run, "--set", "data.num-clients=3", "--no-identity"]) == 0
+    assert "identities off" in capsys.readouterr().err

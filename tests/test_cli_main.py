@@ -75,3 +75,13 @@ def test_a_plugin_method_gets_a_portable_study_folder():
     assert method_folder("examples.fedkd_plugins.fusion:median") == "examples.fedkd_plugins.fusion-median"
     assert method_folder("expert") == "expert"
     assert method_folder("a b/c:d") == "a-b-c-d"  # nothing that nests folders or needs quoting
+
+
+def test_simulate_refuses_an_identity_plan_in_one_line(capsys, tmp_path):
+    """Simulated sites hold no keys: a plan would refuse every reply, so simulate says so first."""
+    from fedkd.cli import main
+
+    assert main(["simulate", "--set", f"output-dir={tmp_path}", "--set", "identity.site-keys=keys/sites.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedkd: error: identity.site-keys: simulated sites hold no keys, so every reply would be "
+                   "refused; identities are for deployments (fedkd deploy run)"]

@@ -135,3 +135,56 @@ def test_the_server_cannot_rerun_a_deployed_sites_private_round(parts, tmp_path)
     np.testing.assert_array_equal(simulated, attack.arrays["knowledge"])
     assert not np.array_equal(deployed, attack.arrays["knowledge"])
     assert replies["deployed"].content["metrics"]["dp-noise-seed"] == 1.0  # site-secret, in the ledger
+
+
+def test_replies_are_signed_with_the_sites_key_and_verify_through_the_wire(parts, tmp_path):
+    """A challenged message to a site with an identity-key: its train and query replies,
+    serialised as Flower sends them and unpacked by the ServerApp's transport, verify with
+    its public key as the partition it holds, and with no other partition's."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    from clients.client_app import identify, train
+    from fedkd.identity import Identities, IdentityError, load_site_keys, new_challenge
+    from fedkd.ops.deploy import write_supernode_keys
+    from server.server_app import GridTransport
+
+    config, split = parts
+    write_supernode_keys(tmp_path, [f"site-{i}" for i in range(3)])
+    identities = Identities(load_site_keys(tmp_path, num_clients=3), run_id=5)
+    context = Context(run_id=5, node_id=7, node_config={"partition-id": 1, "identity-key": str(tmp_path / "site-1")},
+                      state=RecordDict(), run_config=config.to_flat())
+    transport = GridTransport(None, config, challenges=True)
+    for kind, handler, content in (
+        ("query", identify, RecordDict({"config": ConfigRecord({"question": "partition-id", "round": 2})})),
+        ("train", train, _train_records(config, split, 1, release=np.array([2, 4, 6, 8]))),
+    ):
+        challenge = new_challenge()
+        content["identity"] = ConfigRecord({"challenge": challenge})
+        transport.sent_challenge[7] = challenge
+        reply = handler(_message(kind, content), context)
+        wire = message_from_proto(message_to_proto(reply))  # as it crosses the network
+        parsed = transport._reply(7, wire)
+        assert parsed.signature and "identity" not in parsed.records and parsed.challenge == challenge
+        round_number = 2 if kind == "query" else 1
+        fields = {"kind": kind, "round_number": round_number, "challenge": parsed.challenge,
+                  "signature": parsed.signature, "metrics": parsed.metrics, "arrays": parsed.arrays}
+        identities.verify(partition_id=1, **fields)
+        with pytest.raises(IdentityError):
+            identities.verify(partition_id=2, **fields)
+
+    unsigned = Context(run_id=5, node_id=7, node_config={"partition-id": 1}, state=RecordDict(),
+                       run_config=config.to_flat())
+    reply = identify(_message("query", RecordDict({"config": ConfigRecord({"question": "partition-id", "round": 2}),
+                                                   "identity": ConfigRecord({"challenge": new_challenge()})})),
+                     unsigned)
+    assert set(reply.content.keys()) == {"metrics"}  # no key: no signature (refused by a server with a plan)
+
+
+def test_an_unreadable_identity_key_is_one_line(parts, tmp_path):
+    from fedkd.config import ConfigError
+    from fedkd.ops.node import site_settings
+
+    with pytest.raises(ConfigError) as err:
+        site_settings({"partition-id": 0, "identity-key": str(tmp_path / "site-0")}, num_clients=3)
+    assert err.value.problems == [f"node config identity-key: {tmp_path / 'site-0'}: cannot be read "
+                                  "(No such file or directory)"]

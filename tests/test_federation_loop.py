@@ -6,6 +6,8 @@ the loop is what is tested; the two real transports are compared in tests/e2e/te
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,9 @@ class Scripted:
             return self.evaluations(round_number)
         return [Reply(node=100 + s, metrics={"partition-id": s, "accuracy": 0.25 * s, "num-examples": 10.0 * (s + 1)})
                 for s in range(self.sites)]
+
+    def query(self, round_number):  # noqa: ANN001, ANN201
+        return []
 
     def identified(self, node, client):  # noqa: ANN001, ANN201
         self.nodes[node] = client
@@ -214,3 +219,146 @@ def test_a_private_run_refuses_a_reply_without_its_dp_figures(parts, tmp_path):
     reasons = {e["node"]: e["reason"] for e in read_events(recorder.run_dir, "excluded")}
     assert "privacy.enabled without epsilon" in reasons[100]
     assert "epsilon must be a finite number" in reasons[101]
+
+
+# ------------------------------------------------------------------ identities bound to keys
+
+
+class KeyedSites:
+    """An in-process federation of nodes that sign their replies with real SuperNode keys
+    (fedkd.identity.sign_reply, as the ClientApp does), with a fresh challenge per message
+    as GridTransport sends. ``nodes``: node id -> (partition it claims, its private key or
+    None, what it sends: "honest", or "replay" = site 0's first signed train reply again)."""
+
+    def __init__(self, nodes, *, run_id) -> None:  # noqa: ANN001
+        self.plan, self.run_id = nodes, run_id
+        self.known: dict[int, int] = {}
+        self.inboxes: list[tuple[int, int, bool]] = []  # (round, node, F_i sent?)
+        self.queried: list[tuple[int, int]] = []
+        self.first_reply: Reply | None = None
+
+    def _signed(self, node, kind, round_number, metrics, arrays=None) -> Reply:  # noqa: ANN001
+        from fedkd.identity import new_challenge, sign_reply
+
+        claim, key, _ = self.plan[node]
+        challenge = new_challenge()  # the server's challenge in this message
+        signature = None if key is None else sign_reply(
+            key, run_id=self.run_id, kind=kind, round_number=round_number, partition_id=claim,
+            challenge=challenge, metrics=metrics, arrays=arrays)
+        records = frozenset({"knowledge", "metrics"} if arrays is not None else {"metrics"})
+        return Reply(node=node, metrics=metrics, arrays=arrays, records=records, challenge=challenge,
+                     signature=signature)
+
+    def wait_for_sites(self) -> int:
+        return len(self.plan)
+
+    def query(self, round_number):  # noqa: ANN001, ANN201
+        unknown = [n for n in self.plan if n not in self.known] if round_number > 1 else []
+        self.queried += [(round_number, n) for n in unknown]
+        return [self._signed(n, "query", round_number, {"partition-id": self.plan[n][0]}) for n in unknown]
+
+    def train(self, round_number, inbox_for):  # noqa: ANN001, ANN201
+        replies = []
+        for node, (claim, _, behaviour) in self.plan.items():
+            inbox = inbox_for(self.known.get(node))
+            self.inboxes.append((round_number, node, inbox.fused is not None))
+            if behaviour == "replay" and self.first_reply is not None:
+                old = self.first_reply  # byte for byte, under this message's new challenge
+                replies.append(dataclasses.replace(old, node=node, challenge=self._signed(
+                    node, "train", round_number, old.metrics, old.arrays).challenge))
+                continue
+            reply = self._signed(node, "train", round_number, {"partition-id": claim},
+                                 {"knowledge": _knowledge(claim)})
+            if claim == 0 and behaviour == "honest" and self.first_reply is None:
+                self.first_reply = reply
+            replies.append(reply)
+        return replies
+
+    def evaluate(self, round_number):  # noqa: ANN001, ANN201
+        return [self._signed(node, "evaluate", round_number,
+                             {"partition-id": claim, "accuracy": 0.0 if behaviour != "honest" else 0.25 * claim,
+                              "num-examples": 10.0})
+                for node, (claim, _, behaviour) in self.plan.items()]
+
+    def identified(self, node, client):  # noqa: ANN001, ANN201
+        self.known[node] = client
+
+    def client_of(self, node):  # noqa: ANN001, ANN201
+        return self.known.get(node)
+
+
+@pytest.fixture(scope="module")
+def site_keys(tmp_path_factory):
+    from fedkd.identity import load_private_key, load_site_keys
+    from fedkd.ops.deploy import write_supernode_keys
+
+    folder = tmp_path_factory.mktemp("keys")
+    pairs = write_supernode_keys(folder, [f"site-{i}" for i in range(4)] + ["stranger"])
+    private = {p.name: load_private_key(p.private) for p in pairs}
+    return private, load_site_keys(folder, num_clients=4)  # the plan: site-<i>.pub for partition i
+
+
+IMPOSTOR, LIAR, REPLAYER = 900, 103, 901
+
+
+def _attacked(site_keys):  # noqa: ANN001, ANN202
+    private, _ = site_keys
+    return {
+        IMPOSTOR: (1, private["stranger"], "impostor"),  # answers first for site 1, with its own key
+        100: (0, private["site-0"], "honest"),
+        101: (1, private["site-1"], "honest"),
+        102: (2, private["site-2"], "honest"),
+        LIAR: (2, private["site-3"], "liar"),  # site 3's own key, saying it is site 2
+        REPLAYER: (0, None, "replay"),  # site 0's round-1 reply again, from round 2
+    }
+
+
+def test_impostors_liars_and_replays_are_refused_and_the_honest_sites_served(parts, site_keys, tmp_path):
+    from fedkd.identity import Identities
+
+    config, split = parts
+    _, plan = site_keys
+    transport = KeyedSites(_attacked(site_keys), run_id="run-7")
+    recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    summary = run_federation(config=config, split=split, transport=transport, recorder=recorder,
+                             identities=Identities(plan, run_id="run-7"))
+    assert summary["status"] == "completed"
+    trained = read_events(recorder.run_dir, "client-train")
+    for r in (1, 2, 3):  # the honest sites, every round, whoever answered first
+        assert sorted(e["client"] for e in trained if e["round"] == r) == [0, 1, 2]
+    assert transport.known == {100: 0, 101: 1, 102: 2}  # only verified replies identify a node
+
+    excluded = read_events(recorder.run_dir, "excluded")
+    refused = {(e["round"], e["node"], e["reason"].split(":")[0]): e for e in excluded}
+    for r in (1, 2, 3):
+        assert refused[(r, IMPOSTOR, "reply refused")]["claimed"] == 1
+        assert refused[(r, LIAR, "reply refused")]["claimed"] == 2
+    for r in (2, 3):  # asked who they are from round 2: the lie is refused, not believed
+        assert refused[(r, LIAR, "query answer refused")]["claimed"] == 2
+        assert refused[(r, IMPOSTOR, "query answer refused")]["claimed"] == 1
+        assert "does not verify with partition-id 0's key" in refused[(r, REPLAYER, "reply refused")]["reason"]
+    assert "unsigned reply" in refused[(2, REPLAYER, "query answer refused")]["reason"]
+    for r in (2, 3):
+        assert refused[(r, IMPOSTOR, "evaluation reply refused")]["claimed"] == 1
+    assert all(e["client"] is None for e in excluded)  # no honest site is logged as a dropout
+    assert {d["claimed"] for d in summary["dropouts"]} == {0, 1, 2}
+
+    # fused knowledge went to the honest sites' nodes only, never to the liar or the impostor
+    sent = {(r, node) for r, node, fused in transport.inboxes if fused}
+    assert sent == {(r, node) for r in (2, 3) for node in (100, 101, 102)}
+    # the impostor's evaluation (answered first, accuracy 0) is not counted: site 1's is
+    evaluations = read_events(recorder.run_dir, "client-eval")
+    assert {(e["round"], e["client"], e["accuracy"]) for e in evaluations} == {
+        (r, c, 0.25 * c) for r in (2, 3) for c in (0, 1, 2)}
+
+
+def test_without_a_plan_the_same_attack_succeeds(parts, site_keys, tmp_path):
+    """The control: partition ids taken as claimed (a simulation, no identity.site-keys): the
+    impostor answering first displaces site 1, and the liar is sent site 2's fused knowledge."""
+    config, split = parts
+    transport = KeyedSites(_attacked(site_keys), run_id="run-7")
+    summary = run_federation(config=config, split=split, transport=transport,
+                             recorder=RunRecorder(tmp_path / "run", config.to_toml()))
+    assert summary["status"] == "completed"
+    assert transport.known[IMPOSTOR] == 1 and transport.known[LIAR] == 2
+    assert any(node == LIAR and fused for _, node, fused in transport.inboxes)

@@ -23,9 +23,9 @@ def test_fedavg_runner_runs_and_reports(small_run_config):
 def test_in_process_runner_refuses_what_it_cannot_do(small_run_config):
     from simulations.floor import run_floor
 
-    for key in ("audit.enabled", "checkpoint.resume"):
+    for key, value in (("audit.enabled", True), ("checkpoint.resume", True), ("identity.site-keys", "keys")):
         with pytest.raises(ValueError, match=f"does not support {key}"):
-            run_floor(small_run_config("x", **{key: True}))
+            run_floor(small_run_config("x", **{key: value}))
 
 
 def test_a_failing_site_is_excluded_for_the_round_not_the_run(small_run_config):

@@ -40,11 +40,19 @@ def cmd_deploy_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_keys(args: argparse.Namespace) -> int:
-    from fedkd.ops.deploy import write_supernode_keys
+    from fedkd.identity import PLAN_FILE
+    from fedkd.ops.deploy import _refuse_overwrite, write_identity_plan, write_supernode_keys
 
-    for pair in write_supernode_keys(args.out, args.names, overwrite=args.force):
+    if not args.no_plan:  # before any key is written: a refused plan leaves no half-made folder
+        _refuse_overwrite([args.out / PLAN_FILE], args.force)
+    pairs = write_supernode_keys(args.out, args.names, overwrite=args.force)
+    for pair in pairs:
         print(f"{pair.name}: private {pair.private} (site host only, 0600); "
               f"public {pair.public} (register it: fedkd deploy register {pair.public})")
+    if not args.no_plan:
+        plan = write_identity_plan(args.out, pairs, overwrite=args.force)
+        print(f"identity plan {plan}: " + ", ".join(f"partition {i} = {p.name}" for i, p in enumerate(pairs))
+              + " (server host; fedkd deploy run uses it)")
     return 0
 
 
@@ -134,10 +142,12 @@ def cmd_deploy_supernode(args: argparse.Namespace) -> int:
     from fedkd.ops.deploy import supernode_command
 
     node: dict[str, object] = {"partition-id": args.partition_id}
+    identity_key = args.key if args.key and not args.insecure and not args.no_identity else None
     for key, value in (("public-path", args.public), ("data-path", args.data), ("state-dir", args.state_dir),
-                       ("model", args.model), ("dataset", args.dataset), ("dataset-path", args.dataset_path)):
+                       ("model", args.model), ("dataset", args.dataset), ("dataset-path", args.dataset_path),
+                       ("identity-key", identity_key)):
         if value:
-            node[key] = str(Path(value).resolve()) if key.endswith(("path", "dir")) else str(value)
+            node[key] = str(Path(value).resolve()) if key.endswith(("path", "dir", "key")) else str(value)
     if not args.dry_run:
         if not args.insecure:
             _need_files(ca=args.ca, key=args.key)
@@ -171,6 +181,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     )
 
     config = config_from_args_with_resume(args)
+    config = _with_identities(config, args)
     name = config.run_name or default_run_name(config)
     config = dataclasses.replace(config, run_name=name, output_dir=str(Path(config.output_dir).resolve()))
     run_dir = Path(config.output_dir) / name
@@ -211,6 +222,30 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_identities(config, args: argparse.Namespace):  # noqa: ANN001, ANN202
+    """The run config with ``identity.site-keys`` = the plan (``--site-keys``, default
+    ``keys/sites.toml`` when it exists), as an absolute path, unless the config names one or
+    ``--no-identity``; the plan is checked here, so a bad one is refused before submitting."""
+    from fedkd.identity import IdentityError, load_site_keys
+
+    path = config.identity.site_keys
+    if not path and not args.no_identity:
+        if args.site_keys is not None:
+            path = str(args.site_keys.resolve())
+        elif Path("keys/sites.toml").is_file():
+            path = str(Path("keys/sites.toml").resolve())
+    if not path:
+        print("fedkd: warning: identities off (no identity plan: keys/sites.toml, --site-keys); "
+              "a partition id is then only a claim", file=sys.stderr)
+        return config
+    try:
+        load_site_keys(path, num_clients=config.data.num_clients)
+    except IdentityError as err:
+        raise ConfigError([str(err)]) from None
+    print(f"identities on: replies must be signed with the keys in {path}")
+    return dataclasses.replace(config, identity=dataclasses.replace(config.identity, site_keys=path))
+
+
 def cmd_deploy_plan(args: argparse.Namespace) -> int:
     from fedkd.ops.deploy import Deployment, deployment_plan
 
@@ -241,6 +276,8 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("names", nargs="+", help="one name per site, e.g. site-a site-b")
     p.add_argument("--out", type=Path, default=Path("keys"), help="output folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace existing files")
+    p.add_argument("--no-plan", action="store_true",
+                   help="do not write sites.toml (the identity plan: the i-th name holds partition i)")
     p.set_defaults(func=cmd_deploy_keys)
 
     p = dsub.add_parser("export-partitions",
@@ -284,6 +321,8 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="this site's architecture (default: the run config's)")
     p.add_argument("--dataset", help="rebuild the split from this dataset name instead")
     p.add_argument("--dataset-path", type=Path, help="this host's copy of that dataset")
+    p.add_argument("--no-identity", action="store_true",
+                   help="do not sign replies with --key (a server with an identity plan refuses them)")
     p.add_argument("--runtime-port", type=int, default=9094,
                    help="local Runtime API port; distinct per SuperNode on one host (default: %(default)s)")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (test networks only)")
@@ -294,6 +333,10 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(p)
     p.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr connection (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue the stopped run named by run-name")
+    p.add_argument("--site-keys", type=Path,
+                   help="identity plan on the server host (default: keys/sites.toml when it exists)")
+    p.add_argument("--no-identity", action="store_true",
+                   help="partition ids taken as claimed (no signatures checked)")
     p.add_argument("--wait", action="store_true", help="wait for the summary (on the server host)")
     p.add_argument("--timeout", type=float, default=24 * 3600, help="--wait limit in seconds")
     p.add_argument("--dry-run", action="store_true", help="print the command only")

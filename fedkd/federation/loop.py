@@ -5,7 +5,8 @@
     wait for sites
     for r in completed + 1 .. num-server-rounds:
         release = this round's public positions
-        up to round-retries + 1 times: collect_knowledge (train exchange, validation)
+        up to round-retries + 1 times: collect_knowledge (query exchange for nodes the
+            transport does not know, then train exchange, validation)
             until at least min-clients replies are valid, else stop with a status
         server_round: fuse, F_i per site, global student; save the weight matrix
         every eval-every rounds (and the last): evaluation exchange -> ALMA, worst
@@ -17,6 +18,13 @@ The transport moves inboxes and replies and nothing else. Two implement it: Flow
 both give the same numbers (tests/e2e/test_transports.py). The loop lives here, not in the
 ServerApp, so that both drive the same code: one place for retries, ``min-clients``,
 exclusions, the privacy ledger, evaluation and checkpoints.
+
+Identities (``identity.site-keys``, :mod:`fedkd.identity`): with a plan of public keys,
+every train, evaluation and query reply must carry a signature that verifies with the key of
+the partition it claims, over the challenge the transport put in that message; a reply that
+does not is refused and recorded (``excluded``, with the ``claimed`` id), and a node is
+mapped to a partition (and so sent that site's fused knowledge) only after a verified reply.
+Without a plan a partition id is a claim, as before.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from fedkd.federation.server import (
     train_metrics,
 )
 from fedkd.federation.site import SiteInbox
+from fedkd.identity import Identities, IdentityError
 from fedkd.wire import InvalidPayload
 from fedkd.reporting import RunRecorder, alma_summary
 
@@ -100,13 +109,18 @@ class Reply:
 
     ``error`` set: the site failed or did not answer (the reason, in words). Otherwise
     ``metrics`` are the reply's metrics (None: it had no metrics record), ``arrays`` its
-    knowledge record (train replies; None: none) and ``records`` the names of its records."""
+    knowledge record (train replies; None: none) and ``records`` the names of its records.
+    ``challenge``: the random challenge the transport put in the message this answers (the
+    transport's own copy, never one echoed by the site); ``signature``: the reply's signature
+    (:mod:`fedkd.identity`), if it carried one."""
 
     node: int
     metrics: Mapping[str, Any] | None = None
     arrays: Mapping[str, np.ndarray] | None = None
     records: frozenset[str] = field(default_factory=frozenset)
     error: str | None = None
+    challenge: bytes | None = None
+    signature: bytes | None = None
 
 
 class Transport(Protocol):
@@ -122,6 +136,10 @@ class Transport(Protocol):
     def evaluate(self, round_number: int) -> list[Reply]:
         """Ask every site to evaluate its model; return the replies."""
 
+    def query(self, round_number: int) -> list[Reply]:
+        """Ask the nodes this transport cannot yet tell apart which partition they hold
+        (their ``partition-id`` metric); return the replies ([] when it knows every node)."""
+
     def identified(self, node: int, client: int) -> None:
         """``node`` said (in a valid reply) that it holds partition ``client``."""
 
@@ -132,27 +150,75 @@ class Transport(Protocol):
 # ------------------------------------------------------------------ one exchange
 
 
-def _exclude(state: ServerState, recorder: RunRecorder, transport: Transport, round_number: int,
-             node: int, reason: str, claimed: int | None = None) -> None:
+def _exclude(state: ServerState | None, recorder: RunRecorder, transport: Transport | None, round_number: int,
+             node: int, reason: str, claimed: int | None = None, *, impostor: bool = False) -> None:
     """Record ``node``'s exclusion; ``client`` is the site the node is known to hold, else the
-    partition id its (rejected) reply claimed, if any: a label for the record, not an identity."""
-    client = transport.client_of(node)
-    if client is None:
+    partition id its (rejected) reply claimed, if any: a label for the record, not an identity.
+    ``impostor``: the reply failed its identity check; the record's ``client`` is then only
+    a site the node verified as before (None for a stranger) and ``claimed`` the id it claimed,
+    so that the claimed site is not logged as a dropout."""
+    client = transport.client_of(node) if transport is not None else None
+    if client is None and not impostor:
         client = claimed
     who = f"site {client}" if client is not None else f"node {node}"
+    if impostor:
+        who += f" (claiming partition-id {claimed})"
     reason = short_reason(reason)
-    logger.warning("fedkd round %d: %s excluded: %s", round_number, who, reason)
+    logger.warning("fedkd round %d: %s %s: %s", round_number, who, "refused" if impostor else "excluded", reason)
     entry = {"round": round_number, "node": node, "client": client, "reason": reason}
-    state.dropouts.append(entry)
+    if impostor:
+        entry["claimed"] = claimed
+    if state is not None:
+        state.dropouts.append(entry)
     recorder.record("excluded", **entry)
+
+
+def _claim(*, config: Config, identities: Identities | None, reply: Reply, kind: str, round_number: int) -> int:
+    """The partition id ``reply`` claims (checked); with ``identities`` only once its signature
+    verified as that partition's, else :class:`IdentityError` (its ``claimed``: the id)."""
+    client = reply_client(reply.metrics, config=config)
+    if identities is not None:
+        try:
+            identities.verify(kind=kind, round_number=round_number, partition_id=client, challenge=reply.challenge,
+                              signature=reply.signature, metrics=reply.metrics, arrays=reply.arrays)
+        except IdentityError as err:
+            err.claimed = client
+            raise
+    return client
+
+
+def identify_nodes(*, config: Config, state: ServerState, transport: Transport, recorder: RunRecorder,
+                   round_number: int, identities: Identities | None = None) -> None:
+    """The query exchange (:meth:`Transport.query`): a node is mapped to the partition its
+    answer names (:meth:`Transport.identified`) only when the answer is valid and, with
+    ``identities``, signed with that partition's key. A lying or unsigned answer is refused
+    and recorded; its node stays unknown and gets no site's fused knowledge. Any other bad
+    answer only leaves the node unknown (a log line), as a node that did not answer."""
+    for reply in transport.query(round_number):
+        try:
+            if reply.error is not None:
+                raise ValueError(reply.error)
+            client = _claim(config=config, identities=identities, reply=reply, kind="query", round_number=round_number)
+        except IdentityError as err:
+            _exclude(state, recorder, transport, round_number, reply.node, f"query answer refused: {err}",
+                     err.claimed, impostor=True)
+            continue
+        except Exception as err:  # noqa: BLE001  an unknown node just gets no fused knowledge
+            logger.warning("fedkd round %d: node %d did not say which site it is: %s", round_number, reply.node,
+                           short_reason(str(err)))
+            continue
+        transport.identified(reply.node, client)
 
 
 def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerState, transport: Transport,
                       recorder: RunRecorder, round_number: int, release: np.ndarray,
-                      on_accept: Callable[[int, np.ndarray], None] | None = None) -> dict[int, np.ndarray]:
-    """One train exchange: every site's inbox out, replies validated; returns the accepted
-    knowledge by partition id. Every field of a reply is checked before anything of it is
-    kept or recorded: partition id, metric names, types and bounds
+                      on_accept: Callable[[int, np.ndarray], None] | None = None,
+                      identities: Identities | None = None) -> dict[int, np.ndarray]:
+    """One train exchange (after :func:`identify_nodes`): every site's inbox out, replies
+    validated; returns the accepted knowledge by partition id. Every field of a reply is
+    checked before anything of it is kept or recorded: partition id, its signature (with
+    ``identities``: a reply not signed by the claimed partition's key is refused whether it
+    comes first or second), metric names, types and bounds
     (:func:`fedkd.federation.server.train_metrics`), knowledge, DP figures
     (:func:`fedkd.federation.server.privacy_row`); only a valid reply identifies its node.
     A failed, late or invalid reply excludes that site for the round (one ``excluded``
@@ -164,6 +230,8 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
         state.bytes_down.append(inbox.nbytes)
         return inbox
 
+    identify_nodes(config=config, state=state, transport=transport, recorder=recorder,
+                   round_number=round_number, identities=identities)
     accepted: dict[int, np.ndarray] = {}
     for reply in transport.train(round_number, inbox_for):
         if reply.error is not None:
@@ -171,7 +239,16 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
             continue
         claimed = None
         try:
-            client = claimed = reply_client(reply.metrics, config=config)
+            client = claimed = _claim(config=config, identities=identities, reply=reply, kind="train",
+                                      round_number=round_number)
+        except IdentityError as err:
+            _exclude(state, recorder, transport, round_number, reply.node, f"reply refused: {err}", err.claimed,
+                     impostor=True)
+            continue
+        except Exception as err:  # noqa: BLE001  any undecodable payload is a bad payload
+            _exclude(state, recorder, transport, round_number, reply.node, f"invalid reply: {err}")
+            continue
+        try:
             if client in accepted:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
             metrics = train_metrics(reply.metrics)  # names, types, bounds: before anything is kept
@@ -219,17 +296,23 @@ def repeated_failure(dropouts: list[dict[str, Any]], failures: dict[str, str]) -
 
 
 def evaluate_sites(*, config: Config, transport: Transport, recorder: RunRecorder,
-                   round_number: int, expected: int | None = None) -> dict[str, float]:
+                   round_number: int, expected: int | None = None, identities: Identities | None = None,
+                   state: ServerState | None = None) -> dict[str, float]:
     """One evaluation exchange (:meth:`Transport.evaluate`), recorded by :func:`record_evaluation`."""
     return record_evaluation(config=config, recorder=recorder, round_number=round_number,
-                             replies=transport.evaluate(round_number), expected=expected)
+                             replies=transport.evaluate(round_number), expected=expected,
+                             identities=identities, state=state, transport=transport)
 
 
 def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: int,
-                      replies: list[Reply], expected: int | None = None) -> dict[str, float]:
+                      replies: list[Reply], expected: int | None = None, identities: Identities | None = None,
+                      state: ServerState | None = None, transport: Transport | None = None) -> dict[str, float]:
     """Each site's accuracy on its local test split (one ``client-eval`` record each) ->
     ALMA, example-weighted mean, worst (:func:`fedkd.reporting.alma_summary`). A failed or
     malformed reply, or a second reply for the same site, is left out with a log line.
+    With ``identities`` a reply not signed by the claimed partition's key is refused (before
+    the duplicate check: an impostor answering first does not shut the site out) and
+    recorded as an ``excluded`` event (in ``state.dropouts`` too, when given).
     ``expected``: the sites of the round; when fewer were evaluated (evaluations lost) the
     scores say so (``evaluated-sites``) and a warning names both counts."""
     acc: dict[int, float] = {}
@@ -240,7 +323,17 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
                            short_reason(reply.error))
             continue
         try:
-            client = reply_client(reply.metrics, config=config)
+            client = _claim(config=config, identities=identities, reply=reply, kind="evaluate",
+                            round_number=round_number)
+        except IdentityError as err:
+            _exclude(state, recorder, transport, round_number, reply.node, f"evaluation reply refused: {err}",
+                     err.claimed, impostor=True)
+            continue
+        except Exception as err:  # noqa: BLE001
+            logger.warning("fedkd round %d: evaluation reply from node %d ignored: %s",
+                           round_number, reply.node, err)
+            continue
+        try:
             if client in acc:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
             accuracy, num_examples = evaluation_scores(reply.metrics)
@@ -264,10 +357,11 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
 
 def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, recorder: RunRecorder,
                state: ServerState, on_accept: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
-               clock: Callable[[], float] | None = None) -> str:
+               clock: Callable[[], float] | None = None, identities: Identities | None = None) -> str:
     """Rounds ``state.completed_round + 1 .. num-server-rounds``; returns the status line
     ("completed", or why the run stopped early). ``on_accept(round, client, positions, knowledge)`` sees
-    every accepted release (the audit keeps the audited site's)."""
+    every accepted release (the audit keeps the audited site's). ``identities``: the plan's
+    keys (:class:`fedkd.identity.Identities`); None: partition ids are taken as claimed."""
     import time
 
     clock = clock or time.monotonic
@@ -283,7 +377,8 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
         for attempt in range(config.round_retries + 1):
             seen = len(state.dropouts)
             accepted = collect_knowledge(config=config, split=split, state=state, transport=transport,
-                                         recorder=recorder, round_number=r, release=release, on_accept=hook)
+                                         recorder=recorder, round_number=r, release=release, on_accept=hook,
+                                         identities=identities)
             repeated = repeated_failure(state.dropouts[seen:], failures)
             if repeated is not None:
                 logger.error("fedkd: %s", repeated)
@@ -302,7 +397,7 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
         entry = dict(record.entry)
         if r % config.eval_every == 0 or r == config.num_server_rounds:
             entry.update(evaluate_sites(config=config, transport=transport, recorder=recorder, round_number=r,
-                                        expected=len(accepted)))
+                                        expected=len(accepted), identities=identities, state=state))
         entry["seconds"] = clock() - round_start
         recorder.record("round", **entry)
         state.history.append(entry)
@@ -318,14 +413,15 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
 
 def run_federation(*, config: Config, split: FederatedSplit, transport: Transport, recorder: RunRecorder,
                    state: ServerState | None = None, runner: str | None = None,
-                   on_accept: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None) -> dict[str, Any]:
+                   on_accept: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
+                   identities: Identities | None = None) -> dict[str, Any]:
     """The whole run: :func:`run_rounds`, then ``summary.json`` (:func:`run_summary`) and the
     plots. ``state``: a resumed run's state (:meth:`ServerState.load_state_dict`). On an
     error the summary so far is still written (status ``failed: ...``) before it is raised."""
     state = state if state is not None else ServerState()
     try:
         status = run_rounds(config=config, split=split, transport=transport, recorder=recorder, state=state,
-                            on_accept=on_accept)
+                            on_accept=on_accept, identities=identities)
     except Exception as err:  # a stopped run (SystemExit, KeyboardInterrupt) leaves no summary: resumable
         recorder.finish(run_summary(config=config, split=split, state=state, status=f"failed: {err}",
                                     runner=runner))  # keep what the run produced

@@ -15,6 +15,11 @@ offers (docs/deployment.md explains every step):
   --auth-supernode-private-key`` and ``flwr supernode register`` read); the operator
   registers each public key with the SuperLink through the Control API; a SuperNode
   whose key is not registered is refused.
+* **Identities bound to the same keys** (fedkd's own, :mod:`fedkd.identity`):
+  :func:`write_identity_plan` writes ``sites.toml`` beside the keys (partition id -> the
+  site's public key); the run config's ``identity.site-keys`` names it, each SuperNode's
+  node config names its private key (``identity-key``), and the server refuses any reply
+  for partition i that is not signed with site i's key.
 
 Nothing here imports Flower: these are file and command builders, unit-testable anywhere.
 """
@@ -266,6 +271,18 @@ def write_supernode_keys(
         write_file(pair.private, private, mode=SECRET_MODE)
         write_file(pair.public, public + f" fedkd-{pair.name}\n".encode())
     return pairs
+
+
+def write_identity_plan(directory: str | Path, pairs: Sequence[KeyPair], *, overwrite: bool = False) -> Path:
+    """``<directory>/sites.toml``: partition id i -> the i-th key pair's public key (and its
+    name), the plan the server checks every reply against (``identity.site-keys``)."""
+    from fedkd.identity import PLAN_FILE, plan_toml
+
+    path = Path(directory) / PLAN_FILE
+    _refuse_overwrite([path], overwrite)
+    plan = plan_toml({i: pair.public.read_text() for i, pair in enumerate(pairs)},
+                     names={i: pair.name for i, pair in enumerate(pairs)})
+    return write_file(path, "# fedkd identity plan: partition-id -> the site's SuperNode public key\n" + plan)
 
 
 # ------------------------------------------------------------------------ commands
@@ -578,7 +595,11 @@ def deployment_plan(
         lines += [f"fedkd deploy certs --out {deployment.certs_dir} --host {server_host}",
                   f"fedkd deploy keys --out {deployment.keys_dir} {' '.join(sites)}"]
     lines += [f"fedkd deploy export-partitions --config RUN.toml --out {data_dir}",
-              "#   copy to each site: ca.crt, its private key, public.npz and its site-<i>.npz", ""]
+              "#   copy to each site: ca.crt, its private key, public.npz and its site-<i>.npz"]
+    if secure:
+        lines += [f"#   {deployment.keys_dir}/sites.toml (partition id -> public key, in the order above) "
+                  "stays on the server host"]
+    lines += [""]
     lines += ["## 2. Server host: start the SuperLink (keep it running)",
               shell_line(superlink_command(deployment)), ""]
     lines += ["## 3. Operator: point the flwr CLI at it and register the sites' public keys",
@@ -590,6 +611,8 @@ def deployment_plan(
     for client, name in enumerate(sites):
         node = {"partition-id": client, "public-path": f"{data_dir}/{PUBLIC_FILE}",
                 "data-path": f"{data_dir}/{site_file_name(client)}", "state-dir": state_dir}
+        if secure:  # the site signs its replies with its SuperNode key
+            node["identity-key"] = f"/etc/fedkd/{name}"
         command = supernode_command(
             superlink=deployment.address, node_config=node, insecure=deployment.insecure,
             root_certificates=f"/etc/fedkd/{CA_CERT}", private_key=f"/etc/fedkd/{name}",
@@ -597,7 +620,8 @@ def deployment_plan(
         lines += [f"## 4.{client + 1} Site host '{name}' (partition {client}): start its SuperNode",
                   shell_line(command), ""]
     lines += ["## 5. Operator: submit the run, follow it, collect the outputs",
-              "fedkd deploy run --config RUN.toml --set run-name=NAME --wait",
+              "fedkd deploy run --config RUN.toml --set run-name=NAME --wait"
+              + (f"   # identities: --site-keys {deployment.keys_dir}/sites.toml (the default)" if secure else ""),
               "flwr ls " + deployment.connection + "          # runs and their status",
               "flwr log RUN_ID " + deployment.connection + " --stream",
               "fedkd compare OUTPUT_DIR/NAME   # on the server host",

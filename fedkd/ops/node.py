@@ -49,6 +49,8 @@ NODE_CONFIG_KEYS = {
     "state-dir": "folder where the site keeps its state after each round (rejoin, resume) and its noise secret",
     "noise-seed": "where this site's DP and shielding noise come from: site-secret (deployment default), "
                   "secure-rng or run-seed (reproducible by the server); overrides privacy.noise-seed",
+    "identity-key": "this site's private key (the SuperNode key, OpenSSH); its replies are signed with it "
+                    "(identity.site-keys on the server); fedkd deploy supernode sets it to --key",
     "num-partitions": "set by Flower's simulation engine; not used",
 }
 
@@ -65,6 +67,7 @@ class SiteSettings:
     model: str = ""
     state_dir: str = ""
     noise_seed: str = ""
+    identity_key: str = ""
 
     @property
     def uses_local_files(self) -> bool:
@@ -93,7 +96,8 @@ def site_settings(node_config: Mapping[str, Any], *, num_clients: int) -> SiteSe
             f"(data.num-clients is {num_clients}); got {value!r}"
         )
     strings = {}
-    for key in ("data-path", "public-path", "dataset", "dataset-path", "model", "state-dir", "noise-seed"):
+    for key in ("data-path", "public-path", "dataset", "dataset-path", "model", "state-dir", "noise-seed",
+                "identity-key"):
         text = node_config.get(key, "")
         if not isinstance(text, str):
             problems.append(f"node config {key}: must be a string (quote it: {key}=\"...\"); got {text!r}")
@@ -112,6 +116,13 @@ def site_settings(node_config: Mapping[str, Any], *, num_clients: int) -> SiteSe
                 problems.append(f"node config model: {err}")
     if strings.get("noise_seed") and strings["noise_seed"] not in NOISE_SEEDS:
         problems.append(f"node config noise-seed: must be one of {', '.join(NOISE_SEEDS)}; got {strings['noise_seed']!r}")
+    if strings.get("identity_key"):
+        from fedkd.identity import IdentityError, load_private_key
+
+        try:
+            load_private_key(strings["identity_key"])
+        except IdentityError as err:
+            problems.append(f"node config identity-key: {err}")
     if problems:
         raise ConfigError(problems)
     return SiteSettings(partition_id=int(value), **strings)

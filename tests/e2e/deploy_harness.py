@@ -4,11 +4,14 @@ Everything listens on 127.0.0.1 only, on ports picked free at run time, with a t
 FLWR_HOME; every process is started in its own process group and the whole group is
 killed on :meth:`LocalFederation.close` (SIGTERM, then SIGKILL after a grace period).
 The commands are the ones ``fedkd deploy`` prints (fedkd.ops.deploy), so the tests run the
-documented deployment path.
+documented deployment path, identities included: ``keys/sites.toml`` is the run's
+``identity.site-keys`` and every SuperNode signs with its key (``identity-key``), as
+``fedkd deploy run`` / ``fedkd deploy supernode`` set them by default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -35,6 +38,7 @@ from fedkd.ops.deploy import (
     superlink_command,
     supernode_command,
     write_certificates,
+    write_identity_plan,
     write_supernode_keys,
 )
 
@@ -63,6 +67,7 @@ def _group_kill(proc: subprocess.Popen, grace: float = 5.0) -> None:
 class LocalFederation:
     root: Path
     num_sites: int
+    identities: bool = True  # runs check every reply's signature against keys/sites.toml
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
 
@@ -83,7 +88,8 @@ class LocalFederation:
 
     def prepare(self, config: Config, *, extra_keys: tuple[str, ...] = ()) -> None:
         write_certificates(self.certs, hosts=["localhost", "127.0.0.1"], days=2)
-        write_supernode_keys(self.keys, [self.site_name(i) for i in range(self.num_sites)] + list(extra_keys))
+        pairs = write_supernode_keys(self.keys, [self.site_name(i) for i in range(self.num_sites)] + list(extra_keys))
+        write_identity_plan(self.keys, pairs[:self.num_sites])  # partition i = site-i
         export_partitions(config, self.data)
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(connection_toml(self.deployment))
@@ -133,10 +139,16 @@ class LocalFederation:
                 "data-path": str(self.data / site_file_name(client)), "state-dir": str(self.state)}
 
     def start_supernode(self, client: int, *, key_name: str | None = None, insecure: bool = False,
-                        max_wait_time: float | None = None, name: str | None = None) -> subprocess.Popen:
+                        max_wait_time: float | None = None, name: str | None = None,
+                        state_dir: Path | None = None) -> subprocess.Popen:
+        node = self.node_config(client)
+        if state_dir is not None:
+            node["state-dir"] = str(state_dir)
+        if not insecure:  # signs its replies with its SuperNode key, as fedkd deploy supernode sets it
+            node["identity-key"] = str(self.keys / (key_name or self.site_name(client)))
         cmd = supernode_command(
             superlink=self.deployment.address,
-            node_config=self.node_config(client),
+            node_config=node,
             root_certificates=None if insecure else self.certs / CA_CERT,
             private_key=None if insecure else self.keys / (key_name or self.site_name(client)),
             insecure=insecure,
@@ -191,7 +203,11 @@ class LocalFederation:
         return app
 
     def submit(self, config: Config) -> int:
-        """``flwr run`` the resolved ``config``; returns the run id."""
+        """``flwr run`` the resolved ``config`` (with the identity plan, as ``fedkd deploy run``
+        adds it, unless the config names one or ``identities`` is off); returns the run id."""
+        if self.identities and not config.identity.site_keys:
+            config = dataclasses.replace(config, identity=dataclasses.replace(
+                config.identity, site_keys=str(self.keys / "sites.toml")))
         app = self.write_app(config, f"{config.run_name}-{int(time.time() * 1000)}")
         done = self.flwr("run", str(app), self.deployment.connection, "--format", "json", timeout=120)
         if done.returncode != 0:

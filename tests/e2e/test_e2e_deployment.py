@@ -1,5 +1,5 @@
 """fedkd on Flower's deployment engine: real flower-superlink / flower-supernode / flwr
-processes on 127.0.0.1, TLS and SuperNode authentication on.
+processes on 127.0.0.1, TLS, SuperNode authentication and identities (signed replies) on.
 
 One federation (SuperLink + 3 SuperNodes, each with its own node config: partition id,
 its own data files exported from the embedded split, a state directory) is shared by
@@ -83,7 +83,7 @@ def federation(tmp_path_factory):
     fed = LocalFederation(root, SITES)
     try:
         with time_limit(150, "federation set-up"):
-            fed.prepare(small_config(root, "prepare"), extra_keys=("unregistered",))
+            fed.prepare(small_config(root, "prepare"), extra_keys=("unregistered", "impostor"))
             fed.start_superlink()
             fed.node_ids = {i: fed.register(fed.site_name(i)) for i in range(SITES)}
             for i in range(SITES):
@@ -212,6 +212,11 @@ def test_three_round_run_with_tls_and_auth_matches_the_simulation(federation, un
     assert summary["dropouts"] == []
 
     run_dir = Path(uninterrupted["config"].output_dir) / "uninterrupted"
+    import tomllib  # identities on (the default deployment): every reply above was signed and verified
+
+    recorded = tomllib.loads((run_dir / "config.toml").read_text())
+    assert recorded["identity"]["site-keys"] == str(federation.keys / "sites.toml")
+    assert events(run_dir, "excluded") == []
     trains = events(run_dir, "client-train")
     assert sorted((e["round"], e["client"]) for e in trains) == [
         (r, c) for r in range(1, ROUNDS + 1) for c in range(SITES)
@@ -311,3 +316,37 @@ def test_a_supernode_killed_in_round_2_is_dropped_and_rejoins(federation):
     assert all(e["rounds-trained"] >= 2 for e in back)
     print("\nkilled-site run:", json.dumps({"accepted": accepted, "dropouts": summary["dropouts"],
                                             "evaluated at the end": sorted(evaluated)}))
+
+
+@pytest.mark.limit(300)
+def test_a_registered_impostor_claiming_another_sites_id_is_refused_and_that_site_served(federation):
+    """A SuperNode with a key the SuperLink accepts (registered) but that the identity plan
+    does not list for partition 1 says it is partition 1 (node config), signs with its own
+    key and has site 1's data. Site 2 is taken out so that the node count still equals
+    data.num-clients. Every reply of the impostor (train, query, evaluation) is refused and
+    recorded with the id it claimed; site 1 is accepted every round and is no dropout."""
+    node = federation.node_ids[2]
+    federation.kill("site-2")
+    wait_for(lambda: federation.node_status().get(node) not in ("online", None), timeout=120,
+             what="site 2 offline", poll=2.0)
+    impostor_node = federation.register("impostor")
+    federation.start_supernode(1, key_name="impostor", name="impostor-supernode",
+                               state_dir=federation.root / "impostor-state")
+    federation.wait_online(SITES)
+    rounds = 2
+    config = small_config(federation.root, "impostor", **{"num-server-rounds": rounds, "eval-every": 1})
+    _, summary = run_to_summary(federation, config, timeout=240)
+    assert summary["status"] == "completed"
+    assert [e["accepted"] for e in summary["history"]] == [[0, 1]] * rounds
+    run_dir = Path(config.output_dir) / "impostor"
+    refused = [e for e in events(run_dir, "excluded") if e["node"] == impostor_node]
+    assert {(e["round"], e["reason"].split(":")[0]) for e in refused} >= {
+        (r, kind) for r in range(1, rounds + 1) for kind in ("reply refused", "evaluation reply refused")
+    } | {(2, "query answer refused")}  # unknown in round 2: asked, and its answer not believed
+    assert all(e["claimed"] == 1 and e["client"] is None and "does not verify with partition-id 1's key"
+               in e["reason"] for e in refused)
+    assert all(d["client"] != 1 for d in summary["dropouts"])  # site 1 is not logged as a dropout
+    evaluated = {(e["round"], e["client"]) for e in events(run_dir, "client-eval")}
+    assert evaluated == {(r, c) for r in range(1, rounds + 1) for c in (0, 1)}
+    print("\nimpostor run:", json.dumps({"accepted": [e["accepted"] for e in summary["history"]],
+                                         "refused": [(e["round"], e["reason"]) for e in refused]}))
