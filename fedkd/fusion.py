@@ -15,6 +15,9 @@ Methods (looked up by name in :data:`FUSION_METHODS`):
   d_ij <= tau_i (tau_i = median of row i by default), capped at ``max_neighbours``
   members (self included) by smallest d_ij; w_ij = exp(-beta d_ij) / sum_{l in N(i)}
   exp(-beta d_il); F_i(x) = sum_{j in N(i)} w_ij K_j(x).
+* ``expert`` -- class-expert, prior-corrected fusion (:func:`class_expert_fusion`), each
+  class holder weighted by the receiver's check of it (:func:`verified_trust`), with a
+  per-receiver consensus over the senders it trusts (:func:`trusted_consensus`).
 
 Every method drops ineffective rows first: where K_j(x) has entropy above
 ``uniform_entropy * log C`` it is left out of F_i(x) (and the remaining weights are
