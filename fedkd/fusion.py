@@ -586,17 +586,18 @@ def class_expert_fusion(
     trust = np.asarray(members, dtype=np.float64)
     if trust.ndim == 2:
         trust = np.repeat(trust[:, :, None], c, axis=2)
-    fused = np.empty_like(knowledge)
-    weights = np.zeros((n, n))
-    for i in range(n):
-        senders = np.flatnonzero(trust[i].sum(axis=1) > 0)
-        a = (trust[i, senders, None, :] * prior[senders, None, :]) * mask[senders, :, None]  # [S, P, C]
-        total = a.sum(axis=0) + null_weight  # [P, C]
-        a = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
-        z = (a * likelihood[senders]).sum(axis=0) + prior_weight * log_prior[i]
-        fused[i] = softmax(z, axis=-1)
-        weights[i, senders] = a.mean(axis=(1, 2))
-        weights[i] /= weights[i].sum() if weights[i].sum() > 0 else 1.0
+    informative = mask.astype(np.float64)  # [N, P]
+    evidence = np.empty((n, p, c))  # sum_j a_j(x, c) L_j(x, c) for every receiver
+    held = np.zeros((n, n))  # sum over (x, c) of a_j(x, c)
+    for cls in range(c):  # per class, two [N, N] x [N, P] products: O(N^2 P C) in BLAS
+        claim = trust[:, :, cls] * prior[None, :, cls]  # [i, j]: t_ij(c) pi_j(c)
+        total = claim @ informative + null_weight  # [i, x]
+        inverse = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
+        evidence[:, :, cls] = (claim @ (informative * likelihood[:, :, cls])) * inverse
+        held += claim * (inverse @ informative.T)  # sum_x a_ij(x, c)
+    fused = softmax(evidence + prior_weight * log_prior[:, None, :], axis=-1)
+    sums = held.sum(axis=1, keepdims=True)
+    weights = np.divide(held, sums, out=np.zeros_like(held), where=sums > 0)
     return fused, weights
 
 
