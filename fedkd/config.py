@@ -366,8 +366,23 @@ class FusionConfig:
     def sends_consensus(self) -> bool:
         return self.consensus == "on" or (self.consensus == "auto" and self.method == "expert")
     neighbours: str = option(
-        "effective", choices=("effective", "all"),
-        help="expert: senders per receiver (its effective neighbours, as knfu, or every site)",
+        "all", choices=("all", "effective"),
+        help="expert: senders per receiver (every site, or its effective neighbours as knfu)",
+    )
+    trust: str = option(
+        "verified", choices=("verified", "off"),
+        help="expert: 'verified' scales each class holder by the receiver's check of it on the examples "
+             "the receiver confidently calls that class, and sends each site its own consensus G_i over the "
+             "senders it trusts; 'off': label priors alone and G over every sender",
+    )
+    trust_beta: float = option(10.0, low=0, help="expert, verified trust: sharpness, v = exp(-beta (1 - recall))")
+    trust_confidence: float = option(
+        0.5, low=0, high=1, low_open=True,
+        help="expert, verified trust: a site calls x a c when its top class is c at this probability or more",
+    )
+    trust_null: float = option(
+        1.0, low=0,
+        help="expert, verified trust: null expert kappa = this * exp(-trust-beta / 2) / C (0 = none)",
     )
 
 

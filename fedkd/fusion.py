@@ -15,6 +15,9 @@ Methods (looked up by name in :data:`FUSION_METHODS`):
   d_ij <= tau_i (tau_i = median of row i by default), capped at ``max_neighbours``
   members (self included) by smallest d_ij; w_ij = exp(-beta d_ij) / sum_{l in N(i)}
   exp(-beta d_il); F_i(x) = sum_{j in N(i)} w_ij K_j(x).
+* ``expert`` -- class-expert, prior-corrected fusion (:func:`class_expert_fusion`), each
+  class holder weighted by the receiver's check of it (:func:`verified_trust`), with a
+  per-receiver consensus over the senders it trusts (:func:`trusted_consensus`).
 
 Every method drops ineffective rows first: where K_j(x) has entropy above
 ``uniform_entropy * log C`` it is left out of F_i(x) (and the remaining weights are
@@ -357,10 +360,14 @@ def _fuse_row(knowledge: np.ndarray, row: np.ndarray, mask: np.ndarray) -> np.nd
 
 @dataclass(frozen=True)
 class FusionResult:
-    """``fused`` [N, P, C] (None for ``none``) and ``weights`` [N, N]."""
+    """``fused`` [N, P, C] (None for ``none``) and ``weights`` [N, N]; methods that build
+    their own consensus (``expert`` with verified trust) also return it, one per receiver:
+    ``consensus`` [N, P, C] and its sender shares ``consensus_weights`` [N, N]."""
 
     fused: np.ndarray | None
     weights: np.ndarray
+    consensus: np.ndarray | None = None
+    consensus_weights: np.ndarray | None = None
 
 
 FusionMethod = Callable[..., FusionResult]
@@ -414,6 +421,128 @@ def knfu_weights(knowledge: np.ndarray, *, measure: str, divergence: str, confid
     return neighbour_weights(d, beta=beta, threshold=threshold, max_neighbours=max_neighbours)
 
 
+def confident_calls(knowledge: np.ndarray, *, confidence: float) -> np.ndarray:
+    """``[N, P, C]`` boolean: M_k(x, c) = 1 where client k *calls* x a c, i.e.
+    argmax_c' K_k(x, c') = c and K_k(x, c) >= ``confidence`` (ties to the lower class)."""
+    n, p, c = knowledge.shape
+    top = knowledge.argmax(axis=-1)  # [N, P]
+    calls = np.zeros((n, p, c), dtype=bool)
+    np.put_along_axis(calls, top[..., None], True, axis=-1)
+    return calls & (knowledge >= confidence)
+
+
+def class_recall(knowledge: np.ndarray, calls: np.ndarray) -> np.ndarray:
+    """r_kj(c) = mean_{x in S_k(c)} K_j(x, c), ``[N, N, C]`` (verifier k, sender j, class c):
+    the probability sender j gives class c where verifier k confidently calls x a c
+    (S_k(c) = {x : M_k(x, c)}, :func:`confident_calls`). NaN where S_k(c) is empty (k
+    verifies nothing of c). One [N, P] x [P, N] product per class: O(N^2 P C)."""
+    return _masked_class_means(knowledge, calls)
+
+
+def class_false_calls(knowledge: np.ndarray, calls: np.ndarray) -> np.ndarray:
+    """f_kj(c) = mean_{x in S_k \\ S_k(c)} K_j(x, c), ``[N, N, C]``: the probability sender j
+    gives class c where verifier k confidently calls x something else (S_k = every x k
+    calls). NaN where k calls no x anything but c. Same cost as :func:`class_recall`."""
+    return _masked_class_means(knowledge, calls.any(axis=2, keepdims=True) & ~calls)
+
+
+def _masked_class_means(knowledge: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """mean over {x : where[k, x, c]} of K_j(x, c) for every (k, j, c); NaN on empty sets."""
+    n, p, c = knowledge.shape
+    counts = where.sum(axis=1).astype(np.float64)  # [N, C]
+    means = np.empty((n, n, c))
+    for cls in range(c):
+        means[:, :, cls] = where[:, :, cls].astype(np.float64) @ knowledge[:, :, cls].T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means /= counts[:, None, :]
+    means[np.broadcast_to(counts[:, None, :] == 0, means.shape)] = np.nan
+    return means
+
+
+def verified_trust(knowledge: np.ndarray, *, beta: float = 10.0,
+                   confidence: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Trust checked on the receiver's own confident calls: ``(t [N, N, C], s [N, N])``.
+
+    Receiver i checks sender j as a detector of class c on the public examples i
+    confidently calls (:func:`confident_calls`): how much j gives c where i calls c
+    (:func:`class_recall`, r_ij(c)) minus how much it gives c where i calls something else
+    (:func:`class_false_calls`, f_ij(c); 0 when i calls nothing else), a soft Youden's J
+    (sensitivity + specificity - 1, Youden 1950):
+
+        J_ij(c) = max(0, r_ij(c) - f_ij(c))
+        v_ij(c) = exp(-beta (1 - J_ij(c)))                    (1: j detects c as i does; e^-beta: not at all)
+        s_ij    = sum_{c in C_i} pi_i(c) v_ij(c) / sum_{c in C_i} pi_i(c)
+                                                              (C_i: the classes i calls at all; pi_i = EPD_i)
+        t_ij(c) = v_ij(c) for c in C_i,  s_ij for the classes i never calls
+
+    ``t`` is the class-expert trust (:func:`class_expert_fusion`), ``s`` the sender trust of
+    the consensus (:func:`trusted_consensus`). A receiver that calls nothing (C_i empty)
+    can check nobody and trusts only itself (s_ii = 1, s_ij = 0).
+
+    Only the receiver's own view is used: its knowledge comes from its private data, which
+    no other site can fake, so senders cannot vouch for each other (label-flippers of the
+    same classes agree with each other and would outvote an honest holder in a vote among
+    senders). A uniform-random sender gives c about 1/C everywhere (J ~ 0); a label-flipper
+    gives c what its model gave the class before it: little where i calls c, unless its
+    model says one class for everything, which the false calls f cancel (recall alone
+    would trust a sender that calls everything c). An honest holder of c gets J near 1, an
+    honest site without c about 0 (it is not an expert for c either: pi_j(c) is small). On the classes i never calls, j counts as far as it
+    agreed with i where i could check (EigenTrust's one step, Kamvar et al. 2003, with the
+    receiver as the pre-trusted peer; the agreement test itself is knfu's, Seyedmohammadi et
+    al. 2024, made class by class).
+    """
+    n, p, c = knowledge.shape
+    calls = confident_calls(knowledge, confidence=confidence)
+    recall = class_recall(knowledge, calls)  # [i, j, c]
+    false = np.nan_to_num(class_false_calls(knowledge, calls), nan=0.0)
+    called = calls.any(axis=1)  # [i, c]
+    youden = np.clip(np.nan_to_num(recall, nan=0.0) - false, 0.0, 1.0)
+    checks = np.where(called[:, None, :], np.exp(-beta * (1.0 - youden)), 0.0)
+    mass = knowledge.mean(axis=1) * called  # pi_i(c) on the called classes
+    total = mass.sum(axis=1)  # [i]
+    senders = np.einsum("ic,ijc->ij", mass, checks)
+    senders = np.divide(senders, total[:, None], out=np.eye(n), where=total[:, None] > 0)
+    trust = np.where(called[:, None, :], checks, senders[:, :, None])
+    return trust, senders
+
+
+def trusted_consensus(knowledge: np.ndarray, mask: np.ndarray, weights: np.ndarray, *,
+                      temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each receiver's consensus over the senders it trusts: ``(G [N, P, C], shares [N, N])``.
+
+        G_i(x) = softmax( sum_j g_ij(x) K_j(x) / T ),  g_ij(x) = s_ij m_j(x) / sum_l s_il m_l(x)
+
+    DS-FL's ERA (Itahara et al. 2021: the sharpened mean, T = ``temperature``) with sender
+    j weighted by receiver i's trust s_ij (``weights`` [R, N] for R receivers, e.g.
+    :func:`verified_trust`)
+    instead of 1/N; m_j is the informative-row mask. With every s_ij = 1 it is ERA exactly.
+    Where no sender i trusts is informative at x, they are averaged unmasked. Computed as two
+    matrix products per block of receivers (s @ (m K) and s @ m): O(N^2 P C).
+    ``shares[i, j]`` = mean_x g_ij(x): sender j's share of G_i (rows sum to 1).
+    """
+    n, p, c = knowledge.shape
+    s = np.asarray(weights, dtype=np.float64)
+    s = np.where(s.sum(axis=1, keepdims=True) > 0, s, 1.0)  # a row trusting nobody: the plain mean
+    masked = (mask[:, :, None] * knowledge).reshape(n, p * c)
+    receivers = s.shape[0]
+    consensus = np.empty((receivers, p, c))
+    shares = np.empty((receivers, n))
+    for start in range(0, receivers, _ROW_BLOCK):
+        rows = slice(start, min(receivers, start + _ROW_BLOCK))
+        total = s[rows] @ mask  # [b, P]
+        numerator = (s[rows] @ masked).reshape(-1, p, c)
+        empty = total <= 0
+        if empty.any():  # nobody trusted is informative at x: their unmasked mean
+            plain = (s[rows] @ knowledge.reshape(n, p * c)).reshape(-1, p, c)
+            numerator = np.where(empty[:, :, None], plain, numerator)
+            total = np.where(empty, s[rows].sum(axis=1, keepdims=True), total)
+        consensus[rows] = sharpen(numerator / total[:, :, None], temperature)
+        inverse = 1.0 / total  # [b, P]; mean_x m_j(x) / total_i(x), m_j = 1 where x is empty
+        per_sender = (inverse * ~empty) @ mask.T + (inverse * empty).sum(axis=1, keepdims=True)
+        shares[rows] = s[rows] * per_sender / p
+    return consensus, shares
+
+
 def class_expert_fusion(
     knowledge: np.ndarray,
     members: np.ndarray,
@@ -421,44 +550,58 @@ def class_expert_fusion(
     *,
     prior_weight: float = 1.0,
     prior_floor: float = 1e-3,
+    null_weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class-expert, prior-corrected fusion: only the holders of class c speak for c.
+    """Class-expert, prior-corrected fusion: only the (trusted) holders of class c speak for c.
 
     With sender j's label prior pi_j = EPD_j (its mean knowledge on P), floored at
-    ``prior_floor`` and renormalised, and senders restricted to receiver i's neighbours
-    N(i) (``members[i]``, boolean [N, N]):
+    ``prior_floor`` and renormalised, and ``members`` the trust t_ij(c) >= 0 receiver i puts
+    in sender j for class c (``[N, N, C]``, e.g. :func:`class_trust`; or ``[N, N]``, one
+    trust for every class, e.g. 0/1 for knfu's neighbour sets N(i)):
 
-        a_j(x, c) = pi_j(c) m_j(x) / sum_{l in N(i)} pi_l(c) m_l(x)      (m: informative row)
-        L_j(x, c) = log K_j(x, c) - log pi_j(c)                          (prior removed)
-        F_i(x)    = softmax_c( sum_{j in N(i)} a_j(x, c) L_j(x, c) + gamma log pi_i(c) )
+        a_j(x, c) = t_ij(c) pi_j(c) m_j(x) / (kappa + sum_l t_il(c) pi_l(c) m_l(x))   (m: informative row)
+        L_j(x, c) = log K_j(x, c) - log pi_j(c)                               (prior removed)
+        F_i(x)    = softmax_c( sum_j a_j(x, c) L_j(x, c) + gamma log pi_i(c) )
 
     i.e. a product of experts of the senders' likelihoods p(x | c) ~ K_j(x, c) / pi_j(c),
-    each class weighted by how much of it a sender holds, put back under the receiver's own
-    label prior (gamma = ``prior_weight``): the posterior the receiver's local test split
-    follows. PFLlib's FD, FedProto and FedCache likewise average a class over its holders;
-    the prior correction is Bayes' rule (as in logit adjustment, Menon et al. 2021).
-    Where no neighbour is informative at x, F_i(x) is the receiver's prior.
+    each class weighted by how much of it a sender holds (and how far that claim is
+    verified), put back under the receiver's own label prior (gamma = ``prior_weight``): the
+    posterior the receiver's local test split follows. PFLlib's FD, FedProto and FedCache
+    likewise average a class over its holders; the prior correction is Bayes' rule (as in
+    logit adjustment, Menon et al. 2021). kappa = ``null_weight`` >= 0 is a null expert with
+    no evidence (L = 0): the share 1 - sum_j a_j(x, c) it keeps is evidence nobody
+    trusted gave, so a class only distrusted senders claim stays near the receiver's prior
+    instead of going to them. Where no trusted sender is informative at (x, c), F_i's logit
+    for c is the receiver's prior alone.
 
-    Returns ``(fused [N, P, C], weights [N, N])`` with w_ij = sum_c pi_i(c) mean_x a_j(x, c):
-    the share of i's (prior-weighted) classes that j speaks for; rows sum to 1.
+    Returns ``(fused [N, P, C], weights [N, N])`` with w_ij = mean_{x, c} a_j(x, c) /
+    sum_l mean_{x, c} a_l(x, c): sender j's share of the senders' evidence in F_i, every
+    (x, c) counted alike (the null expert's share left out, so rows sum to 1).
     """
     n, p, c = knowledge.shape
     prior = np.clip(knowledge.mean(axis=1), prior_floor, None)
     prior /= prior.sum(axis=1, keepdims=True)
     log_prior = np.log(prior)
     likelihood = np.log(np.clip(knowledge, _EPS, None)) - log_prior[:, None, :]  # [N, P, C]
-    fused = np.empty_like(knowledge)
-    weights = np.zeros((n, n))
-    for i in range(n):
-        senders = np.flatnonzero(members[i])
-        a = prior[senders, None, :] * mask[senders, :, None]  # [S, P, C]
-        total = a.sum(axis=0)  # [P, C]
-        a = np.divide(a, total, out=np.zeros_like(a), where=total > 0)
-        z = (a * likelihood[senders]).sum(axis=0) + prior_weight * log_prior[i]
-        fused[i] = softmax(z, axis=-1)
-        weights[i, senders] = (a.mean(axis=1) * prior[i]).sum(axis=1)
-        weights[i] /= weights[i].sum() if weights[i].sum() > 0 else 1.0
+    trust = np.asarray(members, dtype=np.float64)
+    if trust.ndim == 2:
+        trust = np.repeat(trust[:, :, None], c, axis=2)
+    informative = mask.astype(np.float64)  # [N, P]
+    evidence = np.empty((n, p, c))  # sum_j a_j(x, c) L_j(x, c) for every receiver
+    held = np.zeros((n, n))  # sum over (x, c) of a_j(x, c)
+    for cls in range(c):  # per class, two [N, N] x [N, P] products: O(N^2 P C) in BLAS
+        claim = trust[:, :, cls] * prior[None, :, cls]  # [i, j]: t_ij(c) pi_j(c)
+        total = claim @ informative + null_weight  # [i, x]
+        inverse = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
+        evidence[:, :, cls] = (claim @ (informative * likelihood[:, :, cls])) * inverse
+        held += claim * (inverse @ informative.T)  # sum_x a_ij(x, c)
+    fused = softmax(evidence + prior_weight * log_prior[:, None, :], axis=-1)
+    sums = held.sum(axis=1, keepdims=True)
+    weights = np.divide(held, sums, out=np.zeros_like(held), where=sums > 0)
     return fused, weights
+
+
+TRUST_MODES = ("verified", "off")
 
 
 @FUSION_METHODS.register("expert")
@@ -474,26 +617,60 @@ def _fuse_expert(
     max_neighbours: int = 10,
     prior_weight: float = 1.0,
     prior_floor: float = 1e-3,
-    neighbours: str = "effective",
+    neighbours: str = "all",
+    trust: str = "verified",
+    trust_beta: float = 10.0,
+    trust_confidence: float = 0.5,
+    trust_null: float = 1.0,
+    era_temperature: float = 0.1,
     **_: Any,
 ) -> FusionResult:
-    """:func:`class_expert_fusion` over each receiver's effective neighbours (knfu's
-    neighbour sets, ``neighbours = "effective"``) or over every sender (``"all"``)."""
-    n = knowledge.shape[0]
+    """:func:`class_expert_fusion` over every sender (``neighbours = "all"``) or each
+    receiver's effective neighbours (knfu's neighbour sets, ``"effective"``).
+
+    ``trust = "verified"``: each holder's class weight is scaled by the receiver's check of
+    it, t_ij(c) (:func:`verified_trust`, sharpness ``trust_beta``, calls at probability
+    >= ``trust_confidence``), with a null expert kappa = ``trust_null`` e^{-trust_beta / 2} / C
+    (evidence nobody trusted gave stays out), and each receiver gets its own consensus
+    G_i over the senders it trusts (:func:`trusted_consensus`, ERA's ``era_temperature``).
+    ``trust = "off"``: every member counts by its label prior alone, and the consensus is
+    left to the caller (the server's G, ERA over every sender).
+    """
+    n, _, c = knowledge.shape
+    if trust not in TRUST_MODES:
+        raise ValueError(f"fusion trust must be one of {', '.join(TRUST_MODES)}; got {trust!r}")
     if neighbours == "all":
         members = np.ones((n, n), dtype=bool)
     else:
         members = knfu_weights(knowledge, measure=measure, divergence=divergence,
                                confident_fraction=confident_fraction, beta=beta, threshold=threshold,
                                max_neighbours=max_neighbours) > 0
-    fused, weights = class_expert_fusion(knowledge, members, mask, prior_weight=prior_weight,
-                                         prior_floor=prior_floor)
-    return FusionResult(fused, weights)
+    if trust == "off":
+        fused, weights = class_expert_fusion(knowledge, members, mask, prior_weight=prior_weight,
+                                             prior_floor=prior_floor)
+        return FusionResult(fused, weights)
+    class_trust, sender_trust = verified_trust(knowledge, beta=trust_beta, confidence=trust_confidence)
+    fused, weights = class_expert_fusion(knowledge, class_trust * members[:, :, None], mask,
+                                         prior_weight=prior_weight, prior_floor=prior_floor,
+                                         null_weight=trust_null * np.exp(-trust_beta / 2) / c)
+    consensus, shares = trusted_consensus(knowledge, mask, sender_trust * members, temperature=era_temperature)
+    return FusionResult(fused, weights, consensus, shares)
+
+
+def consensus(*, knowledge: np.ndarray, uniform_entropy: float = 0.95,
+              temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """The federation's consensus G = ERA over every sender, ``(G [P, C], shares [N])``:
+    :func:`trusted_consensus` with every weight 1 (each sender's share of G is
+    mean_x m_j(x) / sum_l m_l(x), 1/N when every row is informative)."""
+    knowledge = np.asarray(knowledge, dtype=np.float64)
+    mask = informative_rows(knowledge, uniform_entropy)
+    g, shares = trusted_consensus(knowledge, mask, np.ones((1, knowledge.shape[0])), temperature=temperature)
+    return g[0], shares[0]
 
 
 FUSION_PARAMETERS = frozenset(
     {"measure", "divergence", "confident_fraction", "beta", "threshold", "max_neighbours", "era_temperature",
-     "prior_weight", "prior_floor", "neighbours"}
+     "prior_weight", "prior_floor", "neighbours", "trust", "trust_beta", "trust_confidence", "trust_null"}
 )
 """Method parameters :func:`fuse` passes on (each method reads the ones it uses)."""
 

@@ -5,7 +5,8 @@ A run directory holds
 * ``config.toml``      the resolved configuration (re-runnable with ``--config``),
 * ``metrics.jsonl``    one JSON object per event (client train/eval metrics, exclusions,
                        round summaries),
-* ``weights/round_NNNN.npz``  the fusion weight matrix of each round and its client ids,
+* ``weights/round_NNNN.npz``  the fusion weight matrix of each round and its client ids
+                       (and, when a consensus is sent, each receiver's sender shares of it),
 * ``summary.json``     the final figures (ALMA, worst client, global student, bytes),
 * ``alma.png``, ``client_accuracy.png``, ``weights_heatmap.png``, and with DP
   ``epsilon.png`` (epsilon spent per site per round against the target).
@@ -90,11 +91,16 @@ class RunRecorder:
         self._metrics.write(json.dumps({"event": event, **fields}, default=_json_default) + "\n")
         self._metrics.flush()
 
-    def save_weights(self, round_number: int, clients: Iterable[int], weights: np.ndarray) -> None:
+    def save_weights(self, round_number: int, clients: Iterable[int], weights: np.ndarray, *,
+                     consensus_weights: np.ndarray | None = None) -> None:
+        """``weights`` [receivers, senders] of F_i, and with a consensus its sender shares
+        ``consensus_weights`` (same shape), in ``clients`` order."""
+        extra = {} if consensus_weights is None else {"consensus_weights": np.asarray(consensus_weights)}
         np.savez(
             self.run_dir / WEIGHTS_DIR / f"round_{round_number:04d}.npz",
             weights=weights,
             clients=np.asarray(list(clients)),
+            **extra,
         )
 
     def finish(self, summary: Mapping[str, Any]) -> Path:

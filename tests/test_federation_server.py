@@ -181,10 +181,11 @@ def test_consensus_is_the_sharpened_mean_and_travels_beside_f_i(parts):
     server_round(config=with_g, split=split, state=state, round_number=1, release=np.arange(2), accepted={0: a, 1: b})
     mean = (a + b) / 2
     expected = np.exp(mean / 0.1) / np.exp(mean / 0.1).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(state.consensus, expected)
+    np.testing.assert_allclose(state.consensus[0], expected)
+    np.testing.assert_allclose(state.consensus[1], expected)  # the same G for every site
     inbox = site_inbox(config=with_g, split=split, state=state, client=0, round_number=2, release=np.arange(2))
     np.testing.assert_array_equal(inbox.consensus, expected.astype(np.float16))
     assert inbox.nbytes == 2 * 10 * 2 * 2 + 2 * 8 * 2  # F_i and G (float16); release and F_i positions (int64)
     plain = ServerState()
     server_round(config=config, split=split, state=plain, round_number=1, release=np.arange(2), accepted={0: a, 1: b})
-    assert plain.consensus is None
+    assert plain.consensus == {}

@@ -622,9 +622,10 @@ def test_class_expert_fusion_known_answer():
     np.testing.assert_allclose(fused, _expert_by_hand(k, members, 0.5, 1e-3), atol=1e-12)
     np.testing.assert_allclose(weights.sum(axis=1), 1.0)
     assert weights[0, 2] == 0.0 and weights[2, 0] == 0.0  # not neighbours: no weight
-    # receiver 0: pi_0 = (0.8, 0.2), pi_1 = (0.3, 0.7); a_0 = (8/11, 2/9), a_1 = (3/11, 7/9):
-    # w_01 = 0.8 * 3/11 + 0.2 * 7/9
-    assert weights[0, 1] == pytest.approx(0.8 * 3 / 11 + 0.2 * 7 / 9)
+    # receiver 0: pi_0 = (0.8, 0.2), pi_1 = (0.3, 0.7); a_0 = (8/11, 2/9), a_1 = (3/11, 7/9)
+    # on both examples: w_01 = mean over (x, c) of a_1 = (3/11 + 7/9) / 2
+    assert weights[0, 1] == pytest.approx((3 / 11 + 7 / 9) / 2)
+    assert weights[0, 0] == pytest.approx((8 / 11 + 2 / 9) / 2)
 
 
 def test_class_expert_fusion_of_identical_sites_returns_their_knowledge():
@@ -639,3 +640,143 @@ def test_class_expert_fusion_of_identical_sites_returns_their_knowledge():
                                    prior_floor=1e-9)
     for i in range(3):
         np.testing.assert_allclose(fused[i], one, atol=1e-12)
+
+
+# ----------------------------------------------------------------- verified trust (expert)
+
+# 3 sites x 2 examples x 2 classes. Sites 0 and 1 call x0 a 0 and x1 a 1 (probability >= 0.5);
+# site 2 calls them the other way round (a label-flipper's view).
+TRUST_K = np.array([
+    [[0.9, 0.1], [0.2, 0.8]],
+    [[0.8, 0.2], [0.4, 0.6]],
+    [[0.3, 0.7], [0.6, 0.4]],
+])
+
+
+def test_confident_calls_and_class_recall_by_hand():
+    from fedkd.fusion import class_false_calls, class_recall, confident_calls
+
+    calls = confident_calls(TRUST_K, confidence=0.5)
+    assert calls[0].tolist() == [[True, False], [False, True]]
+    assert calls[2].tolist() == [[False, True], [True, False]]
+    assert not confident_calls(TRUST_K, confidence=0.85)[1].any()  # site 1's best is 0.8
+    r = class_recall(TRUST_K, calls)
+    # verifier 0: S_0(0) = {x0} -> K_j(x0, 0) = .9 .8 .3; S_0(1) = {x1} -> K_j(x1, 1) = .8 .6 .4
+    np.testing.assert_allclose(r[0], [[0.9, 0.8], [0.8, 0.6], [0.3, 0.4]])
+    # verifier 2: S_2(0) = {x1} -> K_j(x1, 0) = .2 .4 .6; S_2(1) = {x0} -> K_j(x0, 1) = .1 .2 .7
+    np.testing.assert_allclose(r[2], [[0.2, 0.1], [0.4, 0.2], [0.6, 0.7]])
+    # a verifier with no call of c verifies nothing: NaN (site 0 at 0.85 calls only x0)
+    strict = class_recall(TRUST_K, confident_calls(TRUST_K, confidence=0.85))
+    assert strict[0, 1, 0] == pytest.approx(0.8) and np.isnan(strict[0, :, 1]).all()
+    # false calls: verifier 0 calls x1 a 1, so f_0j(0) = K_j(x1, 0) = .2 .4 .6 and f_0j(1) = K_j(x0, 1)
+    f = class_false_calls(TRUST_K, calls)
+    np.testing.assert_allclose(f[0], [[0.2, 0.1], [0.4, 0.2], [0.6, 0.7]])
+    # at 0.85 site 0 calls only x0 (a 0): nothing else to check class 0 against (NaN); for
+    # class 1, which it never calls, x0 is a call of something else
+    strict_f = class_false_calls(TRUST_K, confident_calls(TRUST_K, confidence=0.85))
+    assert np.isnan(strict_f[0, :, 0]).all()
+    np.testing.assert_allclose(strict_f[0, :, 1], [0.1, 0.2, 0.7])
+
+
+def test_a_sender_that_calls_everything_one_class_is_not_trusted_for_it():
+    """Recall alone trusts a sender that says 'class 0' everywhere (r = 1); its false calls
+    (it also says 0 where the receiver calls 1) cancel that: J = 0.95 - 0.95 = 0."""
+    from fedkd.fusion import verified_trust
+
+    k = np.array([TRUST_K[0], [[0.95, 0.05], [0.95, 0.05]]])
+    t, _ = verified_trust(k, beta=10.0, confidence=0.5)
+    assert t[0, 1, 0] == pytest.approx(math.exp(-10.0))
+
+
+def test_verified_trust_by_hand():
+    from fedkd.fusion import verified_trust
+
+    t, s = verified_trust(TRUST_K, beta=1.0, confidence=0.5)
+    # receiver 0 calls both classes. Class 0: recall r_0j(0) = K_j(x0, 0) = .9 .8 .3, false
+    # calls f_0j(0) = K_j(x1, 0) = .2 .4 .6 (x1 is called 1): J = .7 .4 0 (clipped);
+    # class 1: r = K_j(x1, 1) = .8 .6 .4, f = K_j(x0, 1) = .1 .2 .7: J = .7 .4 0.
+    # t_0j(c) = exp(-(1 - J)); the flipper (site 2) gets e^-1 on both classes
+    np.testing.assert_allclose(t[0], np.exp(-(1 - np.array([[0.7, 0.7], [0.4, 0.4], [0.0, 0.0]]))))
+    # s_0j = pi_0(0) t_0j(0) + pi_0(1) t_0j(1), pi_0 = EPD_0 = (0.55, 0.45)
+    assert s[0, 2] == pytest.approx(0.55 * math.exp(-1.0) + 0.45 * math.exp(-1.0))
+    assert s[0, 1] == pytest.approx(math.exp(-0.6))
+    # at confidence 0.85 site 0 calls only x0, a 0: no other call, so no false calls (J = r);
+    # class 1 falls back to s_0j = t_0j(0)
+    t, s = verified_trust(TRUST_K, beta=1.0, confidence=0.85)
+    np.testing.assert_allclose(t[0, :, 0], np.exp(-(1 - np.array([0.9, 0.8, 0.3]))))
+    np.testing.assert_allclose(t[0, :, 1], t[0, :, 0])
+    np.testing.assert_allclose(s[0], t[0, :, 0])
+    # sites 1 and 2 call nothing at 0.85: they can check nobody and trust only themselves
+    np.testing.assert_array_equal(s[1], [0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(t[2], [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+
+
+def test_class_expert_fusion_with_class_trust_and_a_null_expert_by_hand():
+    """a_j(x, c) = t_j(c) pi_j(c) / (kappa + sum_l t_l(c) pi_l(c)); L_j = log K_j - log pi_j."""
+    from fedkd.fusion import class_expert_fusion
+
+    k = TRUST_K[:2]  # pi_0 = (0.55, 0.45), pi_1 = (0.6, 0.4)
+    trust = np.array([[[1.0, 1.0], [0.5, 0.25]], [[1.0, 1.0], [1.0, 1.0]]])
+    mask = np.ones((2, 2), dtype=bool)
+    fused, weights = class_expert_fusion(k, trust, mask, prior_weight=1.0, prior_floor=1e-3, null_weight=0.1)
+    a0 = np.array([0.55 / (0.1 + 0.55 + 0.5 * 0.6), 0.45 / (0.1 + 0.45 + 0.25 * 0.4)])
+    a1 = np.array([0.5 * 0.6 / (0.1 + 0.55 + 0.5 * 0.6), 0.25 * 0.4 / (0.1 + 0.45 + 0.25 * 0.4)])
+    pi0, pi1 = np.array([0.55, 0.45]), np.array([0.6, 0.4])
+    for x in range(2):
+        z = a0 * (np.log(k[0, x]) - np.log(pi0)) + a1 * (np.log(k[1, x]) - np.log(pi1)) + np.log(pi0)
+        np.testing.assert_allclose(fused[0, x], np.exp(z) / np.exp(z).sum(), atol=1e-12)
+    # w_0j = mean_{x, c} a_j / sum_l mean_{x, c} a_l (the null expert's share left out)
+    assert weights[0, 1] == pytest.approx(a1.mean() / (a0.mean() + a1.mean()))
+    assert weights[0].sum() == pytest.approx(1.0)
+
+
+def test_trusted_consensus_by_hand():
+    """G_i(x) = softmax(sum_j s_ij m_j(x) K_j(x) / sum_j s_ij m_j(x) / T); shares mean_x g_ij(x)."""
+    from fedkd.fusion import trusted_consensus
+
+    mask = np.array([[True, True], [True, False], [True, True]])  # site 1's x1 is dropped
+    s = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 2.0]])
+    g, shares = trusted_consensus(TRUST_K, mask, s, temperature=0.1)
+    # receiver 0, x0: mean of sites 0 and 1 = (0.85, 0.15); x1: site 0 alone = (0.2, 0.8)
+    np.testing.assert_allclose(g[0, 0], [1 / (1 + math.exp(-7.0)), math.exp(-7.0) / (1 + math.exp(-7.0))])
+    np.testing.assert_allclose(g[0, 1], [math.exp(-6.0) / (1 + math.exp(-6.0)), 1 / (1 + math.exp(-6.0))])
+    np.testing.assert_allclose(shares[0], [(0.5 + 1.0) / 2, (0.5 + 0.0) / 2, 0.0])
+    # a receiver that trusts nobody gets the plain (masked) mean, ERA exactly
+    np.testing.assert_allclose(shares[1], [(1 / 3 + 1 / 2) / 2, (1 / 3 + 0) / 2, (1 / 3 + 1 / 2) / 2])
+    # receiver 2, x1: (1 * 0.2 + 2 * 0.6) / 3 = 0.4667 for class 0 (site 1 dropped at x1)
+    mean = np.array([(0.2 + 2 * 0.6) / 3, (0.8 + 2 * 0.4) / 3])
+    np.testing.assert_allclose(g[2, 1], np.exp(mean / 0.1) / np.exp(mean / 0.1).sum())
+    np.testing.assert_allclose(shares[2], [(1 / 4 + 1 / 3) / 2, (1 / 4 + 0) / 2, (2 / 4 + 2 / 3) / 2])
+
+
+def test_random_and_flipped_senders_get_little_weight():
+    """A hand-built federation of 6 sites, 10 classes, 40 public examples (4 of each class):
+    honest sites 0-3 hold classes {0..4} or {5..9} (two sites each) and put 0.82 on the true
+    class of their own classes (on the others: a confident wrong guess among their own);
+    site 4 sends Dirichlet(1) noise, site 5 the label-flip of an honest {0..4} site. Under
+    verified trust both adversaries get under 5% of every honest row of F_i and of G_i; without
+    trust (label priors alone) the random sender gets far more."""
+    from fedkd.adversary import corrupt
+
+    rng = np.random.default_rng(0)
+    c, labels = 10, np.repeat(np.arange(10), 4)
+
+    def honest(held):  # noqa: ANN001, ANN202
+        k = np.full((len(labels), c), 0.02)
+        for x, y in enumerate(labels):
+            guess = y if y in held else held[x % len(held)]
+            k[x, guess] = 0.82
+        return k / k.sum(axis=1, keepdims=True)
+
+    low, high = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+    sites = [honest(low), honest(low), honest(high), honest(high)]
+    sites.append(corrupt(sites[0], "random", rng)["knowledge"])
+    sites.append(corrupt(sites[1], "flip", rng)["knowledge"])
+    k = np.stack(sites)
+    result = fuse(knowledge=k, method="expert")
+    assert result.weights[:4, 4:].sum(axis=1).max() < 0.05
+    assert result.consensus_weights[:4, 4:].sum(axis=1).max() < 0.05
+    # the honest holders of the receiver's classes carry its F_i: site 1 is site 0's partner
+    assert result.weights[0, 1] > 0.3
+    off = fuse(knowledge=k, method="expert", trust="off")
+    assert off.weights[:4, 4].min() > 0.1

@@ -55,5 +55,37 @@ def test_robustness_reports_the_adversaries_weight(tmp_path):
     # mean gives every sender 1/N of every row, the one adversary included
     assert attacked["adversary-weight"] == pytest.approx(1 / 3)
     assert attacked["adversary-weight-max"] == pytest.approx(1 / 3)
+    # mean sends no consensus, and its sites distil F_i: the chosen target's share is F_i's
+    assert np.isnan(attacked["adversary-consensus-weight"])
+    assert attacked["adversary-chosen-weight"] == pytest.approx(1 / 3)
     assert 0.0 <= attacked["honest-alma"] <= 1.0
     assert (out / "robustness.png").is_file()
+
+
+def _weights_file(run_dir, round_number, clients, weights, consensus=None):  # noqa: ANN001, ANN202
+    (run_dir / "weights").mkdir(parents=True, exist_ok=True)
+    extra = {} if consensus is None else {"consensus_weights": np.asarray(consensus)}
+    np.savez(run_dir / "weights" / f"round_{round_number:04d}.npz", weights=np.asarray(weights),
+             clients=np.asarray(clients), **extra)
+
+
+def test_adversary_weight_counts_the_target_each_site_chose(tmp_path):
+    """Hand-built run: 3 sites, site 2 the adversary, 2 rounds. F_i shares of site 2 in the
+    honest rows: round 1 (0.2, 0.4), round 2 (0.1, 0.3); G_i shares: round 1 (0.5, 0.6), round 2
+    (0.0, 0.2). In round 2 site 0 chose the 0.5 blend of round 1's F_0 and site 1 the
+    consensus: the chosen shares are 0.5 * 0.2 and 0.6 (round 2's fusion is distilled by nobody)."""
+    from simulations.studies.benchmark import adversary_weight
+
+    run = tmp_path / "run"
+    _weights_file(run, 1, [0, 1, 2], [[0.8, 0.0, 0.2], [0.0, 0.6, 0.4], [0.0, 0.0, 1.0]],
+                  [[0.5, 0.0, 0.5], [0.2, 0.2, 0.6], [0.0, 0.0, 1.0]])
+    _weights_file(run, 2, [0, 1, 2], [[0.9, 0.0, 0.1], [0.0, 0.7, 0.3], [0.0, 0.0, 1.0]],
+                  [[1.0, 0.0, 0.0], [0.4, 0.4, 0.2], [0.0, 0.0, 1.0]])
+    events = [{"event": "client-train", "round": 2, "client": 0, "target-lambda": 0.5},
+              {"event": "client-train", "round": 2, "client": 1, "target-lambda": -1.0},
+              {"event": "client-train", "round": 2, "client": 2, "target-lambda": 1.0}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    w = adversary_weight(run, {2})
+    assert w["fused"] == pytest.approx((0.2 + 0.4 + 0.1 + 0.3) / 4) and w["fused-max"] == pytest.approx(0.4)
+    assert w["consensus"] == pytest.approx((0.5 + 0.6 + 0.0 + 0.2) / 4) and w["consensus-max"] == pytest.approx(0.6)
+    assert w["chosen"] == pytest.approx((0.5 * 0.2 + 0.6) / 2) and w["chosen-max"] == pytest.approx(0.6)

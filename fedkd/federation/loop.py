@@ -393,7 +393,7 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
             return status
         record = server_round(config=config, split=split, state=state, round_number=r, release=release,
                               accepted=accepted)
-        recorder.save_weights(r, record.clients, record.weights)
+        recorder.save_weights(r, record.clients, record.weights, consensus_weights=record.consensus_weights)
         entry = dict(record.entry)
         if r % config.eval_every == 0 or r == config.num_server_rounds:
             entry.update(evaluate_sites(config=config, transport=transport, recorder=recorder, round_number=r,

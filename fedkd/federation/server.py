@@ -33,7 +33,7 @@ from fedkd.config import Config
 from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
-from fedkd.fusion import fuse
+from fedkd.fusion import consensus, fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
@@ -58,7 +58,7 @@ class ServerState:
     back); ``completed_round``: the last round checkpointed."""
 
     fused: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    consensus: np.ndarray | None = None
+    consensus: dict[int, np.ndarray] = field(default_factory=dict)
     student: nn.Module | None = None
     bytes_up: list[int] = field(default_factory=list)
     bytes_down: list[int] = field(default_factory=list)
@@ -77,8 +77,8 @@ class ServerState:
         for client, (positions, knowledge) in self.fused.items():
             arrays[f"fused/{client}/positions"] = positions
             arrays[f"fused/{client}/knowledge"] = knowledge
-        if self.consensus is not None:
-            arrays["consensus"] = self.consensus
+        for client, g in self.consensus.items():
+            arrays[f"consensus/{client}"] = g
         if self.student is not None:
             for name, tensor in self.student.state_dict().items():
                 arrays[f"student/{name}"] = tensor.detach().cpu().numpy()
@@ -104,7 +104,9 @@ class ServerState:
             int(c): (arrays[f"fused/{c}/positions"], arrays[f"fused/{c}/knowledge"])
             for c in state["fused-clients"]
         }
-        self.consensus = arrays.get("consensus")
+        self.consensus = {int(k.split("/")[1]): v for k, v in arrays.items() if k.startswith("consensus/")}
+        if "consensus" in arrays:  # a checkpoint from before per-site consensus: one G for every site
+            self.consensus = {c: arrays["consensus"] for c in self.fused}
         prefix = "student/"
         self._student_weights = (
             {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)} if state["student"] else None
@@ -148,8 +150,8 @@ def site_inbox(*, config: Config, split: FederatedSplit, state: ServerState, cli
         positions, knowledge = state.fused[client]
         fused = encode(knowledge, config.knowledge.wire_format)
         fused_positions = positions if len(positions) < num_public else None
-        if state.consensus is not None:
-            consensus = encode(state.consensus, config.knowledge.wire_format)
+        if client in state.consensus:
+            consensus = encode(state.consensus[client], config.knowledge.wire_format)
     row = state.privacy.get(client) if client is not None else None
     if row is not None and "noise-multiplier" in row:  # the server's record of the site's DP spend
         recorded = previous_history(row)
@@ -255,6 +257,8 @@ class RoundRecord:
     clients: list[int]
     weights: np.ndarray
     entry: dict[str, Any]
+    consensus_weights: np.ndarray | None = None
+    """Each receiver's sender shares of the consensus it was sent ([receivers, senders]), if any."""
 
 
 def server_round(*, config: Config, split: FederatedSplit, state: ServerState, round_number: int,
@@ -265,6 +269,7 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     clients = sorted(accepted)
     knowledge = np.stack([accepted[c] for c in clients])
     f = config.fusion
+    consensus_weights = None
     result = fuse(
         knowledge=knowledge,
         method=f.method,
@@ -280,6 +285,10 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         prior_weight=f.prior_weight,
         prior_floor=f.prior_floor,
         neighbours=f.neighbours,
+        trust=f.trust,
+        trust_beta=f.trust_beta,
+        trust_confidence=f.trust_confidence,
+        trust_null=f.trust_null,
     )
     if result.fused is None:
         targets = knowledge.mean(axis=0)
@@ -287,9 +296,14 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         for row, client in enumerate(clients):
             state.fused[client] = (release, result.fused[row])
         targets = result.fused.mean(axis=0)
-        if f.sends_consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
-            state.consensus = fuse(knowledge=knowledge, method="era", era_temperature=f.era_temperature,
-                                   uniform_entropy=f.uniform_entropy).fused[0]
+        if f.sends_consensus and result.consensus is not None:  # the method's own G_i per site
+            state.consensus.update({client: result.consensus[row] for row, client in enumerate(clients)})
+            consensus_weights = result.consensus_weights
+        elif f.sends_consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
+            g, shares = consensus(knowledge=knowledge, uniform_entropy=f.uniform_entropy,
+                                  temperature=f.era_temperature)
+            state.consensus.update(dict.fromkeys(clients, g))
+            consensus_weights = np.broadcast_to(shares, (len(clients), len(clients)))
     entry: dict[str, Any] = {"round": round_number, "accepted": clients}
     g, t = config.global_student, config.train
     if g.enabled:
@@ -297,7 +311,7 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         distil(student, split.public.x[release], targets, epochs=g.epochs, batch_size=t.batch_size,
                lr=t.lr, temperature=t.kd_temperature, seed=config.seed + round_number)
         entry["global-accuracy"] = accuracy(student, split.test)
-    return RoundRecord(clients=clients, weights=result.weights, entry=entry)
+    return RoundRecord(clients=clients, weights=result.weights, entry=entry, consensus_weights=consensus_weights)
 
 
 def run_summary(*, config: Config, split: FederatedSplit, state: ServerState, status: str,

@@ -272,22 +272,58 @@ def robustness_points(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
     return points
 
 
-def adversary_weight(run_dir: Path, adversaries: set[int]) -> tuple[float, float]:
-    """Mean over rounds and honest sites of the total weight adversaries get in honest
-    sites' rows, and the largest such share in any honest row of any round."""
-    shares = []
-    for path in sorted((run_dir / "weights").glob("round_*.npz")):
+def adversary_weight(run_dir: Path, adversaries: set[int]) -> dict[str, float]:
+    """The adversaries' share of what honest sites are sent and of what they distil.
+
+    Per round and honest receiver i (``weights/round_NNNN.npz``):
+
+    * ``fused``: sum over adversaries j of w_ij, the fusion weight matrix the method saved
+      (for ``expert`` w_ij = mean_{x, c} a_j(x, c), the sender's share of every (x, c)
+      of F_i's evidence, :func:`fedkd.fusion.class_expert_fusion`; for mean 1/N);
+    * ``consensus``: sum over adversaries of their share of the consensus G_i sent beside F_i
+      (``consensus_weights``: mean_x g_ij(x)); absent when no consensus is sent;
+    * ``chosen``: their share of the target site i distilled from round r's inbox, read from
+      its ``target-lambda`` in round r + 1 (lambda x the F_i share for a blend, the G_i share
+      for the consensus candidates, 0 for local training); the F_i share when the site does
+      not choose (no ``target-lambda``). The last round's fusion is distilled by nobody.
+
+    Returns ``{name: mean, name-max: largest}`` over all (round, honest receiver) pairs.
+    """
+    from fedkd.reporting import read_events
+
+    lambdas = {(e["round"], e["client"]): e["target-lambda"] for e in read_events(run_dir, "client-train")
+               if "target-lambda" in e}
+    shares: dict[str, list[float]] = {"fused": [], "consensus": [], "chosen": []}
+    paths = sorted((run_dir / "weights").glob("round_*.npz"))
+    last = max((int(p.stem.split("_")[1]) for p in paths), default=0)
+    for path in paths:
+        round_number = int(path.stem.split("_")[1])
         data = np.load(path)
-        clients = list(data["clients"])
-        w = data["weights"]
+        clients = [int(c) for c in data["clients"]]
         bad = [k for k, c in enumerate(clients) if c in adversaries]
         honest = [k for k, c in enumerate(clients) if c not in adversaries]
-        if bad and honest:
-            shares.append(w[np.ix_(honest, bad)].sum(axis=1))
-    if not shares:
-        return 0.0, 0.0
-    stacked = np.concatenate(shares)
-    return float(stacked.mean()), float(stacked.max())
+        if not bad or not honest:
+            continue
+        fused = data["weights"][np.ix_(honest, bad)].sum(axis=1)
+        shares["fused"].extend(fused)
+        g = data["consensus_weights"][np.ix_(honest, bad)].sum(axis=1) if "consensus_weights" in data else None
+        if g is not None:
+            shares["consensus"].extend(g)
+        if round_number == last:
+            continue
+        for row, k in enumerate(honest):
+            lam = lambdas.get((round_number + 1, clients[k]))
+            if lam is None:
+                shares["chosen"].append(fused[row])
+            elif lam < 0:  # -1 / -2: the consensus, or the consensus under the site's prior
+                shares["chosen"].append(g[row] if g is not None else float("nan"))
+            else:
+                shares["chosen"].append(lam * fused[row])
+    out: dict[str, float] = {}
+    for name, values in shares.items():
+        out[name] = float(np.mean(values)) if values else float("nan")
+        out[f"{name}-max"] = float(np.max(values)) if values else float("nan")
+    return out
 
 
 def honest_alma(run_dir: Path, adversaries: set[int]) -> tuple[float, float]:
@@ -317,12 +353,15 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         alma, worst = honest_alma(run_dir, adversaries)
         clean_dir = args.out / f"{method}/clean"
         clean_alma = honest_alma(clean_dir, adversaries)[0] if _finished(args.out, f"{method}/clean") else float("nan")
-        mean_share, max_share = adversary_weight(run_dir, adversaries)
+        weight = adversary_weight(run_dir, adversaries)
         setting = name.split("/", 1)[1]
         rows.append({"method": method, "label": method_label(method, run_dir), "setting": setting,
                      "adversaries": len(adversaries),
                      "honest-alma": alma, "honest-worst": worst, "clean-alma-same-sites": clean_alma,
-                     "adversary-weight": mean_share, "adversary-weight-max": max_share})
+                     "adversary-weight": weight["fused"], "adversary-weight-max": weight["fused-max"],
+                     "adversary-consensus-weight": weight["consensus"],
+                     "adversary-consensus-weight-max": weight["consensus-max"],
+                     "adversary-chosen-weight": weight["chosen"], "adversary-chosen-weight-max": weight["chosen-max"]})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     table = robustness_table(rows)
@@ -333,17 +372,26 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def robustness_table(rows: list[dict]) -> str:
+    """Markdown: one row per method and setting; the adversaries' weight in honest rows
+    (:func:`adversary_weight`) in F_i, in the consensus G_i, and in the target each honest
+    site chose, each as mean / max over rounds and honest sites."""
     lines = ["| method | adversaries | honest sites' ALMA | same sites, no adversary | change | honest worst | "
-             "adversaries' weight in honest rows (mean / max) |",
-             "|---|---|---|---|---|---|---|"]
+             "adversaries' weight: F_i (mean / max) | G_i (mean / max) | chosen target (mean / max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(r: dict, key: str) -> str:
+        mean, top = r.get(key, float("nan")), r.get(f"{key}-max", float("nan"))
+        return "-" if not math.isfinite(mean) else f"{mean:.3f} / {top:.3f}"
+
     for r in rows:
         clean = r["setting"] == "clean"
         setting = "none (clean run)" if clean else f"{r['setting'].split('-')[0]} × {r['adversaries']}"
-        weight = "-" if clean else f"{r['adversary-weight']:.3f} / {r['adversary-weight-max']:.3f}"
+        weights = ["-"] * 3 if clean else [pair(r, k) for k in ("adversary-weight", "adversary-consensus-weight",
+                                                                   "adversary-chosen-weight")]
         ref = "-" if clean else f"{r['clean-alma-same-sites']:.3f}"
         change = "-" if clean else f"{r['honest-alma'] - r['clean-alma-same-sites']:+.3f}"
         lines.append(f"| {_label([r], r['method'])} | {setting} | {r['honest-alma']:.3f} | "
-                     f"{ref} | {change} | {r['honest-worst']:.3f} | {weight} |")
+                     f"{ref} | {change} | {r['honest-worst']:.3f} | {' | '.join(weights)} |")
     return "\n".join(lines)
 
 
