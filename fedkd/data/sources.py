@@ -354,10 +354,17 @@ def _split_code_version() -> list[str]:
 
 
 def _split_arrays(split: FederatedSplit) -> dict[str, np.ndarray]:
+    """The split as a few arrays: each site part concatenated over the sites with the sites'
+    sizes beside it (``clients_train_x`` + ``clients_train_sizes``), so that a 10,000-site
+    split is a dozen arrays in the file, not 90,000 (reading that many members of a zip
+    file took 21 s)."""
     arrays = {"num_classes": np.int64(split.num_classes), "input_shape": np.asarray(split.input_shape, np.int64)}
     parts = {"public": split.public, "test": split.test}
-    for i, client in enumerate(split.clients):
-        parts.update({f"client{i}_{name}": getattr(client, name) for name in SPLIT_PARTS})
+    for name in SPLIT_PARTS:
+        pieces = [getattr(client, name) for client in split.clients]
+        arrays[f"clients_{name}_sizes"] = np.asarray([len(piece) for piece in pieces], np.int64)
+        parts[f"clients_{name}"] = ArrayDataset(*(
+            np.concatenate([getattr(piece, field) for piece in pieces]) for field in ("x", "y", "ids")))
     for name, data in parts.items():
         arrays.update({f"{name}_x": data.x, f"{name}_y": data.y, f"{name}_ids": data.ids})
     return arrays
@@ -384,12 +391,17 @@ def _read_split(path: Path) -> FederatedSplit | None:
         def part(name: str) -> ArrayDataset:
             return ArrayDataset(arrays[f"{name}_x"], arrays[f"{name}_y"], arrays[f"{name}_ids"])
 
-        num_clients = sum(1 for key in arrays if key.endswith("_train_x"))
+        pieces = {}
+        for name in SPLIT_PARTS:
+            whole, ends = part(f"clients_{name}"), np.cumsum(arrays[f"clients_{name}_sizes"])
+            pieces[name] = [ArrayDataset(whole.x[end - size:end], whole.y[end - size:end], whole.ids[end - size:end])
+                            for end, size in zip(ends.tolist(), arrays[f"clients_{name}_sizes"].tolist())]
         return FederatedSplit(
             public=part("public"),
             test=part("test"),
             clients=tuple(
-                ClientData(**{name: part(f"client{i}_{name}") for name in SPLIT_PARTS}) for i in range(num_clients)
+                ClientData(**{name: pieces[name][i] for name in SPLIT_PARTS})
+                for i in range(len(arrays["clients_train_sizes"]))
             ),
             num_classes=int(arrays["num_classes"]),
             input_shape=tuple(int(v) for v in arrays["input_shape"]),
