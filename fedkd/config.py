@@ -408,9 +408,12 @@ class PrivacyConfig:
     )
     grad_sample_mode: str = option(
         "auto",
-        choices=("auto", "hooks", "ghost"),
-        help="Opacus per-example gradients: 'hooks' (materialised), 'ghost' (ghost clipping: "
-        "norms only, far less memory); 'auto' = ghost for text models, hooks otherwise",
+        choices=("auto", "hooks", "functorch", "ew", "ghost", "direct"),
+        help="per-example gradients: Opacus's 'hooks' (materialised), 'functorch' (vmap), 'ew' "
+        "(expanded weights), 'ghost' (ghost clipping: norms only, far less memory), or fedkd's "
+        "'direct' (one backward pass, Linear/Conv2d/GroupNorm models only); 'auto' = the fastest "
+        "measured (docs/benchmarks.md): direct for the registry's vector models, ghost for text "
+        "models, hooks otherwise",
     )
     freeze_embeddings: bool = option(
         True,
