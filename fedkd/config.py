@@ -182,7 +182,8 @@ def _check_threshold(value: Any) -> str | None:
 class DataConfig:
     dataset: str = option(
         "digits",
-        help="'digits' (embedded, offline), 'topics' (embedded text corpus, offline) or a Hugging "
+        help="'digits' (embedded, offline), 'synthetic' (generated, offline, any size: "
+        "data.synthetic-*; the dataset for large federations), 'topics' (embedded text corpus, offline) or a Hugging "
         "Face dataset name such as 'mnist', 'cifar10', 'ag_news' or 'text:<hub id>' (text); "
         "'file' (your own data at data.path); or a loader's import path package.module:load",
         check=_check_dataset,
@@ -228,6 +229,29 @@ class DataConfig:
     )
     text_examples: int = option(
         3000, low=6, help="text: corpus size ('topics'), or most examples drawn from a named text dataset"
+    )
+    synthetic_examples: int = option(
+        6000, low=6, help="synthetic: examples generated (all parts: public, test, the sites' shares); "
+        "for N sites with m private examples each about N * m / (1 - public-fraction - test-fraction)",
+    )
+    synthetic_classes: int = option(10, low=2, help="synthetic: classes (equal sizes)")
+    synthetic_features: int = option(
+        64, low=1, help="synthetic: features per example (64 = 8 x 8, so cnn-small reads them too)"
+    )
+    synthetic_informative: int = option(
+        16, low=1, help="synthetic: features that carry the class (<= synthetic-features; the rest are noise)"
+    )
+    synthetic_separation: float = option(
+        2.0, low=0, low_open=True, help="synthetic: distance between class clusters (scikit-learn's "
+        "class_sep; larger is easier)",
+    )
+    synthetic_shape: str = option(
+        "", help="synthetic: per-example shape such as '8x8' or '1x8x8' (its product = "
+        "synthetic-features), '' = flat vectors",
+    )
+    synthetic_seed: int = option(
+        0, low=0, high=2**32 - 1, help="synthetic: seed of the generated data (the run's seed splits "
+        "it and initialises the models; this one fixes the data itself)",
     )
 
 
@@ -422,9 +446,12 @@ class PrivacyConfig:
     )
     grad_sample_mode: str = option(
         "auto",
-        choices=("auto", "hooks", "ghost"),
-        help="Opacus per-example gradients: 'hooks' (materialised), 'ghost' (ghost clipping: "
-        "norms only, far less memory); 'auto' = ghost for text models, hooks otherwise",
+        choices=("auto", "hooks", "functorch", "ew", "ghost", "direct"),
+        help="per-example gradients: Opacus's 'hooks' (materialised), 'functorch' (vmap), 'ew' "
+        "(expanded weights), 'ghost' (ghost clipping: norms only, far less memory), or fedkd's "
+        "'direct' (one backward pass, Linear/Conv2d/GroupNorm models only); 'auto' = the fastest "
+        "measured (docs/benchmarks.md): direct for the registry's vector models, ghost for text "
+        "models, hooks otherwise",
     )
     freeze_embeddings: bool = option(
         True,
@@ -838,7 +865,7 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
     return problems
 
 
-EMBEDDED_DATASETS = ("digits", "topics")
+EMBEDDED_DATASETS = ("digits", "synthetic", "topics")
 
 
 def _data_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[str]:
@@ -859,6 +886,45 @@ def _data_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[
         problems.append(
             f"data.standardize: text data (data.dataset '{dataset}') is token ids; must be 'none'; "
             f"got {get('data.standardize')!r}")
+    if dataset == "synthetic":
+        problems.extend(_synthetic_checks(get, valid))
+    return problems
+
+
+def _synthetic_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[str]:
+    """What scikit-learn's make_classification would refuse, named by our keys, and a shape
+    that does not hold the features."""
+    from fedkd.data.sources import CLUSTERS_PER_CLASS, parse_shape
+
+    problems = []
+    features, informative = get("data.synthetic-features"), get("data.synthetic-informative")
+    if valid("data.synthetic-features", "data.synthetic-informative") and informative > features:
+        problems.append(f"data.synthetic-informative: must be <= data.synthetic-features ({features}); "
+                        f"got {informative}")
+    classes = get("data.synthetic-classes")
+    if (valid("data.synthetic-classes", "data.synthetic-informative")
+            and classes * CLUSTERS_PER_CLASS > 2 ** min(informative, 62)):
+        need = math.ceil(math.log2(classes * CLUSTERS_PER_CLASS))
+        problems.append(
+            f"data.synthetic-informative: {classes} classes of {CLUSTERS_PER_CLASS} clusters each need "
+            f"at least {need} informative features (2**informative hypercube vertices); got {informative}")
+    if valid("data.synthetic-examples", "data.synthetic-classes") and get("data.synthetic-examples") < classes * CLUSTERS_PER_CLASS:
+        problems.append(
+            f"data.synthetic-examples: must be >= {classes * CLUSTERS_PER_CLASS} (every cluster of "
+            f"every class needs an example); got {get('data.synthetic-examples')}")
+    if valid("data.synthetic-shape", "data.synthetic-features"):
+        text = get("data.synthetic-shape")
+        try:
+            shape = parse_shape(text)
+        except ValueError:
+            problems.append(
+                "data.synthetic-shape: must be '' (flat) or 1 to 3 positive integers joined by 'x', "
+                f"such as '8x8' or '1x8x8'; got {text!r}")
+        else:
+            if shape and math.prod(shape) != features:
+                problems.append(
+                    f"data.synthetic-shape: its product must equal data.synthetic-features ({features}); "
+                    f"got {text!r} ({math.prod(shape)} values)")
     return problems
 
 
@@ -941,7 +1007,7 @@ _NAMED_VALUES: dict[str, Callable[[], list[str]]] = {
     "model.architectures": lambda: [*_model_names(), "hf:/path", "package.module:Model"],
     "global-student.model": lambda: [*_model_names(), "package.module:Model"],
     "fusion.method": lambda: [*_fusion_names(), "package.module:rule"],
-    "data.dataset": lambda: ["digits", "topics", "file", "mnist", "cifar10", "ag_news", "text:<hub id>",
+    "data.dataset": lambda: ["digits", "synthetic", "topics", "file", "mnist", "cifar10", "ag_news", "text:<hub id>",
                              "<hub id>", "package.module:load"],
 }
 """Keys checked by a function rather than a fixed list: the values ``fedkd options`` lists."""

@@ -491,6 +491,70 @@ def test_per_example_clipping_is_active(data, plan):
     assert unclipped.norm() > bound
 
 
+def _reference_clipped_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                           clip: float) -> tuple[torch.Tensor, int]:
+    """(sum_i min(1, C / (||g_i|| + 1e-6)) g_i, how many were clipped), by hand: one
+    torch.autograd.grad call per example on its own loss, each gradient clipped, then summed
+    (flat, in parameter order)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    clipped = 0
+    for i in range(len(y)):
+        loss = torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+        norm = grad.norm().item()
+        clipped += norm > clip
+        total += min(1.0, clip / (norm + 1e-6)) * grad
+    return total, clipped
+
+
+@pytest.mark.parametrize("name", ["mlp-small", "mlp-large", "cnn-small"])
+@pytest.mark.parametrize("mode", ["auto", "hooks", "functorch", "ew", "ghost", "direct"])
+def test_every_mode_clips_like_the_reference_per_example_loop(data, plan, name, mode):
+    """Each per-example gradient mode, and the one ``auto`` picks, gives the privatised
+    gradient sum_i min(1, C / ||g_i||) g_i / int(q n) of a per-example loop computed by hand
+    (noise off: sigma = 0 in a copy of the plan). C is the median per-example norm, so that
+    about half the examples are clipped and half are not: both branches of min(1, .) count."""
+    from fedkd.privacy import resolve_grad_sample_mode
+
+    scaled = ArrayDataset(data.x * 4.0, data.y, data.ids)
+    model = build_model(name, input_shape=(FEATURES,), num_classes=CLASSES, seed=7)
+    reference_model = build_model(name, input_shape=(FEATURES,), num_classes=CLASSES, seed=7)
+    x_all, y_all = torch.as_tensor(scaled.x), torch.as_tensor(scaled.y)
+    norms = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(reference_model(x_all[i:i + 1]), y_all[i:i + 1]),
+        list(reference_model.parameters()))]).norm() for i in range(len(y_all))])
+    clip = norms.median().item()
+    test_plan = dataclasses.replace(plan, noise_multiplier=0.0, max_grad_norm=clip)
+    resolved = resolve_grad_sample_mode(mode, model)
+    if mode == "auto":
+        assert resolved == "direct"  # the registry's vector models: the measured fastest
+    with private_training(model, scaled, plan=test_plan, ledger=PrivacyLedger(test_plan), lr=1e-3, seed=0,
+                          grad_sample_mode=resolved) as dp:
+        xb, yb = next(b for b in dp.data_loader if len(b[1]) > 1)
+        expected, clipped = _reference_clipped_sum(reference_model, xb, yb, clip)
+        expected = expected / int(plan.sample_rate * plan.num_examples)
+        assert 0 < clipped < len(yb)  # both branches of min(1, C / ||g_i||) in this batch
+        dp.optimizer.zero_grad()
+        dp.criterion(dp.module(xb), yb).backward()
+        dp.optimizer.pre_step()  # clip, (zero) noise, scale: what Adam would see
+        privatised = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    torch.testing.assert_close(privatised, expected, atol=1e-6, rtol=1e-4)
+    # and the session left a plain module behind
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_auto_mode_falls_back_and_direct_refuses_other_layers():
+    from fedkd.privacy import resolve_grad_sample_mode
+
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    assert resolve_grad_sample_mode("auto", other) == "hooks"
+    with pytest.raises(ValueError, match="LayerNorm") as err:
+        resolve_grad_sample_mode("direct", other)
+    assert "auto, hooks or ghost" in str(err.value)
+    assert resolve_grad_sample_mode("ghost", other) == "ghost"  # explicit modes pass through
+
+
 def test_training_is_seeded(data, plan):
     """Same seed and state: identical weights; another seed: different Poisson batches and noise."""
     runs = []

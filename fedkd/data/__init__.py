@@ -7,6 +7,7 @@ One home per concern, re-exported here (``from fedkd.data import load_federation
   :func:`public_fingerprint`, and the errors :class:`DataUnavailableError` and
   :class:`SiteDataError`;
 * :mod:`fedkd.data.sources`: the embedded and named datasets (:func:`load_source`,
+  the generated :func:`synthetic_source` and its :class:`SyntheticSpec`,
   Hugging Face image and text datasets), :func:`load_federation` and the on-disk split
   cache (:func:`split_cache_path`);
 * :mod:`fedkd.data.files`: the public / site ``.npz`` files of a deployment
@@ -22,7 +23,14 @@ Nothing here imports :mod:`fedkd.models`.
 from __future__ import annotations
 
 from fedkd.data.files import load_public_file, load_site_file, save_public_file, save_site_file, site_view
-from fedkd.data.sources import SPLIT_CACHE_ENV, load_federation, load_source, split_cache_path
+from fedkd.data.sources import (
+    SPLIT_CACHE_ENV,
+    SyntheticSpec,
+    load_federation,
+    load_source,
+    split_cache_path,
+    synthetic_source,
+)
 from fedkd.data.splits import (
     SPLIT_PARTS,
     ArrayDataset,
@@ -43,6 +51,7 @@ __all__ = [
     "DataUnavailableError",
     "FederatedSplit",
     "SiteDataError",
+    "SyntheticSpec",
     "load_federation",
     "load_public_file",
     "load_site_file",
@@ -54,4 +63,5 @@ __all__ = [
     "site_view",
     "split_cache_path",
     "split_federation",
+    "synthetic_source",
 ]

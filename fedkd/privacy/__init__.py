@@ -39,20 +39,22 @@ from fedkd.privacy.accounting import (
     steps_for,
 )
 from fedkd.privacy.dpsgd import (
+    AUTO_MODES,
     GRAD_SAMPLE_MODES,
     PrivacyEngine,
     PrivateTraining,
     PrivateTrainResult,
     private_training,
+    resolve_grad_sample_mode,
     train_private,
     train_private_site,
 )
 
 __all__ = [
-    "ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "EPSILON_TOLERANCE", "RDP_ALPHAS", "GRAD_SAMPLE_MODES", "LEDGER_METRICS", "MAX_NOISE_MULTIPLIER",
+    "ACCOUNTANTS", "AUTO_MODES", "DEFAULT_ACCOUNTANT", "EPSILON_TOLERANCE", "RDP_ALPHAS", "GRAD_SAMPLE_MODES", "LEDGER_METRICS", "MAX_NOISE_MULTIPLIER",
     "PrivacyConfigError", "PrivacyEngine", "PrivacyLedger", "PrivacyPlan", "PrivacyStateError",
     "PrivateTrainResult", "PrivateTraining", "calibrate_noise_multiplier", "check_privacy_plans", "compose", "compose_epsilon",
     "create_accountant", "default_delta", "epsilon_for", "get_noise_multiplier", "ledger_metrics",
-    "ledger_row", "parse_history", "plan_privacy", "previous_history", "private_training", "sample_rate_for", "site_privacy_plan",
+    "ledger_row", "parse_history", "plan_privacy", "previous_history", "private_training", "resolve_grad_sample_mode", "sample_rate_for", "site_privacy_plan",
     "steps_for", "train_private", "train_private_site",
 ]

@@ -56,12 +56,45 @@ class PrivateTrainResult:
     reason: str
 
 
-GRAD_SAMPLE_MODES = ("hooks", "ghost")
-"""Opacus per-example gradient modes fedkd uses: ``hooks`` materialises every example's
-gradient (``p.grad_sample``); ``ghost`` (ghost clipping, Li et al. 2022 / Bu et al. 2023)
-computes only per-example gradient *norms* in a first backward pass and then backpropagates
-the clipping-weighted loss sum_i min(1, C / ||g_i||) l_i in a second one: the same clipped
-sum, without a [B, *param] tensor per parameter."""
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost", "direct")
+"""Per-example gradient modes: four of Opacus's and fedkd's own. ``hooks`` materialises
+every example's gradient (``p.grad_sample``) from module hooks; ``functorch`` computes them
+with ``torch.func.vmap(grad)`` per layer; ``ew`` with PyTorch's expanded weights;
+``ghost`` (ghost clipping, Li et al. 2022 / Bu et al. 2023) computes only per-example
+gradient *norms* in a first backward pass and then backpropagates the clipping-weighted
+loss sum_i min(1, C / ||g_i||) l_i in a second one: the same clipped sum, without a
+[B, *param] tensor per parameter. ``direct`` (:mod:`fedkd.privacy.direct`; Linear, Conv2d
+and GroupNorm layers only, see :func:`~fedkd.privacy.direct.supports_direct`) gets the
+norms and the clipped sum from each layer's inputs and output gradients in *one* backward
+pass that never computes the unclipped weight gradients, with ghost mode's optimizer,
+data loader and accountant hook. All five clip to the same sum (tests/test_privacy.py)."""
+
+AUTO_MODES = {"direct": "direct", "text": "ghost", "other": "hooks"}
+"""``privacy.grad-sample-mode = "auto"``: the fastest correct mode by model kind, from
+``simulations/micro/dp_step_time.py`` (docs/benchmarks.md, "DP step cost"): ``direct`` for
+every model :func:`~fedkd.privacy.direct.supports_direct` accepts (the registry's
+``mlp-small``, ``mlp-large``, ``cnn-small``), ``ghost`` for text models (memory: no
+[B, vocab, hidden] per-example embedding gradients), ``hooks`` for anything else (plugins)."""
+
+
+def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
+    """The per-example gradient mode for ``model``: ``mode`` itself, or for ``"auto"`` the
+    measured choice of :data:`AUTO_MODES`. An explicit ``"direct"`` on a model with other
+    layers is refused naming them."""
+    from fedkd.models.text import TextClassifier
+    from fedkd.privacy.direct import supports_direct
+
+    if mode == "auto":
+        if isinstance(model, TextClassifier):
+            return AUTO_MODES["text"]
+        return AUTO_MODES["direct"] if supports_direct(model) else AUTO_MODES["other"]
+    if mode == "direct" and not supports_direct(model):
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if any(p.requires_grad for p in m.parameters(recurse=False))})
+        raise ValueError(
+            "privacy.grad-sample-mode 'direct' supports models whose trainable layers are Linear, "
+            f"Conv2d and affine GroupNorm only; this model has {', '.join(kinds)}; use auto, hooks or ghost")
+    return mode
 
 
 class PrivateTraining(NamedTuple):
@@ -126,6 +159,8 @@ def private_training(
     loss with the session's ``criterion``. Does not check the budget; :func:`train_private` does.
     """
     _check_matches(data, plan, ledger)
+    if grad_sample_mode == "direct":
+        resolve_grad_sample_mode("direct", model)  # refuses a model direct cannot clip
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
             f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}; got {grad_sample_mode!r}"
@@ -161,11 +196,19 @@ def private_training(
         poisson_sampling=True,
         loss_reduction="mean",
         noise_generator=noise_gen,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="ghost" if grad_sample_mode == "direct" else grad_sample_mode,
         criterion=nn.CrossEntropyLoss(reduction="mean"),
     )
+    direct = None
     if grad_sample_mode == "ghost":
         module, dp_optimizer, criterion, dp_loader = private
+    elif grad_sample_mode == "direct":  # ghost mode's optimizer, loader and accountant hook; our clipping
+        from fedkd.privacy.direct import DirectClipping
+
+        module, dp_optimizer, _, dp_loader = private
+        module.disable_hooks()  # Opacus's norm hooks: direct computes the norms itself
+        direct = DirectClipping(model, max_grad_norm=plan.max_grad_norm).attach()
+        criterion = F.cross_entropy
     else:
         (module, dp_optimizer, dp_loader), criterion = private, F.cross_entropy
     try:
@@ -176,6 +219,8 @@ def private_training(
             )
         yield PrivateTraining(module, dp_optimizer, dp_loader, criterion)
     finally:
+        if direct is not None:
+            direct.detach()
         module.to_standard_module()  # removes hooks and grad_sample attributes
         for p in model.parameters():
             if hasattr(p, "summed_grad"):  # set by DPOptimizer, not removed by Opacus
@@ -265,16 +310,14 @@ def train_private_site(
     seed: int, secure_mode: bool = False,
 ) -> PrivateTrainResult:
     """:func:`train_private` with a site's Opacus settings: per-example gradients by
-    ``privacy.grad-sample-mode`` ('auto': ghost clipping for text models, hooks otherwise),
+    ``privacy.grad-sample-mode`` ('auto': :func:`resolve_grad_sample_mode`),
     text embeddings frozen in the DP step when ``privacy.freeze-embeddings``. ``seed`` is
     the round's private seed (:func:`fedkd.seeds.noise_rng_seed`); ``secure_mode``: Opacus's
     secure RNG instead (noise source ``secure-rng``)."""
-    from fedkd.models.text import TextClassifier, frozen_embeddings
+    from fedkd.models.text import frozen_embeddings
 
     p = config.privacy
-    mode = p.grad_sample_mode
-    if mode == "auto":
-        mode = "ghost" if isinstance(model, TextClassifier) else "hooks"
+    mode = resolve_grad_sample_mode(p.grad_sample_mode, model)
     with frozen_embeddings(model, enabled=p.freeze_embeddings):
         return train_private(model, data, plan=ledger.plan, ledger=ledger, lr=lr, seed=seed,
                              secure_mode=secure_mode, grad_sample_mode=mode)

@@ -1,0 +1,128 @@
+"""Large federations on the synthetic dataset through the in-process runner: time and memory.
+
+    python -m simulations.studies.inprocess_scale --sites 100,1000,10000 --rounds 2 --out runs/bench/inprocess-scale
+
+For each federation size N, in a fresh Python process (so that one size's memory does not
+carry into the next), the same tiny federation runs through ``fedkd.simulate(config,
+runner="inprocess")``:
+
+* data: ``data.dataset = "synthetic"`` (64 features, 10 classes), IID split,
+  ``--per-site`` private examples a site (train + validation + local test), a public
+  transfer set of ``--public`` examples and a global test set of the same size, so
+  ``data.synthetic-examples = N * per-site + 2 * public``;
+* ``mlp-small`` on every site, 1 epoch each way, ``fusion.method = mean``, no global
+  student, evaluation in the last round only (``eval-every = rounds``).
+
+The split is built once per size before the timed run (it lands in the split cache,
+``FEDKD_CACHE_DIR``, as every run after a machine's first finds it) and its build time is
+printed too. Printed per size: the split's build time, the run's wall time (process start
+to exit: imports, reading the cached split, the preflight, all rounds), the time of each
+round (``history[].seconds``: the sites' rounds, fusion, the server's checkpoint), and the
+peak resident memory of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; the
+in-process runner is one process). No assertions: the figures depend on the machine and
+its load; the 1-minute load average before and after each run is printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+start = time.perf_counter()
+import fedkd
+from fedkd.data import load_federation
+overrides, mode = json.loads(sys.argv[1]), sys.argv[2]
+config = fedkd.load_config(overrides=overrides)
+if mode == "split":
+    load_federation(config.data, config.seed)
+    out = {}
+else:
+    result = fedkd.simulate(config, runner="inprocess")
+    out = {"status": result.status, "rounds": [h.get("seconds") for h in result.history],
+           "alma": result.metrics.get("alma")}
+out["wall_s"] = time.perf_counter() - start
+out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps(out))
+"""
+
+
+def overrides_for(*, sites: int, rounds: int, per_site: int, public: int, out: Path) -> dict:
+    """The run config of one federation size (see the module doc)."""
+    examples = sites * per_site + 2 * public
+    return {
+        "data.dataset": "synthetic", "data.num-clients": sites, "data.partitioner": "iid",
+        "data.synthetic-examples": examples, "data.public-fraction": public / examples,
+        "data.test-fraction": public / examples, "model.architectures": "mlp-small",
+        "train.local-epochs": 1, "train.distill-epochs": 1, "fusion.method": "mean",
+        "global-student.enabled": False, "num-server-rounds": rounds, "eval-every": rounds,
+        "min-clients": 1, "output-dir": str(out), "run-name": f"sites-{sites}-r{rounds}",
+    }
+
+
+def run_child(overrides: dict, mode: str, *, timeout: float) -> dict:
+    """Run CHILD in a fresh interpreter; its RESULT line, or the failure."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides), mode], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timed out after {timeout:.0f} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    return {"status": f"failed (exit {done.returncode}): " + " | ".join(tail)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", default="100,1000,10000", help="comma-separated federation sizes")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--per-site", type=int, default=50, help="private examples a site")
+    parser.add_argument("--public", type=int, default=500, help="public transfer set size")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/inprocess-scale"))
+    args = parser.parse_args()
+
+    rows = []
+    for sites in [int(s) for s in args.sites.split(",")]:
+        overrides = overrides_for(sites=sites, rounds=args.rounds, per_site=args.per_site,
+                                  public=args.public, out=args.out.resolve())
+        run_dir = args.out / overrides["run-name"]
+        if run_dir.exists():
+            raise SystemExit(f"{run_dir} exists; remove it or choose another --out")
+        split = run_child(overrides, "split", timeout=args.timeout)
+        load = [os.getloadavg()[0]]
+        run = run_child(overrides, "run", timeout=args.timeout)
+        load.append(os.getloadavg()[0])
+        row = {"sites": sites, "split_s": split.get("wall_s"), "load": load, **run}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    print(f"\nIn-process runner, synthetic data (64 features, 10 classes, IID), {args.per_site} private "
+          f"examples a site, |P| = {args.public}, mlp-small, 1 epoch each way, fusion mean, "
+          f"{args.rounds} rounds, {os.cpu_count()} cores\n")
+    header = (f"{'sites':>7} {'status':>10} {'split build s':>14} {'wall s':>8} {'s per round':>22} "
+              f"{'peak RSS MiB':>13} {'load 1 min':>11}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        per_round = ", ".join(f"{s:.1f}" for s in r.get("rounds", []) if s is not None) or "-"
+        split_s = f"{r['split_s']:.1f}" if r.get("split_s") is not None else "-"
+        wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
+        rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-"
+        print(f"{r['sites']:>7} {str(r.get('status'))[:10]:>10} {split_s:>14} {wall:>8} {per_round:>22} "
+              f"{rss:>13} {r['load'][0]:>5.1f}-{r['load'][1]:<5.1f}")
+        if r.get("status") != "completed":
+            print(f"        {r.get('status')}")
+
+
+if __name__ == "__main__":
+    main()
