@@ -203,9 +203,10 @@ def private_training(
     if grad_sample_mode == "ghost":
         module, dp_optimizer, criterion, dp_loader = private
     elif grad_sample_mode == "direct":  # ghost mode's optimizer, loader and accountant hook; our clipping
-        from fedkd.privacy.direct import DirectClipping
+        from fedkd.privacy.direct import DirectClipping, without_gradient_copies
 
         module, dp_optimizer, _, dp_loader = private
+        dp_optimizer = without_gradient_copies(dp_optimizer)
         module.disable_hooks()  # Opacus's norm hooks: direct computes the norms itself
         direct = DirectClipping(model, max_grad_norm=plan.max_grad_norm).attach()
         criterion = F.cross_entropy
