@@ -641,6 +641,7 @@ def test_opacus_leaves_the_root_logger_alone_so_flower_lines_print_once() -> Non
     code = (
         "import logging\n"
         "from fedkd.privacy import accounting, dpsgd\n"
+        "accounting.compose_epsilon(history=[(1.1, 0.1, 30)], delta=1e-5, accountant='rdp')\n"  # Opacus's first touch
         "accounting.create_accountant('rdp'); dpsgd.PrivacyEngine()\n"
         "import opacus.utils.module_utils\n"  # the module whose import calls basicConfig
         "print(len(logging.getLogger().handlers))\n"

@@ -661,8 +661,7 @@ def _compose_cached(history: tuple[tuple[float, float, int], ...], delta: float,
 
 def _rdp_epsilon(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """RDP epsilon of ``history`` at ``delta`` over :data:`RDP_ALPHAS` (Opacus's analysis)."""
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
+    rdp_analysis = import_opacus("opacus.accountants.analysis.rdp")
     orders = list(RDP_ALPHAS)
     total = sum(np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders))
                 for s, q, n in history)
