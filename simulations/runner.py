@@ -52,24 +52,23 @@ def _write_app_dir(directory: Path, config: Config) -> None:
     (directory / "pyproject.toml").write_text(tomli_w.dumps(project))
 
 
-def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | None = None) -> Path:
+def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | None = None,
+             ray_address: str | None = None) -> Path:
     """Run ``config`` through Flower's simulation engine with ``num_supernodes`` SuperNodes
     (default ``data.num-clients``; the ServerApp refuses any other number); return the run
-    directory."""
+    directory.
+
+    ``ray_address`` (default: the ``RAY_ADDRESS`` environment variable, as ``ray.init``
+    reads it): the address (``HOST:PORT``) of a running Ray cluster, started with ``ray
+    start --head`` and joined by ``ray start --address=HOST:PORT`` on other machines, on
+    which the sites then run (:func:`attach_ray`); ``None`` or empty: a Ray instance of
+    this process, on this machine. Either way the ServerApp runs in this process."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
     from flwr.common.logger import update_console_handler
-    from flwr.supercore.telemetry import EventType
-
-    import sys
 
     if not sys.stderr.isatty():  # a log file or a pipe: plain text, no colour codes
         update_console_handler(colored=False)
-
-    from clients.client_app import app as client_app
-    from server.server_app import app as server_app
 
     # Fail here, with a clear message, rather than inside the engine's threads and actors.
     if config.identity.site_keys:  # simulated sites hold no keys: every reply would be refused
@@ -96,13 +95,89 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
         "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), "include_dashboard": False},
     }
+    address = os.environ.get("RAY_ADDRESS", "") if ray_address is None else ray_address
+    with contextlib.ExitStack() as stack:
+        if address:
+            backend_config["init_args"] = {"address": address}
+            stack.enter_context(attach_ray(address))
+        _run_engine(config, flat=flat, backend_config=backend_config, verbose=verbose,
+                    num_supernodes=config.data.num_clients if num_supernodes is None else num_supernodes)
+    read_summary(run_dir)  # fails clearly if the server did not finish the run
+    if (run_dir / "summary.json").stat().st_mtime < started:  # left by an earlier run there
+        raise RuntimeError(f"the run in {run_dir} did not finish; see the log above")
+    return run_dir
+
+
+FORWARDED_ENV = ("FEDKD_", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK", "HF_", "TOKENIZERS_PARALLELISM")
+"""Environment variables (names, or prefixes ending in ``_``) a Ray cluster's workers get
+from the process that runs the simulation: the split cache (``FEDKD_CACHE_DIR``), and the
+like. A local Ray instance's workers inherit the whole environment; a cluster's workers
+inherit that of its ``ray start``, so these travel in the job's runtime environment."""
+
+
+def forwarded_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of ``environ`` (default ``os.environ``) named by :data:`FORWARDED_ENV`,
+    plus ``PYTHONPATH``: this process's ``sys.path`` then the variable's own value, as
+    Flower's Ray backend sends it to a local instance (the apps and plugins import from it).
+
+    >>> env = forwarded_environment({"FEDKD_CACHE_DIR": "/c", "HOME": "/root", "PYTHONPATH": "/p"})
+    >>> env["FEDKD_CACHE_DIR"], "HOME" in env, env["PYTHONPATH"].endswith(os.pathsep + "/p")
+    ('/c', False, True)
+    """
+    environ = dict(os.environ if environ is None else environ)
+    kept = {k: v for k, v in environ.items()
+            if any(k.startswith(name) if name.endswith("_") else k == name for name in FORWARDED_ENV)}
+    path = [p for p in sys.path if p]
+    if environ.get("PYTHONPATH"):
+        path.append(environ["PYTHONPATH"])
+    kept["PYTHONPATH"] = os.pathsep.join(path)
+    return kept
+
+
+@contextlib.contextmanager
+def attach_ray(address: str) -> Iterator[None]:
+    """Connect this process to the running Ray cluster at ``address`` for the simulation
+    (Flower's Ray backend then uses it instead of starting one: it calls ``ray.init`` only
+    when Ray is not initialised) and disconnect at the end; the cluster keeps running.
+
+    The cluster's nodes need the same Python, torch, Flower and fedkd as this one, at paths
+    ``sys.path`` names (:func:`forwarded_environment`); this process must run on one of its
+    nodes (Ray's drivers connect to their machine's raylet). Each site takes one CPU, so the
+    cluster runs as many sites side by side as it has CPUs (``ray status``)."""
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process; cannot attach to "
+                           f"the cluster at {address}")
+    try:
+        ray.init(address=address, runtime_env={"env_vars": forwarded_environment()},
+                 include_dashboard=False, configure_logging=False)
+    except ConnectionError as err:
+        from fedkd.config import ConfigError
+
+        raise ConfigError([f"ray-address: no Ray cluster answers at {address!r}: {err}"]) from None
+    try:
+        yield
+    finally:
+        if ray.is_initialized():  # Flower's backend shuts down on a finished run; not on a failed one
+            ray.shutdown()
+
+
+def _run_engine(config: Config, *, flat: dict, backend_config: dict, verbose: bool, num_supernodes: int) -> None:
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
+
+    from clients.client_app import app as client_app
+    from server.server_app import app as server_app
+
     with tempfile.TemporaryDirectory(prefix="fedkd-app-") as app_dir, _stop_on_interrupt(config, app_dir):
         _write_app_dir(Path(app_dir), config)
         server_context = Context(
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=flat
         )
         _run_simulation(
-            num_supernodes=config.data.num_clients if num_supernodes is None else num_supernodes,
+            num_supernodes=num_supernodes,
             client_app=client_app,
             server_app=server_app,
             backend_config=backend_config,
@@ -112,10 +187,6 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
             verbose_logging=verbose,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         )
-    read_summary(run_dir)  # fails clearly if the server did not finish the run
-    if (run_dir / "summary.json").stat().st_mtime < started:  # left by an earlier run there
-        raise RuntimeError(f"the run in {run_dir} did not finish; see the log above")
-    return run_dir
 
 
 INTERRUPT_EXIT = 130  # 128 + SIGINT, as shells report a process stopped by Ctrl-C
