@@ -60,22 +60,29 @@ def _config(config: Config | str | Path | Mapping[str, Any] | None) -> Config:
 
 
 def simulate(config: Config | str | Path | Mapping[str, Any] | None = None, *, runner: str = "flower",
-             verbose: bool = False) -> RunResult:
+             verbose: bool = False, ray_address: str | None = None) -> RunResult:
     """Run one federation of ``config`` (a :class:`Config`, a TOML file's path, or overrides
     such as ``{"fusion.method": "mean"}``) with ``runner`` (``"flower"``: Flower's simulation
     engine; ``"inprocess"``: this process, no Flower) and return its :class:`RunResult`. A run
     that stops early returns with its ``status``; a config or a model that cannot work raises
-    :class:`fedkd.config.ConfigError` before the run starts."""
+    :class:`fedkd.config.ConfigError` before the run starts. ``ray_address`` (``"flower"``
+    only): a running Ray cluster's ``HOST:PORT`` to run the sites on (default: the
+    ``RAY_ADDRESS`` environment variable, else a Ray instance of this process)."""
     from fedkd.config import ConfigError
     from fedkd.engine import launch_inprocess, launch_simulation
     from fedkd.reporting import default_run_name
 
     if runner not in RUNNERS:
         raise ConfigError([f"runner: must be one of {', '.join(RUNNERS)}; got {runner!r}"])
+    if ray_address and runner != "flower":
+        raise ConfigError([f"ray-address: only the flower runner runs on a Ray cluster; runner is {runner!r}"])
     config = _config(config)
     if not config.run_name:
         config = dataclasses.replace(config, run_name=default_run_name(config))
-    run_dir = launch_simulation(config, verbose=verbose) if runner == "flower" else launch_inprocess(config)
+    if runner == "flower":
+        run_dir = launch_simulation(config, verbose=verbose, ray_address=ray_address)
+    else:
+        run_dir = launch_inprocess(config)
     return RunResult.from_run_dir(run_dir)
 
 

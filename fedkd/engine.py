@@ -25,18 +25,24 @@ if TYPE_CHECKING:
     from fedkd.audit.sweep import Setting
 
 
-def launch_simulation(config: Config, *, verbose: bool = False, num_supernodes: int | None = None) -> Path:
+def launch_simulation(config: Config, *, verbose: bool = False, num_supernodes: int | None = None,
+                      ray_address: str | None = None) -> Path:
     """Run one federation of ``config`` on Flower's simulation engine
-    (``simulations.runner.simulate``; ``num_supernodes`` defaults to ``data.num-clients``)
-    and return its run directory.
+    (``simulations.runner.simulate``; ``num_supernodes`` defaults to ``data.num-clients``;
+    ``ray_address``: a running Ray cluster's ``HOST:PORT`` to run the sites on, default the
+    ``RAY_ADDRESS`` environment variable, else a Ray instance of this process) and return
+    its run directory.
 
     The only function in fedkd/ that starts Flower: Flower is imported here, when called.
     """
     from simulations.runner import simulate
 
-    if num_supernodes is None:
-        return simulate(config, verbose=verbose)
-    return simulate(config, verbose=verbose, num_supernodes=num_supernodes)
+    options: dict[str, Any] = {}
+    if num_supernodes is not None:
+        options["num_supernodes"] = num_supernodes
+    if ray_address is not None:
+        options["ray_address"] = ray_address
+    return simulate(config, verbose=verbose, **options)
 
 
 def launch_inprocess(config: Config) -> Path:

@@ -140,7 +140,8 @@ def run_floor(config: Config) -> Path:
     for setting, on in (("audit.enabled", config.audit.enabled), ("checkpoint.resume", config.checkpoint.resume),
                         ("identity.site-keys", bool(config.identity.site_keys))):
         if on:
-            raise ValueError(f"the in-process runner does not support {setting}; use fedkd simulate")
+            raise ValueError(f"the in-process runner does not support {setting}; use the simulation "
+                             "engine (fedkd simulate --runner flower)")
 
     def run() -> Path:
         split = load_federation(config.data, config.seed)

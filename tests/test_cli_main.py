@@ -85,3 +85,35 @@ def test_simulate_refuses_an_identity_plan_in_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fedkd: error: identity.site-keys: simulated sites hold no keys, so every reply would be "
                    "refused; identities are for deployments (fedkd deploy run)"]
+
+
+def test_runner_and_ray_address_pick_how_simulate_and_study_run(monkeypatch, tmp_path, capsys):
+    """--runner inprocess goes to the in-process runner, the default to the simulation engine
+    with --ray-address passed on; --ray-address with the in-process runner is refused."""
+    import importlib
+
+    cli = importlib.import_module("fedkd.cli.main")  # the module (fedkd.cli.main is also the function)
+    calls = []
+
+    def fake(kind):  # noqa: ANN202
+        def launch(config, **options):  # noqa: ANN202, ANN003
+            calls.append((kind, config.fusion.method, options))
+            raise SystemExit(0)  # no run: stop at the launch
+        return launch
+
+    monkeypatch.setattr(cli, "launch_inprocess", fake("inprocess"))
+    monkeypatch.setattr(cli, "launch_simulation", fake("flower"))
+    out = ["--set", f"output-dir={tmp_path}"]
+    for argv in (["simulate", "--runner", "inprocess", *out],
+                 ["simulate", "--ray-address", "127.0.0.1:6379", *out],
+                 ["study", "--runner", "inprocess", "--methods", "mean", *out]):
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+    assert calls == [("inprocess", "expert", {}),
+                     ("flower", "expert", {"verbose": False, "ray_address": "127.0.0.1:6379"}),
+                     ("inprocess", "mean", {})]
+    assert cli.main(["simulate", "--runner", "inprocess", "--ray-address", "127.0.0.1:6379", *out]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "fedkd: error: --ray-address: only the flower runner runs on a Ray cluster; --runner is inprocess")

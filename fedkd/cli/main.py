@@ -1,8 +1,9 @@
 """The ``fedkd`` command line.
 
     fedkd simulate [--config FILE] [--set key=value ...]   one federation (simulation engine)
+                   [--runner flower|inprocess] [--ray-address HOST:PORT]
     fedkd study    [--config FILE] [--methods none,mean,era,knfu] [--set ...]
-                                                          one run per fusion method + table
+                   [--runner ...] [--ray-address ...]     one run per fusion method + table
     fedkd compare  RUN_DIR|STUDY_DIR ... [--format text|csv|md|json]
                                                           table over finished runs
     fedkd options                                         every config key, default, meaning
@@ -38,7 +39,7 @@ from fedkd.cli.args import (
 )
 from fedkd.cli.deploy import add_deploy_parsers
 from fedkd.config import Config, ConfigError, describe_options, load_config, parse_overrides
-from fedkd.engine import launch_audit_sweep, launch_simulation
+from fedkd.engine import launch_audit_sweep, launch_inprocess, launch_simulation
 from fedkd.reporting import COMPARE_FORMATS, compare_table, default_run_name, find_runs, plot_study, read_summary
 
 STUDY_METHODS = ("none", "mean", "era", "knfu", "expert")
@@ -65,9 +66,23 @@ def exit_status(run_dirs: list[Path]) -> int:
     return 1 if failed else 0
 
 
+RUNNERS = ("flower", "inprocess")
+
+
+def _launch(config: Config, args: argparse.Namespace) -> Path:
+    """One federation of ``config`` with ``--runner`` (Flower's simulation engine, on the Ray
+    cluster of ``--ray-address`` if given; or in this process), its run directory."""
+    if args.runner == "inprocess":
+        if args.ray_address:
+            raise ConfigError(["--ray-address: only the flower runner runs on a Ray cluster; "
+                               "--runner is inprocess"])
+        return launch_inprocess(config)
+    return launch_simulation(config, verbose=args.verbose, ray_address=args.ray_address)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     config = _resumable(config_from_args_with_resume(args))
-    run_dir = launch_simulation(config, verbose=args.verbose)
+    run_dir = _launch(config, args)
     print(compare_table([run_dir]))
     print(f"\nrun directory: {run_dir}")
     return exit_status([run_dir])
@@ -97,7 +112,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             run_name=f"{study}/{method_folder(method)}",
             fusion=dataclasses.replace(config.fusion, method=method),
         )
-        run_dirs.append(launch_simulation(run_config, verbose=args.verbose))
+        run_dirs.append(_launch(run_config, args))
     table = compare_table(run_dirs)
     study_dir = run_dirs[0].parent
     (study_dir / "comparison.txt").write_text(table + "\n")
@@ -171,18 +186,30 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return exit_status(sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").is_file()))
 
 
+def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", choices=RUNNERS, default="flower",
+                        help="flower (default): Flower's simulation engine; inprocess: the same round loop "
+                             "in this process, no Flower or Ray (the same numbers; no --resume, audit or "
+                             "identities)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT", default=None,
+                        help="run the sites on the running Ray cluster at HOST:PORT (`ray start --head` "
+                             "prints it; default: $RAY_ADDRESS, else a Ray instance of this process)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedkd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run one federation on Flower's simulation engine")
     add_config_arguments(p)
+    _add_runner_arguments(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the stopped run named by run-name from its last checkpoint")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("study", help="run one federation per fusion method and compare them")
     add_config_arguments(p)
+    _add_runner_arguments(p)
     p.add_argument("--methods", default=",".join(STUDY_METHODS),
                    help="comma-separated fusion methods (default: %(default)s)")
     p.set_defaults(func=cmd_study)
