@@ -215,3 +215,47 @@ def test_predict_logits_batches_match_one_pass():
     x = np.random.default_rng(7).normal(size=(10, 4)).astype(np.float32)
     np.testing.assert_allclose(predict_logits(model, x, batch_size=3), predict_logits(model, x), rtol=1e-6)
     assert predict_logits(model, x).shape == (10, 3)
+
+
+def test_adam_gives_torch_adams_parameters_bit_for_bit():
+    """fedkd's Adam is torch.optim.Adam's kernel with its defaults: the same parameters after
+    every step, for a model with a parameter that gets no gradient (it is left alone)."""
+    from fedkd.distillation import Adam
+
+    torch.manual_seed(0)
+    ours, theirs = build_model("mlp-small", input_shape=(64,), num_classes=10, seed=3), \
+        build_model("mlp-small", input_shape=(64,), num_classes=10, seed=3)
+    frozen = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))]  # never in the loss
+    a = Adam([*ours.parameters(), frozen[0]], lr=0.003)
+    b = torch.optim.Adam([*theirs.parameters(), frozen[1]], lr=0.003)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    for _ in range(5):
+        for model, opt in ((ours, a), (theirs, b)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(frozen[0], torch.ones(3))
+
+
+def test_training_without_dp_does_not_import_the_torch_compiler():
+    """torch.optim.Optimizer imports torch._dynamo on first use (seconds per process); the
+    training functions do without it (a fresh interpreter: this one may have it already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from fedkd.data import ArrayDataset\n"
+            "from fedkd.distillation import train_supervised, distil, train_joint\n"
+            "from fedkd.models import build_model\n"
+            "m = build_model('mlp-small', input_shape=(64,), num_classes=10, seed=0)\n"
+            "d = ArrayDataset(np.random.rand(40, 64).astype('float32'), np.arange(40) % 10, np.arange(40))\n"
+            "p = np.full((20, 10), 0.1)\n"
+            "train_supervised(m, d, epochs=1, batch_size=8, lr=0.01)\n"
+            "distil(m, d.x[:20], p, epochs=1, batch_size=8, lr=0.01)\n"
+            "train_joint(m, d, d.x[:20], p, epochs=1, batch_size=8, lr=0.01)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False"]

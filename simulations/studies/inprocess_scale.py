@@ -1,10 +1,12 @@
 """Large federations on the synthetic dataset through the in-process runner: time and memory.
 
     python -m simulations.studies.inprocess_scale --sites 100,1000,10000 --rounds 2 --out runs/bench/inprocess-scale
+    python -m simulations.studies.inprocess_scale --runner flower --sites 1000 --rounds 3 --out runs/bench/flower-scale
 
 For each federation size N, in a fresh Python process (so that one size's memory does not
 carry into the next), the same tiny federation runs through ``fedkd.simulate(config,
-runner="inprocess")``:
+runner="inprocess")`` (``--runner flower``: through Flower's simulation engine, its local
+Ray instance with one actor a core):
 
 * data: ``data.dataset = "synthetic"`` (64 features, 10 classes), IID split,
   ``--per-site`` private examples a site (train + validation + local test), a public
@@ -19,7 +21,8 @@ printed too. Printed per size: the split's build time, the run's wall time (proc
 to exit: imports, reading the cached split, the preflight, all rounds), the time of each
 round (``history[].seconds``: the sites' rounds, fusion, the server's checkpoint), and the
 peak resident memory of the process (``resource.getrusage(RUSAGE_SELF).ru_maxrss``; the
-in-process runner is one process). No assertions: the figures depend on the machine and
+in-process runner is one process) and the peak of the process tree's summed RSS (sampled
+every 0.2 s: with ``--runner flower``, Ray's processes and actors too). No assertions: the figures depend on the machine and
 its load; the 1-minute load average before and after each run is printed beside them.
 """
 
@@ -44,7 +47,7 @@ if mode == "split":
     load_federation(config.data, config.seed)
     out = {}
 else:
-    result = fedkd.simulate(config, runner="inprocess")
+    result = fedkd.simulate(config, runner=mode)
     out = {"status": result.status, "rounds": [h.get("seconds") for h in result.history],
            "alma": result.metrics.get("alma")}
 out["wall_s"] = time.perf_counter() - start
@@ -67,18 +70,36 @@ def overrides_for(*, sites: int, rounds: int, per_site: int, public: int, out: P
 
 
 def run_child(overrides: dict, mode: str, *, timeout: float) -> dict:
-    """Run CHILD in a fresh interpreter; its RESULT line, or the failure."""
+    """Run CHILD in a fresh interpreter (``mode``: "split", or the runner); its RESULT line
+    plus the peak summed RSS of its process tree (``tree_peak_mib``), or the failure."""
+    import tempfile
+    import threading
+
+    from simulations.studies.speed import _tree_rss
+
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    try:
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides), mode], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout:.0f} s"}
-    for line in done.stdout.splitlines():
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(overrides), mode], env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        start, peak = time.monotonic(), 0
+        while proc.poll() is None and time.monotonic() - start < timeout:
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            return {"status": f"timed out after {timeout:.0f} s"}
+        reader.join(timeout=5)
+        err.seek(0)
+        stderr = err.read()
+    for line in lines:
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    return {"status": f"failed (exit {done.returncode}): " + " | ".join(tail)}
+            return {**json.loads(line[len("RESULT "):]), "tree_peak_mib": peak / 2**20}
+    tail = (stderr or "".join(lines)).strip().splitlines()[-3:]
+    return {"status": f"failed (exit {proc.returncode}): " + " | ".join(tail)}
 
 
 def main() -> None:
@@ -89,6 +110,8 @@ def main() -> None:
     parser.add_argument("--public", type=int, default=500, help="public transfer set size")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/inprocess-scale"))
+    parser.add_argument("--runner", choices=("inprocess", "flower"), default="inprocess",
+                        help="inprocess (default) or flower: Flower's simulation engine")
     args = parser.parse_args()
 
     rows = []
@@ -100,17 +123,18 @@ def main() -> None:
             raise SystemExit(f"{run_dir} exists; remove it or choose another --out")
         split = run_child(overrides, "split", timeout=args.timeout)
         load = [os.getloadavg()[0]]
-        run = run_child(overrides, "run", timeout=args.timeout)
+        run = run_child(overrides, args.runner, timeout=args.timeout)
         load.append(os.getloadavg()[0])
         row = {"sites": sites, "split_s": split.get("wall_s"), "load": load, **run}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    print(f"\nIn-process runner, synthetic data (64 features, 10 classes, IID), {args.per_site} private "
+    runner = "In-process runner" if args.runner == "inprocess" else "Flower's simulation engine"
+    print(f"\n{runner}, synthetic data (64 features, 10 classes, IID), {args.per_site} private "
           f"examples a site, |P| = {args.public}, mlp-small, 1 epoch each way, fusion mean, "
           f"{args.rounds} rounds, {os.cpu_count()} cores\n")
     header = (f"{'sites':>7} {'status':>10} {'split build s':>14} {'wall s':>8} {'s per round':>22} "
-              f"{'peak RSS MiB':>13} {'load 1 min':>11}")
+              f"{'peak RSS MiB':>13} {'tree peak MiB':>14} {'load 1 min':>11}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -118,8 +142,9 @@ def main() -> None:
         split_s = f"{r['split_s']:.1f}" if r.get("split_s") is not None else "-"
         wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
         rss = f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "-"
+        tree = f"{r['tree_peak_mib']:.0f}" if "tree_peak_mib" in r else "-"
         print(f"{r['sites']:>7} {str(r.get('status'))[:10]:>10} {split_s:>14} {wall:>8} {per_round:>22} "
-              f"{rss:>13} {r['load'][0]:>5.1f}-{r['load'][1]:<5.1f}")
+              f"{rss:>13} {tree:>14} {r['load'][0]:>5.1f}-{r['load'][1]:<5.1f}")
         if r.get("status") != "completed":
             print(f"        {r.get('status')}")
 
