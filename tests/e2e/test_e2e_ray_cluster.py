@@ -4,6 +4,8 @@
 The sites run on the cluster's two nodes (one CPU each: one site at a time on each); the
 ServerApp runs in this process. The run must give the in-process runner's numbers, as a
 local simulation does (tests/e2e/test_e2e_transports.py), and leave no Ray process behind.
+Bounded: the nodes must start within 120 s, the run end within 240 s (SIGALRM), a lost
+site is dropped after ``round-timeout`` (120 s); the nodes are stopped whatever happens.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from fedkd.config import load_config
 from fedkd.reporting import read_events, read_summary
 
 from ray_cluster import LocalRayCluster
+from test_e2e_deployment import time_limit
 
-pytestmark = [pytest.mark.e2e, pytest.mark.limit(180)]
+pytestmark = pytest.mark.e2e
 
 TINY = {  # a tiny synthetic federation: the engine and the cluster, not the learning, are under test
     "data.dataset": "synthetic", "data.num-clients": 3, "data.partitioner": "iid",
     "data.synthetic-examples": 900, "model.architectures": "mlp-small", "num-server-rounds": 2,
     "train.local-epochs": 1, "train.distill-epochs": 1, "global-student.enabled": False,
-    "fusion.method": "mean",
+    "fusion.method": "mean", "round-timeout": 120.0,
 }
 
 
@@ -38,11 +41,12 @@ def test_a_simulation_on_a_two_node_ray_cluster_matches_the_in_process_run(tmp_p
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = {"output-dir": str(tmp_path / "runs"), **TINY}
-    cluster = LocalRayCluster(workers=1, cpus=1)
+    cluster = LocalRayCluster(workers=1, cpus=1, timeout=120)
     try:
-        cluster.start()
-        cluster_dir = simulate(load_config(overrides={**config, "run-name": "cluster"}),
-                               ray_address=cluster.address)
+        cluster.start()  # bounded by its timeout
+        with time_limit(240, "the simulation on the cluster"):
+            cluster_dir = simulate(load_config(overrides={**config, "run-name": "cluster"}),
+                                   ray_address=cluster.address)
         worker_logs = "".join(p.read_text(errors="replace")
                               for p in (cluster.root / "worker0").glob("session_*/logs/worker-*"))
     finally:
