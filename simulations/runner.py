@@ -32,6 +32,13 @@ from fedkd.reporting import read_summary, run_directory
 # Each simulated site gets one CPU so that sites run side by side on small machines.
 CLIENT_CPUS = 1
 
+LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
+"""Ray settings of the local instance. Ray starts one idle Python worker per CPU when the
+first driver connects, for tasks without a runtime environment; Flower's actors all carry
+one (``PYTHONPATH``), so Ray never hands them those workers and starts its own: the
+prestarted ones (each a Python process importing Ray) only took CPU from the actors'
+start-up."""
+
 
 def _write_app_dir(directory: Path, config: Config) -> None:
     project = {
@@ -93,7 +100,8 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
     flat = config.to_flat()
     backend_config = {
         "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), "include_dashboard": False},
+        "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), "include_dashboard": False,
+                      "_system_config": LOCAL_RAY_SYSTEM_CONFIG},
     }
     address = os.environ.get("RAY_ADDRESS", "") if ray_address is None else ray_address
     with contextlib.ExitStack() as stack:
