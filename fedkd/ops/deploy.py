@@ -700,24 +700,28 @@ def deployment_plan(
         lines += [f"#   {deployment.keys_dir}/sites.toml (partition id -> public key, in the order above) "
                   "stays on the server host"]
     lines += [""]
-    lines += ["## 2. Server host: start the SuperLink (keep it running)",
-              shell_line(superlink_command(deployment)), ""]
-    lines += ["## 3. Operator: point the flwr CLI at it and register the sites' public keys",
-              shell_line(["fedkd", "deploy", "connect", "--superlink", deployment.address]
+    superlink = ["fedkd", "deploy", "superlink", "--port", str(deployment.port),
+                 "--control-port", str(deployment.control_port)]
+    superlink += ["--insecure"] if deployment.insecure else ["--certs", str(deployment.certs_dir)]
+    lines += ["## 2. Server host: start the SuperLink (keep it running): itself on "
+              f"{deployment.control_address} (Control API: this host only),",
+              f"##    its front on port {deployment.port} (the Fleet API only: what the sites use)",
+              shell_line(superlink), ""]
+    lines += ["## 3. Operator, on the server host: point the flwr CLI at the SuperLink's loopback address "
+              "and register the sites' public keys",
+              shell_line(["fedkd", "deploy", "connect", "--superlink", deployment.control_address]
                          + (["--ca", str(deployment.certs_dir / CA_CERT)] if secure else ["--insecure"]))]
     if secure:
         lines += [shell_line(register_command(deployment, deployment.keys_dir / f"{name}.pub")) for name in sites]
     lines += [""]
     for client, name in enumerate(sites):
-        node = {"partition-id": client, "public-path": f"{data_dir}/{PUBLIC_FILE}",
-                "data-path": f"{data_dir}/{site_file_name(client)}", "state-dir": state_dir}
-        if secure:  # the site signs its replies with its SuperNode key
-            node["identity-key"] = f"/etc/fedkd/{name}"
-        command = supernode_command(
-            superlink=deployment.address, node_config=node, insecure=deployment.insecure,
-            root_certificates=f"/etc/fedkd/{CA_CERT}", private_key=f"/etc/fedkd/{name}",
-        )
-        lines += [f"## 4.{client + 1} Site host '{name}' (partition {client}): start its SuperNode",
+        command = ["fedkd", "deploy", "supernode", "--superlink", deployment.address, "--partition-id", str(client),
+                   "--public", f"{data_dir}/{PUBLIC_FILE}", "--data", f"{data_dir}/{site_file_name(client)}",
+                   "--state-dir", state_dir]
+        command += ["--insecure"] if deployment.insecure else ["--ca", f"/etc/fedkd/{CA_CERT}",
+                                                               "--key", f"/etc/fedkd/{name}"]
+        lines += [f"## 4.{client + 1} Site host '{name}' (partition {client}): start its SuperNode "
+                  "and its app guard (runs fedkd's app only)",
                   shell_line(command), ""]
     lines += ["## 5. Operator: submit the run, follow it, collect the outputs",
               "fedkd deploy run --config RUN.toml --set run-name=NAME --wait"

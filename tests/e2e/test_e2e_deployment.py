@@ -289,13 +289,15 @@ def test_the_control_api_refuses_from_the_network_address(federation):
                  ("supernode", "register", str(federation.keys / "impostor.pub"), network),
                  ("supernode", "unregister", str(federation.node_ids[0]), network)):
         done = federation.flwr(*args, "--format", "json")
-        assert done.returncode != 0, (args, done.stdout)
-        assert "403" in done.stdout + done.stderr or "Forbidden" in done.stdout + done.stderr, (args, done.stdout)
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+        assert answer["success"] is False and "403" in answer["error-message"], (args, answer)
     assert federation.online_nodes() == SITES  # nothing was unregistered; the operator's flwr (loopback) works
     app = write_foreign_app(federation.root)
     done = federation.flwr("run", str(app), network, "--run-config", f'out="{federation.root / "foreign-net"}"',
                            "--format", "json", timeout=90)
-    assert done.returncode != 0 and not (federation.root / "foreign-net").exists(), done.stdout
+    answer = json.loads(done.stdout[done.stdout.index("{"):])
+    assert answer["success"] is False and "403" in answer["error-message"], answer
+    assert not (federation.root / "foreign-net").exists()
     print(f"\ncontrol API from the network: refused ({time.monotonic() - started:.1f}s for 5 flwr calls)")
 
 
@@ -306,7 +308,7 @@ def test_a_foreign_app_submitted_on_the_server_host_never_runs_on_a_site(federat
     app = write_foreign_app(federation.root)
     out = federation.root / "foreign-loopback"
     done = federation.flwr("run", str(app), federation.deployment.connection, "--run-config",
-                           f'out="{out}" timeout=40.0', "--format", "json", timeout=90)
+                           f'out="{out}" timeout=20.0', "--format", "json", timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     result = wait_for(lambda: (out / "server.json").is_file() and json.loads((out / "server.json").read_text()),
                       timeout=110, what="the foreign ServerApp's result", poll=1.0)
