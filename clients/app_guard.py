@@ -9,8 +9,8 @@ whatever the app. This guard replaces it: it takes each ClientApp task the same 
 Flower's ClientApp runtime (``flwr.supernode.runtime.run_clientapp``) with one step
 added: after the task's app (FAB) and run config are pulled, and before the FAB is
 installed or any module of it imported, :func:`fedkd.ops.appguard.task_problems` checks
-them; a refused task fails with the reason (the ServerApp sees an error reply), and the
-guard logs ``fedkd app guard: refused task ...``.
+them; a refused task fails with the reason (the ServerApp gets an error reply naming it),
+and the guard logs ``fedkd app guard: refused task ...``.
 
     python -m clients.app_guard --runtime-api-address 127.0.0.1:9094 [--allow-plugin mypkg.nets:Net]
 """
@@ -30,24 +30,33 @@ class AppRefused(RuntimeError):
 
 def run_task(*, runtime_api_address: str, token: str, parent_pid: int | None,
              allowed_plugins: list[str], pinned_hashes: list[str]) -> None:
-    """Flower's ``run_clientapp`` for one task, the app checked before it is installed."""
+    """Flower's ``run_clientapp`` for one task, the app checked before it is installed.
+
+    The check sits between pulling the task (message, context, run, FAB) and installing the
+    FAB: a refusal raised there takes Flower's own error path, so the SuperNode sends the
+    ServerApp an error reply naming the reason (and goes on with its next task)."""
     import flwr.supernode.runtime.run_clientapp as runtime
 
     from fedkd.ops.appguard import task_problems
 
-    pull = runtime.pull_task_input
+    pull, install = runtime.pull_task_input, runtime.install_from_fab
+    refused: list[str] = []
 
     def checked_pull(client):  # noqa: ANN001, ANN202
         message, context, run, fab = pull(client)
-        problems = task_problems(fab=fab.content, fab_hash=fab.hash_str, run_config=dict(context.run_config),
-                                 allowed_plugins=allowed_plugins, pinned_hashes=pinned_hashes)
-        if problems:
-            print(f"fedkd app guard: refused task of run {run.run_id} ({run.fab_id}): " + "; ".join(problems),
+        refused.extend(task_problems(fab=fab.content, fab_hash=fab.hash_str, run_config=dict(context.run_config),
+                                     allowed_plugins=allowed_plugins, pinned_hashes=pinned_hashes))
+        if refused:
+            print(f"fedkd app guard: refused task of run {run.run_id} ({run.fab_id}): " + "; ".join(refused),
                   file=sys.stderr, flush=True)
-            raise AppRefused("fedkd app guard refused the app: " + "; ".join(problems))
         return message, context, run, fab
 
-    runtime.pull_task_input = checked_pull
+    def checked_install(content, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if refused:
+            raise AppRefused("fedkd app guard refused the app: " + "; ".join(refused))
+        return install(content, *args, **kwargs)
+
+    runtime.pull_task_input, runtime.install_from_fab = checked_pull, checked_install
     runtime.run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
                           certificates=None, parent_pid=parent_pid, runtime_dependency_install=False)
 

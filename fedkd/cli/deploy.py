@@ -218,7 +218,6 @@ def cmd_deploy_supernode(args: argparse.Namespace) -> int:
 def cmd_deploy_run(args: argparse.Namespace) -> int:
     import json
     import subprocess
-    import tempfile
     import time
 
     from fedkd.ops.deploy import (
@@ -231,13 +230,14 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
         shell_line,
         wait_for_summary,
     )
+    from fedkd.ops.tempdirs import owned_temp_dir
 
     config = config_from_args_with_resume(args)
     config = _with_identities(config, args)
     name = config.run_name or default_run_name(config)
     config = dataclasses.replace(config, run_name=name, output_dir=str(Path(config.output_dir).resolve()))
     run_dir = Path(config.output_dir) / name
-    with tempfile.TemporaryDirectory(prefix="fedkd-deploy-app-") as app_dir:
+    with owned_temp_dir("fedkd-deploy-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(config))
         cmd = run_command(Deployment(connection=args.connection), app_dir, {}) + ["--format", "json"]
         print(shell_line(cmd), flush=True)

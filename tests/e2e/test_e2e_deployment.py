@@ -314,6 +314,7 @@ def test_a_foreign_app_submitted_on_the_server_host_never_runs_on_a_site(federat
                       timeout=110, what="the foreign ServerApp's result", poll=1.0)
     assert sorted(result["nodes"]) == sorted(federation.node_ids.values())
     assert result["contents"] == 0 and not list(out.glob("executed-on-*"))  # no site ran its ClientApp
+    assert len(result["errors"]) == SITES and all("fedkd app guard refused the app" in e for e in result["errors"])
     for i in range(SITES):
         assert "fedkd app guard: refused task" in federation.log_text(federation.site_name(i))
         assert "carries files other than pyproject.toml" in federation.log_text(federation.site_name(i))
