@@ -34,3 +34,22 @@ def test_control_and_runtime_are_refused_with_403_the_rest_404():
     assert refusal("GET", "/v1/fleet/pull-messages")[0] == 404  # the Fleet API is POST only
     assert refusal("POST", "/v1/fleet/../control/start-run")[0] == 404
     assert refusal("GET", "/docs")[0] == 404
+
+
+def test_the_front_app_refuses_before_forwarding_and_bounds_bodies():
+    """The real Starlette app in-process (an upstream port with nothing on it): refusals and
+    the body limit are answered by the front itself; a Fleet call is forwarded (and fails
+    with 502, nothing listening there)."""
+    from starlette.testclient import TestClient
+
+    from fedkd.ops.deploy import free_port
+    from fedkd.ops.front import front_app
+
+    app = front_app(upstream=f"127.0.0.1:{free_port()}", ca_file=None, max_body=1000)
+    with TestClient(app) as client:
+        refused = client.post("/v1/control/start-run", content=b"x")
+        assert refused.status_code == 403 and refused.text.startswith("fedkd front: /v1/control/start-run")
+        assert client.get("/v1/fleet/pull-messages").status_code == 404
+        assert client.post("/v1/fleet/push-object", content=b"x" * 1001).status_code == 413
+        unreachable = client.post("/v1/fleet/pull-messages", content=b"x" * 1000)
+        assert unreachable.status_code == 502 and "SuperLink unreachable" in unreachable.text

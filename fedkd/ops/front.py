@@ -86,17 +86,17 @@ def front_app(*, upstream: str, ca_file: str | Path | None, max_body: int = MAX_
         refused = refusal(request.method, request.url.path)
         if refused is not None:
             return PlainTextResponse(refused[1] + "\n", status_code=refused[0])
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > max_body:
-            return PlainTextResponse(f"fedkd front: body of {length} bytes refused (limit {max_body})\n",
-                                     status_code=413)
-        body = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():  # bounded whether or not a content-length is sent
+            body.extend(chunk)
+            if len(body) > max_body:
+                return PlainTextResponse(f"fedkd front: a body over {max_body} bytes refused\n", status_code=413)
         headers = _forward_headers(request.headers)
         if request.client is not None:
             headers.append(("x-forwarded-for", request.client.host))
         try:
             upstream_response = await state["client"].request(request.method, request.url.path,
-                                                              content=body, headers=headers)
+                                                              content=bytes(body), headers=headers)
         except httpx.HTTPError as err:
             return PlainTextResponse(f"fedkd front: SuperLink unreachable: {type(err).__name__}\n",
                                      status_code=502)
