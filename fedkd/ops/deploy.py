@@ -3,9 +3,9 @@
 Flower's deployment engine runs the same ServerApp/ClientApp as the simulation, under
 long-running processes: one ``flower-superlink`` (server host) and one
 ``flower-supernode`` per site. fedkd turns on, by default, the two protections Flower
-offers (docs/deployment.md explains every step):
+offers and adds its own (docs/deployment.md explains every step and the threat model):
 
-* **TLS** on the SuperLink's single HTTPS port (Fleet, Control and Runtime APIs).
+* **TLS** on the SuperLink's single HTTPS port (Fleet, Control and Runtime APIs) and on its front.
   :func:`write_certificates` makes a private CA and a server certificate whose
   subjectAltName lists every host name / IP address the sites and the operator use to
   reach the SuperLink (a name missing from the SAN makes the TLS handshake fail).
@@ -15,6 +15,13 @@ offers (docs/deployment.md explains every step):
   --auth-supernode-private-key`` and ``flwr supernode register`` read); the operator
   registers each public key with the SuperLink through the Control API; a SuperNode
   whose key is not registered is refused.
+* **The Control API on the server host only**: the SuperLink listens on
+  ``127.0.0.1:<control port>`` (:func:`superlink_command`; the operator's ``flwr`` CLI
+  uses that address) and a front on the sites' address forwards the Fleet API only
+  (:func:`front_command`, :mod:`fedkd.ops.front`).
+* **Only fedkd's app on a site**: SuperNodes run in Flower's ``process`` isolation
+  (:func:`supernode_command`) with fedkd's app guard (:func:`guard_command`,
+  :mod:`fedkd.ops.appguard`), kept together with it by :func:`run_together`.
 * **Identities bound to the same keys** (fedkd's own, :mod:`fedkd.identity`):
   :func:`write_identity_plan` writes ``sites.toml`` beside the keys (partition id -> the
   site's public key); the run config's ``identity.site-keys`` names it, each SuperNode's
