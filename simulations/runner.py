@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +24,37 @@ import tomli_w
 from fedkd.config import Config
 from fedkd.data import load_federation
 from fedkd.federation.preflight import check_site_models
+from fedkd.ops.tempdirs import owned_temp_dir
 from fedkd.plugins import config_plugins, export_search_path, plugin_search_path
 from fedkd.privacy import check_privacy_plans
 from fedkd.reporting import read_summary, run_directory
+
+APP_DIR_PREFIX = "fedkd-app-"
+"""The simulation's app folders, ``<tmp>/fedkd-app-<pid>-*``: a killed run's is removed at the next start."""
+
+RAY_INIT_ARGS = {"include_dashboard": False}
+"""``ray.init`` arguments (Flower's backend config ``init_args``): no dashboard (its HTTP
+server and agent). Ray 2.55 binds its core gRPC servers (GCS, raylet's node and object
+managers, every worker's core-worker server) to 0.0.0.0 and its runtime-env agent to the
+host's primary address, whatever ``_node_ip_address`` says (measured with ``ss -ltnp``):
+:func:`ray_token_auth` is what keeps other hosts out of them (docs/deployment.md)."""
+
+
+def ray_token_auth(environ: dict | None = None) -> bool:
+    """Turn on Ray's token authentication for the local Ray cluster the simulation starts
+    (``RAY_AUTH_MODE=token`` and a fresh random ``RAY_AUTH_TOKEN`` in ``environ``, default
+    ``os.environ``, which Ray's processes inherit), unless ``RAY_AUTH_MODE`` is set already
+    (the caller's choice stands). Returns whether it turned it on."""
+    import secrets
+
+    environ = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" in environ:
+        return False
+    environ["RAY_AUTH_MODE"] = "token"
+    environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    return True
+
 
 # Each simulated site gets one CPU so that sites run side by side on small machines.
 CLIENT_CPUS = 1
@@ -94,10 +121,12 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
     flat = config.to_flat()
     backend_config = {
         "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), "include_dashboard": False},
+        "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), **RAY_INIT_ARGS},
     }
-    with tempfile.TemporaryDirectory(prefix="fedkd-app-") as app_dir, _stop_on_interrupt(config, app_dir):
-        _write_app_dir(Path(app_dir), config)
+    ray_token_auth()
+    with owned_temp_dir(APP_DIR_PREFIX) as app_path, _stop_on_interrupt(config, str(app_path)):
+        app_dir = str(app_path)
+        _write_app_dir(app_path, config)
         server_context = Context(
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=flat
         )
