@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,19 +24,44 @@ import tomli_w
 from fedkd.config import Config
 from fedkd.data import load_federation
 from fedkd.federation.preflight import check_site_models
+from fedkd.ops.tempdirs import owned_temp_dir
 from fedkd.plugins import config_plugins, export_search_path, plugin_search_path
 from fedkd.privacy import check_privacy_plans
 from fedkd.reporting import read_summary, run_directory
 
+APP_DIR_PREFIX = "fedkd-app-"
+"""The simulation's app folders, ``<tmp>/fedkd-app-<pid>-*``: a killed run's is removed at the next start."""
+
+RAY_INIT_ARGS = {"include_dashboard": False, "_system_config": {"prestart_worker_first_driver": False}}
+"""``ray.init`` arguments of the local Ray instance (Flower's backend config ``init_args``):
+no dashboard (its HTTP server and agent), and no idle Python workers prestarted when the
+first driver connects: Ray starts one per CPU for tasks without a runtime environment,
+but Flower's actors all carry one (``PYTHONPATH``), so Ray never hands them those workers
+and starts its own; the prestarted ones (each a Python process importing Ray) only took
+CPU from the actors' start-up (docs/benchmarks.md, "Start-up"). Ray 2.55 binds its core gRPC servers (GCS, raylet's node and object
+managers, every worker's core-worker server) to 0.0.0.0 and its runtime-env agent to the
+host's primary address, whatever ``_node_ip_address`` says (measured with ``ss -ltnp``):
+:func:`ray_token_auth` is what keeps other hosts out of them (docs/deployment.md)."""
+
+
+def ray_token_auth(environ: dict | None = None) -> bool:
+    """Turn on Ray's token authentication for the local Ray cluster the simulation starts
+    (``RAY_AUTH_MODE=token`` and a fresh random ``RAY_AUTH_TOKEN`` in ``environ``, default
+    ``os.environ``, which Ray's processes inherit), unless ``RAY_AUTH_MODE`` is set already
+    (the caller's choice stands). Returns whether it turned it on."""
+    import secrets
+
+    environ = os.environ if environ is None else environ
+    if "RAY_AUTH_MODE" in environ:
+        return False
+    environ["RAY_AUTH_MODE"] = "token"
+    environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    return True
+
+
 # Each simulated site gets one CPU so that sites run side by side on small machines.
 CLIENT_CPUS = 1
-
-LOCAL_RAY_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
-"""Ray settings of the local instance. Ray starts one idle Python worker per CPU when the
-first driver connects, for tasks without a runtime environment; Flower's actors all carry
-one (``PYTHONPATH``), so Ray never hands them those workers and starts its own: the
-prestarted ones (each a Python process importing Ray) only took CPU from the actors'
-start-up."""
 
 
 def _write_app_dir(directory: Path, config: Config) -> None:
@@ -100,14 +124,15 @@ def simulate(config: Config, *, verbose: bool = False, num_supernodes: int | Non
     flat = config.to_flat()
     backend_config = {
         "client_resources": {"num_cpus": CLIENT_CPUS, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), "include_dashboard": False,
-                      "_system_config": LOCAL_RAY_SYSTEM_CONFIG},
+        "init_args": {"num_cpus": max(CLIENT_CPUS, os.cpu_count() or 1), **RAY_INIT_ARGS},
     }
     address = os.environ.get("RAY_ADDRESS", "") if ray_address is None else ray_address
     with contextlib.ExitStack() as stack:
-        if address:
+        if address:  # the cluster's own settings (its RAY_AUTH_* included) stand
             backend_config["init_args"] = {"address": address}
             stack.enter_context(attach_ray(address))
+        else:
+            ray_token_auth()
         _run_engine(config, flat=flat, backend_config=backend_config, verbose=verbose,
                     num_supernodes=config.data.num_clients if num_supernodes is None else num_supernodes)
     read_summary(run_dir)  # fails clearly if the server did not finish the run
@@ -151,7 +176,10 @@ def attach_ray(address: str) -> Iterator[None]:
     The cluster's nodes need the same Python, torch, Flower and fedkd as this one, at paths
     ``sys.path`` names (:func:`forwarded_environment`); this process must run on one of its
     nodes (Ray's drivers connect to their machine's raylet). Each site takes one CPU, so the
-    cluster runs as many sites side by side as it has CPUs (``ray status``)."""
+    cluster runs as many sites side by side as it has CPUs (``ray status``). Ray's token
+    authentication is the cluster's: with ``RAY_AUTH_MODE=token``, this process needs the
+    cluster's ``RAY_AUTH_TOKEN`` in its environment (no fresh token is made, unlike a local
+    instance, :func:`ray_token_auth`)."""
     import ray
 
     if ray.is_initialized():
@@ -179,8 +207,9 @@ def _run_engine(config: Config, *, flat: dict, backend_config: dict, verbose: bo
     from clients.client_app import app as client_app
     from server.server_app import app as server_app
 
-    with tempfile.TemporaryDirectory(prefix="fedkd-app-") as app_dir, _stop_on_interrupt(config, app_dir):
-        _write_app_dir(Path(app_dir), config)
+    with owned_temp_dir(APP_DIR_PREFIX) as app_path, _stop_on_interrupt(config, str(app_path)):
+        app_dir = str(app_path)
+        _write_app_dir(app_path, config)
         server_context = Context(
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=flat
         )

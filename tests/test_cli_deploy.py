@@ -26,11 +26,30 @@ def test_deploy_certs_and_keys_write_the_files_they_name(tmp_path, capsys):
 
 def test_deploy_superlink_dry_run_prints_tls_and_authentication(capsys):
     assert main(["deploy", "superlink", "--dry-run"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert line.startswith("flower-superlink ")
-    assert "--ssl-certfile certs/server.pem" in line and "--enable-supernode-auth" in line
+    superlink, front, note = capsys.readouterr().out.strip().splitlines()
+    assert superlink.startswith("flower-superlink --host 127.0.0.1 --port 9093 ")  # loopback only
+    assert "--ssl-certfile certs/server.pem" in superlink and "--enable-supernode-auth" in superlink
+    assert front.endswith("deploy front --host 0.0.0.0 --port 9091 --upstream 127.0.0.1:9093 --certs certs")
+    assert "fedkd deploy connect --superlink 127.0.0.1:9093 --ca certs/ca.crt" in note
     assert main(["deploy", "superlink", "--insecure", "--dry-run"]) == 0
     assert "--insecure" in capsys.readouterr().out
+    assert main(["deploy", "superlink", "--no-front", "--dry-run"]) == 0  # the old way, with a warning
+    captured = capsys.readouterr()
+    assert captured.out.startswith("flower-superlink --host 0.0.0.0 --port 9091 ")
+    assert "Control API" in captured.err
+    assert main(["deploy", "superlink", "--control-port", "9091", "--dry-run"]) == 2
+
+
+def test_deploy_supernode_dry_run_starts_the_app_guard_beside_it(capsys):
+    assert main(["deploy", "supernode", "--superlink", "h:9091", "--partition-id", "0", "--insecure",
+                 "--runtime-port", "9300", "--allow-plugin", "m.n:Net", "--dry-run"]) == 0
+    supernode, guard = capsys.readouterr().out.strip().splitlines()
+    assert "--isolation process" in supernode and "--port 9300" in supernode
+    assert guard.endswith("-m clients.app_guard --runtime-api-address 127.0.0.1:9300 --allow-plugin m.n:Net")
+    assert main(["deploy", "supernode", "--superlink", "h:9091", "--partition-id", "0", "--insecure",
+                 "--isolation", "subprocess", "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "--isolation subprocess" in captured.out and "runs any app" in captured.err
 
 
 def test_deploy_superlink_without_certificates_names_what_is_missing(tmp_path, capsys):

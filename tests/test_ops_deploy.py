@@ -29,6 +29,8 @@ from fedkd.ops.deploy import (
     certificate_hosts,
     connection_toml,
     export_partitions,
+    front_command,
+    guard_command,
     node_config_string,
     superlink_command,
     supernode_command,
@@ -50,7 +52,10 @@ def test_certificates_chain_to_the_ca_with_the_sans_asked_for(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     paths = write_certificates(tmp_path, hosts=["server.example.org", "10.0.0.5", "localhost"], days=30)
-    assert certificate_hosts(paths.server_cert) == ["server.example.org", "localhost", "10.0.0.5"]
+    # the loopback names are always added: flwr and the front reach the SuperLink on 127.0.0.1
+    assert certificate_hosts(paths.server_cert) == ["server.example.org", "localhost", "10.0.0.5", "127.0.0.1"]
+    bare = write_certificates(tmp_path / "bare", hosts=["server.example.org"], loopback=False)
+    assert certificate_hosts(bare.server_cert) == ["server.example.org"]
     ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the signature does not check out
@@ -76,7 +81,7 @@ def test_certificates_refuse_to_overwrite_and_bad_hosts(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         write_certificates(tmp_path, hosts=["localhost"])
     write_certificates(tmp_path, hosts=["127.0.0.1"], overwrite=True)
-    assert certificate_hosts(tmp_path / "server.pem") == ["127.0.0.1"]
+    assert certificate_hosts(tmp_path / "server.pem") == ["localhost", "127.0.0.1"]
     for hosts in ([], ["bad host"], ["a..b"]):
         with pytest.raises(ValueError):
             write_certificates(tmp_path / "x", hosts=hosts)
@@ -109,6 +114,11 @@ def test_commands_turn_tls_and_authentication_on_unless_insecure(tmp_path):
     secure = Deployment(address="server.example.org:9091", certs_dir=tmp_path)
     cmd = superlink_command(secure)
     assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
+    # the SuperLink (Control API included) on loopback; the front on the sites' address
+    assert cmd[cmd.index("--host") + 1:cmd.index("--port") + 2] == ["127.0.0.1", "--port", "9093"]
+    front = front_command(secure)
+    assert front[front.index("deploy"):] == ["deploy", "front", "--host", "0.0.0.0", "--port", "9091",
+                                             "--upstream", "127.0.0.1:9093", "--certs", str(tmp_path)]
     assert cmd[cmd.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
     assert "--disable-runtime-dependency-installation" in cmd
     insecure = superlink_command(Deployment(insecure=True))
@@ -117,6 +127,9 @@ def test_commands_turn_tls_and_authentication_on_unless_insecure(tmp_path):
     node = supernode_command(superlink="h:1", node_config={"partition-id": 0},
                              root_certificates=tmp_path / "ca.crt", private_key=tmp_path / "k")
     assert node[node.index("--auth-supernode-private-key") + 1] == str(tmp_path / "k")
+    assert node[node.index("--isolation") + 1] == "process"  # the app guard runs the tasks
+    assert guard_command(runtime_port=9200, allow_plugins=["m.n:Net"])[1:] == [
+        "-m", "clients.app_guard", "--runtime-api-address", "127.0.0.1:9200", "--allow-plugin", "m.n:Net"]
     with pytest.raises(ValueError, match="insecure"):
         supernode_command(superlink="h:1", node_config={"partition-id": 0})
 

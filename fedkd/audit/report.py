@@ -100,7 +100,8 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
         "",
         f"Protection: DP {'on, accountant epsilon ' + _f(p['epsilon'], '.2f') + ' (delta ' + _f(p['delta'], '.2g') + ')' if p['enabled'] else 'off'}; "
         f"shielding T0 = {shield['temperature']:g}, gamma = {shield['gamma']:g}, "
-        f"noise std = {shield['noise_std']:g}, scorer {shield['scorer']}, top-k {shield['top_k']}.",
+        f"noise std = {shield['noise_std']:g}, scorer {shield['scorer']}, top-k {shield['top_k']}; "
+        f"release mechanism {_release_cell(shield)}.",
         "",
         f"Accuracy: ALMA {_f(acc['alma'])}, audited site {_f(acc['site'])}, "
         f"global student {_f(acc['global'])}.",
@@ -304,6 +305,13 @@ def _pair(row: Mapping[str, Any], target: str, key: str) -> str:
             f"{_strongest(row, target, key)}")
 
 
+def _release_cell(shield: Mapping[str, Any]) -> str:
+    """The release mechanism of a run: ``-`` or e.g. ``label-rr ε1`` (per label and round)."""
+    if shield.get("release", "none") == "none":
+        return "-"
+    return f"{shield['release']} ε{shield['release_epsilon']:g}"
+
+
 def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
     lines = [
         "# Privacy-leakage sweep", "", f"Command: `{command}`", "",
@@ -313,15 +321,15 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
         "intervals). Global student: LOSS / strongest. ε LB: largest one-run lower "
         "bound over targets and attacks (each valid at 95% on its own). Accuracy: ALMA, the "
         "audited site's local test accuracy, the global student's.", "",
-        "| setting | shield T0 | noise | DP ε (accountant) | released knowledge AUC | TPR@1%FPR | site model AUC | TPR@1%FPR | global student AUC | ε LB | ALMA | site acc | global acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | shield T0 | noise | release | DP ε (accountant) | released knowledge AUC | TPR@1%FPR | site model AUC | TPR@1%FPR | global student AUC | ε LB | ALMA | site acc | global acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         a = row["audit"]
         p, acc = a["privacy"], a["accuracy"]
         lines.append(
             f"| {row['setting']} | {a['shield']['temperature']:g} | {a['shield']['noise_std']:g} | "
-            f"{_f(p['epsilon'], '.2f') if p['enabled'] else 'off'} | "
+            f"{_release_cell(a['shield'])} | {_f(p['epsilon'], '.2f') if p['enabled'] else 'off'} | "
             f"{_pair(row, 'released-knowledge', 'auc')} | {_pair(row, 'released-knowledge', 'tpr_at_1pct')} | "
             f"{_pair(row, 'site-model', 'auc')} | {_pair(row, 'site-model', 'tpr_at_1pct')} | "
             f"{_f(_metric(row, 'global-student', 'loss'))} / {_strongest(row, 'global-student', 'auc')} | "

@@ -5,8 +5,11 @@ Settings (kinds): ``none`` (no protection); ``temperature`` (shielding temperatu
 one run per level); ``noise`` (logit noise only, one run per level); ``shield``
 (shielding only: the first temperature and the first noise level together); ``dp``
 (DP-SGD only, one run per epsilon); ``both`` (the ``shield`` setting plus DP at the
-middle epsilon). Every run has ``audit.enabled``; everything else comes from the base
-config, so the runs differ only in ``shield.*`` and ``privacy.*``.
+middle epsilon); ``release`` (the guaranteed release mechanism, ``shield.release =
+"label-rr"``, one run per release epsilon: :mod:`fedkd.privacy.release`); ``dp-release``
+(DP-SGD at the middle epsilon plus label-rr at the first release epsilon). Every run has
+``audit.enabled``; everything else comes from the base config, so the runs differ only in
+``shield.*`` and ``privacy.*``.
 
 This module holds the pure parts: the settings and each setting's configuration. The
 driver that runs and audits them (``run_sweep``) is simulations/studies/audit_sweep.py,
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 from fedkd.config import Config
 
-SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both")
+SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both", "release", "dp-release")
 
 DIGITS_SWEEP = {
     "num-server-rounds": 10,
@@ -47,10 +50,12 @@ class Setting:
     temperature: float = 1.0
     noise_std: float = 0.0
     epsilon: float | None = None
+    release_epsilon: float | None = None
+    """label-rr's epsilon per released label and round; None = no release mechanism."""
 
 
 def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], epsilons: Sequence[float],
-                   kinds: Sequence[str] = SWEEP_KINDS) -> list[Setting]:
+                   release_epsilons: Sequence[float] = (), kinds: Sequence[str] = SWEEP_KINDS) -> list[Setting]:
     """The settings of one sweep (module doc), in a fixed order."""
     unknown = [k for k in kinds if k not in SWEEP_KINDS]
     if unknown:
@@ -72,12 +77,21 @@ def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], ep
         middle = sorted(epsilons)[len(epsilons) // 2]
         out.append(Setting(f"both-T{t0:g}-noise{n0:g}-eps{middle:g}", "both", temperature=t0,
                            noise_std=n0, epsilon=middle))
+    if "release" in kinds:
+        out += [Setting(f"release-rr{r:g}", "release", release_epsilon=r) for r in release_epsilons]
+    if "dp-release" in kinds and epsilons and release_epsilons:
+        middle = sorted(epsilons)[len(epsilons) // 2]
+        r0 = release_epsilons[0]
+        out.append(Setting(f"dp-eps{middle:g}-rr{r0:g}", "dp-release", epsilon=middle, release_epsilon=r0))
     return out
 
 
 def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config:
     """``base`` with the setting's shielding and DP, auditing on, named ``sweep/setting``."""
-    shield = dataclasses.replace(base.shield, temperature=setting.temperature, noise_std=setting.noise_std)
+    release = {"release": "none"} if setting.release_epsilon is None else {
+        "release": "label-rr", "release_epsilon": setting.release_epsilon}
+    shield = dataclasses.replace(base.shield, temperature=setting.temperature, noise_std=setting.noise_std,
+                                 **release)
     privacy = dataclasses.replace(base.privacy, enabled=setting.epsilon is not None,
                                   target_epsilon=setting.epsilon or base.privacy.target_epsilon)
     train = base.train

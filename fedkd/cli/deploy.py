@@ -5,9 +5,11 @@ their parsers.
     fedkd deploy keys               SuperNode authentication key pairs
     fedkd deploy export-partitions  public.npz + one site-<i>.npz per site
     fedkd deploy connect            the SuperLink in the flwr CLI's configuration
-    fedkd deploy superlink          start the SuperLink (TLS + SuperNode authentication)
+    fedkd deploy superlink          start the SuperLink (TLS + SuperNode authentication) on
+                                    loopback and its front (the Fleet API only) on the network
+    fedkd deploy front              the front alone (fedkd deploy superlink starts it)
     fedkd deploy register           register SuperNode public keys
-    fedkd deploy supernode          start this site's SuperNode
+    fedkd deploy supernode          start this site's SuperNode and its app guard
     fedkd deploy run                submit a run (the resolved config), optionally wait
     fedkd deploy plan               every command of a deployment, host by host
 
@@ -118,13 +120,51 @@ def _need_files(**paths: Path | None) -> None:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from fedkd.ops.deploy import CA_CERT, SERVER_CERT, SERVER_KEY, Deployment, superlink_command
+    from fedkd.ops.deploy import (
+        CA_CERT,
+        SERVER_CERT,
+        SERVER_KEY,
+        Deployment,
+        flower_env,
+        front_command,
+        run_together,
+        shell_line,
+        superlink_command,
+    )
 
-    deployment = Deployment(address=f"{args.host}:{args.port}", certs_dir=args.certs, insecure=args.insecure)
+    deployment = Deployment(address=f"{args.host}:{args.port}", certs_dir=args.certs, insecure=args.insecure,
+                            control_port=args.control_port)
     if not args.insecure and not args.dry_run:
         _need_files(ca=args.certs / CA_CERT, certificate=args.certs / SERVER_CERT, key=args.certs / SERVER_KEY)
-    return _run_or_print(superlink_command(deployment, bind_host=args.host, database=args.database),
-                         args.dry_run, exec_=True)
+    if args.no_front:
+        print("fedkd: warning: --no-front: the Control API (submit runs, register and unregister nodes) is "
+              f"open to everyone who reaches {args.host}:{args.port}", file=sys.stderr)
+        return _run_or_print(superlink_command(deployment, bind_host=args.host, port=args.port,
+                                               database=args.database), args.dry_run, exec_=True)
+    if args.control_port == args.port:
+        raise ConfigError([f"--control-port: must differ from --port; got {args.control_port} for both"])
+    commands = {"superlink": superlink_command(deployment, database=args.database),
+                "front": front_command(deployment, bind_host=args.host)}
+    for cmd in commands.values():
+        print(shell_line(cmd), flush=True)
+    print(f"# sites reach {args.host}:{args.port} (Fleet API only); the operator's flwr CLI, on this host: "
+          f"fedkd deploy connect --superlink {deployment.control_address}"
+          + (" --insecure" if args.insecure else f" --ca {args.certs / CA_CERT}"), flush=True)
+    if args.dry_run:
+        return 0
+    return run_together(commands, env=flower_env())
+
+
+def cmd_deploy_front(args: argparse.Namespace) -> int:
+    from fedkd.ops.deploy import address_problem
+    from fedkd.ops.front import serve_front
+
+    problem = address_problem(args.upstream, key="--upstream")
+    if problem:
+        raise ConfigError([problem])
+    serve_front(host=args.host, port=args.port, upstream=args.upstream, certs_dir=args.certs,
+                insecure=args.insecure)
+    return 0
 
 
 def cmd_deploy_register(args: argparse.Namespace) -> int:
@@ -139,7 +179,7 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
     from fedkd.data import load_public_file, load_site_file
-    from fedkd.ops.deploy import supernode_command
+    from fedkd.ops.deploy import flower_env, guard_command, run_together, shell_line, supernode_command
 
     node: dict[str, object] = {"partition-id": args.partition_id}
     identity_key = args.key if args.key and not args.insecure and not args.no_identity else None
@@ -159,14 +199,25 @@ def cmd_deploy_supernode(args: argparse.Namespace) -> int:
         if args.state_dir:
             Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(superlink=args.superlink, node_config=node, root_certificates=args.ca,
-                            private_key=args.key, insecure=args.insecure, runtime_port=args.runtime_port)
-    return _run_or_print(cmd, args.dry_run, exec_=True)
+                            private_key=args.key, insecure=args.insecure, runtime_port=args.runtime_port,
+                            max_wait_time=args.max_wait_time, isolation=args.isolation)
+    if args.isolation == "subprocess":
+        print("fedkd: warning: --isolation subprocess: this SuperNode runs any app the SuperLink hands out",
+              file=sys.stderr)
+        return _run_or_print(cmd, args.dry_run, exec_=True)
+    commands = {"supernode": cmd, "app-guard": guard_command(runtime_port=args.runtime_port,
+                                                             allow_plugins=args.allow_plugin,
+                                                             fab_hashes=args.fab_hash)}
+    for line in commands.values():
+        print(shell_line(line), flush=True)
+    if args.dry_run:
+        return 0
+    return run_together(commands, env=flower_env())
 
 
 def cmd_deploy_run(args: argparse.Namespace) -> int:
     import json
     import subprocess
-    import tempfile
     import time
 
     from fedkd.ops.deploy import (
@@ -179,13 +230,14 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
         shell_line,
         wait_for_summary,
     )
+    from fedkd.ops.tempdirs import owned_temp_dir
 
     config = config_from_args_with_resume(args)
     config = _with_identities(config, args)
     name = config.run_name or default_run_name(config)
     config = dataclasses.replace(config, run_name=name, output_dir=str(Path(config.output_dir).resolve()))
     run_dir = Path(config.output_dir) / name
-    with tempfile.TemporaryDirectory(prefix="fedkd-deploy-app-") as app_dir:
+    with owned_temp_dir("fedkd-deploy-app-") as app_dir:
         (Path(app_dir) / "pyproject.toml").write_text(app_pyproject(config))
         cmd = run_command(Deployment(connection=args.connection), app_dir, {}) + ["--format", "json"]
         print(shell_line(cmd), flush=True)
@@ -258,7 +310,7 @@ def cmd_deploy_plan(args: argparse.Namespace) -> int:
 
 
 def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
-    from fedkd.ops.deploy import DEFAULT_CONNECTION, DEFAULT_PORT
+    from fedkd.ops.deploy import DEFAULT_CONNECTION, DEFAULT_CONTROL_PORT, DEFAULT_PORT
 
     deploy = sub.add_parser("deploy", help="run on Flower's deployment engine: one SuperLink, "
                             "one SuperNode per site host (docs/deployment.md)")
@@ -297,12 +349,27 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("superlink", help="start the SuperLink: TLS + SuperNode authentication")
     p.add_argument("--certs", type=Path, default=Path("certs"),
                    help="folder with ca.crt, server.pem, server.key (default: %(default)s)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTPS port (default: %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="address the front listens on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help="the front's HTTPS port, for the sites (default: %(default)s)")
+    p.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+                   help="the SuperLink's port on 127.0.0.1, for the operator's flwr CLI (default: %(default)s)")
+    p.add_argument("--no-front", action="store_true",
+                   help="no front: the SuperLink itself on --host:--port, Control API included (not advised)")
     p.add_argument("--database", help="SQLite file to keep registered nodes and runs across restarts")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (test networks only)")
-    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=cmd_deploy_superlink)
+
+    p = dsub.add_parser("front", help="the SuperLink's front alone: the Fleet API forwarded, the rest refused")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTPS port (default: %(default)s)")
+    p.add_argument("--upstream", default=f"127.0.0.1:{DEFAULT_CONTROL_PORT}",
+                   help="the SuperLink, HOST:PORT (default: %(default)s)")
+    p.add_argument("--certs", type=Path, default=Path("certs"),
+                   help="folder with ca.crt, server.pem, server.key (default: %(default)s)")
+    p.add_argument("--insecure", action="store_true", help="plaintext both ways (test networks only)")
+    p.set_defaults(func=cmd_deploy_front)
 
     p = dsub.add_parser("register", help="register SuperNode public keys with the SuperLink")
     p.add_argument("keys", nargs="+", type=Path, help="<name>.pub files")
@@ -325,8 +392,15 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                    help="do not sign replies with --key (a server with an identity plan refuses them)")
     p.add_argument("--runtime-port", type=int, default=9094,
                    help="local Runtime API port; distinct per SuperNode on one host (default: %(default)s)")
+    p.add_argument("--isolation", choices=("process", "subprocess"), default="process",
+                   help="process (default): the app guard runs only fedkd's app; subprocess: Flower runs any app")
+    p.add_argument("--allow-plugin", action="append", default=[],
+                   help="an import path (package.module:name) the run config may name; repeat")
+    p.add_argument("--fab-hash", action="append", default=[],
+                   help="run only apps with this sha256 (repeat; default: any app that is fedkd's)")
+    p.add_argument("--max-wait-time", type=float, help="give up connecting after this many seconds")
     p.add_argument("--insecure", action="store_true", help="no TLS, no authentication (test networks only)")
-    p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=cmd_deploy_supernode)
 
     p = dsub.add_parser("run", help="submit a run (the resolved config) to the SuperLink")

@@ -165,6 +165,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = sweep_settings(
         temperatures=_floats(args.temperatures, "--temperatures"), noises=_floats(args.noise, "--noise"),
         epsilons=_floats(args.epsilons, "--epsilons"),
+        release_epsilons=_floats(args.release_epsilons, "--release-epsilons"),
         kinds=[k.strip() for k in args.settings.split(",") if k.strip()],
     )
     for setting in settings:  # refuse a bad setting (e.g. an unreachable epsilon) before the first run
@@ -233,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperatures", default="4,16", help="--sweep: shielding temperatures (default: %(default)s)")
     p.add_argument("--noise", default="1,4", help="--sweep: shielding logit noise levels (default: %(default)s)")
     p.add_argument("--epsilons", default="1,4,16", help="--sweep: DP epsilons (default: %(default)s)")
-    p.add_argument("--settings", default="none,temperature,noise,shield,dp,both",
+    p.add_argument("--release-epsilons", default="1,4",
+                   help="--sweep: label-rr epsilons per released label and round (default: %(default)s)")
+    p.add_argument("--settings", default="none,temperature,noise,shield,dp,both,release,dp-release",
                    help="--sweep: which kinds of settings to run (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_audit)

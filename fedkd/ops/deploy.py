@@ -3,9 +3,9 @@
 Flower's deployment engine runs the same ServerApp/ClientApp as the simulation, under
 long-running processes: one ``flower-superlink`` (server host) and one
 ``flower-supernode`` per site. fedkd turns on, by default, the two protections Flower
-offers (docs/deployment.md explains every step):
+offers and adds its own (docs/deployment.md explains every step and the threat model):
 
-* **TLS** on the SuperLink's single HTTPS port (Fleet, Control and Runtime APIs).
+* **TLS** on the SuperLink's single HTTPS port (Fleet, Control and Runtime APIs) and on its front.
   :func:`write_certificates` makes a private CA and a server certificate whose
   subjectAltName lists every host name / IP address the sites and the operator use to
   reach the SuperLink (a name missing from the SAN makes the TLS handshake fail).
@@ -15,6 +15,13 @@ offers (docs/deployment.md explains every step):
   --auth-supernode-private-key`` and ``flwr supernode register`` read); the operator
   registers each public key with the SuperLink through the Control API; a SuperNode
   whose key is not registered is refused.
+* **The Control API on the server host only**: the SuperLink listens on
+  ``127.0.0.1:<control port>`` (:func:`superlink_command`; the operator's ``flwr`` CLI
+  uses that address) and a front on the sites' address forwards the Fleet API only
+  (:func:`front_command`, :mod:`fedkd.ops.front`).
+* **Only fedkd's app on a site**: SuperNodes run in Flower's ``process`` isolation
+  (:func:`supernode_command`) with fedkd's app guard (:func:`guard_command`,
+  :mod:`fedkd.ops.appguard`), kept together with it by :func:`run_together`.
 * **Identities bound to the same keys** (fedkd's own, :mod:`fedkd.identity`):
   :func:`write_identity_plan` writes ``sites.toml`` beside the keys (partition id -> the
   site's public key); the run config's ``identity.site-keys`` names it, each SuperNode's
@@ -46,6 +53,8 @@ SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 PUBLIC_FILE = "public.npz"
 DEFAULT_PORT = 9091
+DEFAULT_CONTROL_PORT = 9093
+LOOPBACK = "127.0.0.1"
 DEFAULT_CONNECTION = "fedkd"
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -125,13 +134,16 @@ def write_certificates(
     days: int = 365,
     overwrite: bool = False,
     organization: str = "fedkd",
+    loopback: bool = True,
 ) -> CertificatePaths:
     """Create a private CA and a server certificate signed by it, for ``hosts``.
 
     Writes ``ca.crt`` (give to every site and to the operator's ``flwr`` CLI), ``ca.key``
     (keep offline; 0600), ``server.pem`` and ``server.key`` (SuperLink host only; 0600).
     Keys are EC P-384; the server certificate carries ``subjectAltName`` = ``hosts``
-    (DNS names and IP addresses), ``serverAuth`` extended key usage, and is valid for
+    (DNS names and IP addresses), plus ``localhost`` and ``127.0.0.1`` unless
+    ``loopback=False`` (the operator's ``flwr`` CLI and the front reach the SuperLink on the
+    server host's loopback address), ``serverAuth`` extended key usage, and is valid for
     ``days`` days.
     """
     from cryptography import x509
@@ -140,6 +152,8 @@ def write_certificates(
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     hosts = check_hosts(hosts)
+    if loopback:
+        hosts += [h for h in ("localhost", LOOPBACK) if h not in hosts]
     if days < 1:
         raise ValueError(f"days must be >= 1; got {days}")
     directory = Path(directory)
@@ -302,35 +316,48 @@ def address_problem(address: str, *, key: str = "--superlink") -> str | None:
 
 @dataclass(frozen=True)
 class Deployment:
-    """Where the SuperLink listens (``address`` = HOST:PORT as sites reach it), where the
-    TLS and key files are, and the operator's connection name. ``insecure`` turns TLS and
-    SuperNode authentication off (closed test networks only; Flower refuses
-    authentication without TLS)."""
+    """Where the sites reach the federation (``address`` = HOST:PORT: the front, or the
+    SuperLink itself without one), the SuperLink's loopback port on the server host
+    (``control_port``: the operator's ``flwr`` CLI and the front use
+    ``127.0.0.1:<control_port>``), where the TLS and key files are, and the operator's
+    connection name. ``insecure`` turns TLS and SuperNode authentication off (closed test
+    networks only; Flower refuses authentication without TLS)."""
 
-    address: str = f"127.0.0.1:{DEFAULT_PORT}"
+    address: str = f"{LOOPBACK}:{DEFAULT_PORT}"
     certs_dir: Path = Path("certs")
     keys_dir: Path = Path("keys")
     insecure: bool = False
     connection: str = DEFAULT_CONNECTION
+    control_port: int = DEFAULT_CONTROL_PORT
 
     @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
+    @property
+    def control_address(self) -> str:
+        """The SuperLink on the server host's loopback: Control API (``flwr``) and the front's upstream."""
+        return f"{LOOPBACK}:{self.control_port}"
+
 
 def superlink_command(
     deployment: Deployment,
     *,
-    bind_host: str = "0.0.0.0",
+    bind_host: str = LOOPBACK,
+    port: int | None = None,
     database: str | None = None,
 ) -> list[str]:
-    """``flower-superlink`` with TLS and SuperNode authentication (unless insecure).
+    """``flower-superlink`` with TLS and SuperNode authentication (unless insecure), on
+    ``bind_host:port`` (default ``127.0.0.1:<control_port>``: behind the front,
+    :func:`front_command`).
 
     Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
-    (``--host``/``--port``). ``--disable-runtime-dependency-installation`` keeps the
-    SuperLink from re-installing the app's dependencies (torch) for every run.
+    (``--host``/``--port``), the Control API without authentication: bound to loopback,
+    only the server host reaches it. ``--disable-runtime-dependency-installation`` keeps
+    the SuperLink from re-installing the app's dependencies (torch) for every run.
     """
-    cmd = ["flower-superlink", "--host", bind_host, "--port", str(deployment.port),
+    port = deployment.control_port if port is None else port
+    cmd = ["flower-superlink", "--host", bind_host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if deployment.insecure:
         cmd.append("--insecure")
@@ -341,6 +368,17 @@ def superlink_command(
     if database:
         cmd += ["--database", database]
     return cmd
+
+
+def front_command(deployment: Deployment, *, bind_host: str = "0.0.0.0", python: str | None = None) -> list[str]:
+    """The front (:mod:`fedkd.ops.front`) on ``bind_host:<deployment.port>``: the Fleet API
+    forwarded to the SuperLink at ``deployment.control_address``, everything else refused."""
+    import sys
+
+    cmd = [python or sys.executable, "-m", "fedkd.cli", "deploy", "front", "--host", bind_host,
+           "--port", str(deployment.port), "--upstream", deployment.control_address,
+           "--certs", str(deployment.certs_dir)]
+    return cmd + (["--insecure"] if deployment.insecure else [])
 
 
 def node_config_string(values: Mapping[str, Any]) -> str:
@@ -366,13 +404,21 @@ def supernode_command(
     insecure: bool = False,
     runtime_port: int = 9094,
     max_wait_time: float | None = None,
+    isolation: str = "process",
 ) -> list[str]:
     """``flower-supernode`` for one site: its node config (partition id, data files,
     state directory, model), the CA certificate that verifies the SuperLink, and the
     site's private key. ``runtime_port`` is the SuperNode's local Runtime API port
-    (127.0.0.1 only); SuperNodes sharing one host need distinct ports."""
+    (127.0.0.1 only); SuperNodes sharing one host need distinct ports.
+
+    ``isolation="process"`` (the default): the SuperNode runs no app itself; the site's
+    app guard (:func:`guard_command`) takes each task from that Runtime API and runs only
+    fedkd's ClientApp (:mod:`fedkd.ops.appguard`). ``"subprocess"`` is Flower's default,
+    which runs whatever app the SuperLink hands out."""
+    if isolation not in ("process", "subprocess"):
+        raise ValueError(f"isolation: must be one of process, subprocess; got {isolation!r}")
     cmd = ["flower-supernode", "--superlink", superlink, "--port", str(runtime_port),
-           "--node-config", node_config_string(node_config)]
+           "--isolation", isolation, "--node-config", node_config_string(node_config)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -383,6 +429,67 @@ def supernode_command(
     if max_wait_time is not None:
         cmd += ["--max-wait-time", f"{max_wait_time:g}"]
     return cmd
+
+
+def guard_command(*, runtime_port: int = 9094, allow_plugins: Sequence[str] = (),
+                  fab_hashes: Sequence[str] = (), python: str | None = None) -> list[str]:
+    """The site's app guard (``clients.app_guard``) on the SuperNode's Runtime API at
+    ``127.0.0.1:<runtime_port>``: it runs a task only when the app is fedkd's
+    (:func:`fedkd.ops.appguard.task_problems`), its run config names no import path but
+    ``allow_plugins``, and (when any) its hash is one of ``fab_hashes``."""
+    import sys
+
+    cmd = [python or sys.executable, "-m", "clients.app_guard", "--runtime-api-address",
+           f"{LOOPBACK}:{runtime_port}"]
+    for flag, values in (("--allow-plugin", allow_plugins), ("--fab-hash", fab_hashes)):
+        for value in values:
+            cmd += [flag, value]
+    return cmd
+
+
+def run_together(commands: Mapping[str, Sequence[str]], *, env: Mapping[str, str] | None = None,
+                 grace: float = 10.0) -> int:
+    """Start every command (the SuperLink and its front; a SuperNode and its app guard) and
+    keep them together: when one ends, or on SIGTERM / SIGINT, stop the others (SIGTERM,
+    SIGKILL after ``grace`` seconds). Returns the first one's exit status (128 + the
+    signal when stopped by one). The children stay in this process's group."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:  # noqa: ARG001
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    procs: dict[str, subprocess.Popen] = {}
+    first: tuple[str, int] | None = None
+    try:
+        for name, cmd in commands.items():
+            procs[name] = subprocess.Popen(list(cmd), env=None if env is None else dict(env))  # noqa: S603
+        while first is None and not received:
+            first = next(((name, p.returncode) for name, p in procs.items() if p.poll() is not None), None)
+            time.sleep(0.2)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        return 128 + received[0]
+    name, code = first  # type: ignore[misc]
+    print(f"fedkd: {name} exited with status {code}; stopped the rest", file=sys.stderr, flush=True)
+    return code if code else 1
 
 
 def connection_toml(
@@ -600,24 +707,28 @@ def deployment_plan(
         lines += [f"#   {deployment.keys_dir}/sites.toml (partition id -> public key, in the order above) "
                   "stays on the server host"]
     lines += [""]
-    lines += ["## 2. Server host: start the SuperLink (keep it running)",
-              shell_line(superlink_command(deployment)), ""]
-    lines += ["## 3. Operator: point the flwr CLI at it and register the sites' public keys",
-              shell_line(["fedkd", "deploy", "connect", "--superlink", deployment.address]
+    superlink = ["fedkd", "deploy", "superlink", "--port", str(deployment.port),
+                 "--control-port", str(deployment.control_port)]
+    superlink += ["--insecure"] if deployment.insecure else ["--certs", str(deployment.certs_dir)]
+    lines += ["## 2. Server host: start the SuperLink (keep it running): itself on "
+              f"{deployment.control_address} (Control API: this host only),",
+              f"##    its front on port {deployment.port} (the Fleet API only: what the sites use)",
+              shell_line(superlink), ""]
+    lines += ["## 3. Operator, on the server host: point the flwr CLI at the SuperLink's loopback address "
+              "and register the sites' public keys",
+              shell_line(["fedkd", "deploy", "connect", "--superlink", deployment.control_address]
                          + (["--ca", str(deployment.certs_dir / CA_CERT)] if secure else ["--insecure"]))]
     if secure:
         lines += [shell_line(register_command(deployment, deployment.keys_dir / f"{name}.pub")) for name in sites]
     lines += [""]
     for client, name in enumerate(sites):
-        node = {"partition-id": client, "public-path": f"{data_dir}/{PUBLIC_FILE}",
-                "data-path": f"{data_dir}/{site_file_name(client)}", "state-dir": state_dir}
-        if secure:  # the site signs its replies with its SuperNode key
-            node["identity-key"] = f"/etc/fedkd/{name}"
-        command = supernode_command(
-            superlink=deployment.address, node_config=node, insecure=deployment.insecure,
-            root_certificates=f"/etc/fedkd/{CA_CERT}", private_key=f"/etc/fedkd/{name}",
-        )
-        lines += [f"## 4.{client + 1} Site host '{name}' (partition {client}): start its SuperNode",
+        command = ["fedkd", "deploy", "supernode", "--superlink", deployment.address, "--partition-id", str(client),
+                   "--public", f"{data_dir}/{PUBLIC_FILE}", "--data", f"{data_dir}/{site_file_name(client)}",
+                   "--state-dir", state_dir]
+        command += ["--insecure"] if deployment.insecure else ["--ca", f"/etc/fedkd/{CA_CERT}",
+                                                               "--key", f"/etc/fedkd/{name}"]
+        lines += [f"## 4.{client + 1} Site host '{name}' (partition {client}): start its SuperNode "
+                  "and its app guard (runs fedkd's app only)",
                   shell_line(command), ""]
     lines += ["## 5. Operator: submit the run, follow it, collect the outputs",
               "fedkd deploy run --config RUN.toml --set run-name=NAME --wait"

@@ -1,5 +1,9 @@
 """A local multi-process Flower deployment for tests: one SuperLink, N SuperNodes, the flwr CLI.
 
+Started as the deployment guide starts them: ``fedkd deploy superlink`` (the SuperLink on
+loopback at ``control_port``, the operator's ``flwr`` CLI pointed there, and the front on
+``port``, where the sites connect, passing the Fleet API only) and ``fedkd deploy
+supernode`` (each SuperNode in ``process`` isolation with its app guard).
 Everything listens on 127.0.0.1 only, on ports picked free at run time, with a temporary
 FLWR_HOME; every process is started in its own process group and the whole group is
 killed on :meth:`LocalFederation.close` (SIGTERM, then SIGKILL after a grace period).
@@ -35,8 +39,6 @@ from fedkd.ops.deploy import (
     public_file_name,
     register_command,
     site_file_name,
-    superlink_command,
-    supernode_command,
     write_certificates,
     write_identity_plan,
     write_supernode_keys,
@@ -78,9 +80,11 @@ class LocalFederation:
         self.data = self.root / "data"
         self.state = self.root / "state"
         self.home = self.root / "flwr-home"
-        self.port = free_port()
+        self.port = free_port()  # the front: the sites' address
+        self.control_port = free_port()  # the SuperLink itself, loopback: the operator's flwr CLI
         self.deployment = Deployment(address=f"127.0.0.1:{self.port}", certs_dir=self.certs,
-                                     keys_dir=self.keys)
+                                     keys_dir=self.keys, control_port=self.control_port)
+        self.operator = dataclasses.replace(self.deployment, address=self.deployment.control_address)
         self.env = flower_env(self.home)
         self.runtime_ports = {i: free_port() for i in range(self.num_sites)}
 
@@ -92,7 +96,7 @@ class LocalFederation:
         write_identity_plan(self.keys, pairs[:self.num_sites])  # partition i = site-i
         export_partitions(config, self.data)
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(connection_toml(self.deployment))
+        (self.home / "config.toml").write_text(connection_toml(self.operator))
 
     @staticmethod
     def site_name(client: int) -> str:
@@ -107,27 +111,36 @@ class LocalFederation:
         self.processes[name], self.logs[name] = proc, log
         return proc
 
+    @staticmethod
+    def fedkd_command(*args: str) -> list[str]:
+        return [sys.executable, "-m", "fedkd.cli", *args]
+
     def start_superlink(self, timeout: float = 60.0) -> None:
-        self.start("superlink", superlink_command(self.deployment, bind_host="127.0.0.1"))
+        """``fedkd deploy superlink``: the SuperLink on 127.0.0.1:control_port, the front on port."""
+        self.start("superlink", self.fedkd_command(
+            "deploy", "superlink", "--certs", str(self.certs), "--host", "127.0.0.1", "--port", str(self.port),
+            "--control-port", str(self.control_port)))
         context = ssl.create_default_context(cafile=str(self.certs / CA_CERT))
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        waiting = [self.control_port, self.port]
+        while waiting and time.monotonic() < deadline:
             if self.processes["superlink"].poll() is not None:
                 raise RuntimeError(f"SuperLink exited:\n{self.log_text('superlink')[-3000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                with socket.create_connection(("127.0.0.1", waiting[0]), timeout=2) as sock:
                     with context.wrap_socket(sock, server_hostname="localhost"):
-                        return
+                        waiting.pop(0)
             except OSError:
                 time.sleep(0.3)
-        raise TimeoutError(f"SuperLink did not listen within {timeout:.0f}s")
+        if waiting:
+            raise TimeoutError(f"SuperLink and its front did not listen within {timeout:.0f}s")
 
     def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self.env, cwd=self.root, capture_output=True,
                               text=True, timeout=timeout, check=False)
 
     def register(self, name: str) -> int:
-        cmd = register_command(self.deployment, self.keys / f"{name}.pub")
+        cmd = register_command(self.operator, self.keys / f"{name}.pub")
         done = subprocess.run([*cmd, "--format", "json"], env=self.env, cwd=self.root,
                               capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
@@ -141,20 +154,21 @@ class LocalFederation:
     def start_supernode(self, client: int, *, key_name: str | None = None, insecure: bool = False,
                         max_wait_time: float | None = None, name: str | None = None,
                         state_dir: Path | None = None) -> subprocess.Popen:
+        """``fedkd deploy supernode``: the SuperNode (process isolation) and its app guard; with
+        a key, the site signs its replies with it (``identity-key``)."""
         node = self.node_config(client)
-        if state_dir is not None:
-            node["state-dir"] = str(state_dir)
-        if not insecure:  # signs its replies with its SuperNode key, as fedkd deploy supernode sets it
-            node["identity-key"] = str(self.keys / (key_name or self.site_name(client)))
-        cmd = supernode_command(
-            superlink=self.deployment.address,
-            node_config=node,
-            root_certificates=None if insecure else self.certs / CA_CERT,
-            private_key=None if insecure else self.keys / (key_name or self.site_name(client)),
-            insecure=insecure,
-            runtime_port=self.runtime_ports.get(client) if name is None else free_port(),
-            max_wait_time=max_wait_time,
-        )
+        runtime_port = self.runtime_ports.get(client) if name is None else free_port()
+        cmd = self.fedkd_command(
+            "deploy", "supernode", "--superlink", self.deployment.address, "--partition-id", str(client),
+            "--public", node["public-path"], "--data", node["data-path"],
+            "--state-dir", str(state_dir if state_dir is not None else node["state-dir"]),
+            "--runtime-port", str(runtime_port))
+        if insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--ca", str(self.certs / CA_CERT), "--key", str(self.keys / (key_name or self.site_name(client)))]
+        if max_wait_time is not None:
+            cmd += ["--max-wait-time", f"{max_wait_time:g}"]
         return self.start(name or self.site_name(client), cmd)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def uninterrupted(federation):
     )
     federation.processes["simulation"] = simulation
     federation.logs["simulation"] = federation.root / "simulation.log"
-    with time_limit(250, "the uninterrupted run"):
+    with time_limit(360, "the uninterrupted run"):  # 3 rounds beside a simulation and a 2-round run, on 2 shared cores
         to_stop = stop_after_round(federation, small_config(federation.root, "resumed"), 2)
         run_id, summary = run_to_summary(federation, config, timeout=240)
     return {"config": config, "summary": summary, "run-id": run_id,
@@ -200,10 +201,130 @@ def test_supernode_without_a_registered_key_is_refused(federation):
     assert federation.online_nodes() == SITES
 
 
+FOREIGN_SERVER = '''
+import json, time
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict, ConfigRecord
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    out = Path(context.run_config["out"])
+    deadline = time.monotonic() + 60
+    nodes = []
+    while len(nodes) < int(context.run_config["sites"]) and time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.5)
+    messages = [Message(RecordDict({"c": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="query")
+                for n in nodes]
+    replies = grid.send_and_receive(messages, timeout=float(context.run_config["timeout"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "server.json").write_text(json.dumps(
+        {"nodes": nodes, "errors": [r.error.reason for r in replies if r.has_error()],
+         "contents": sum(1 for r in replies if r.has_content())}))
+'''
+
+FOREIGN_CLIENT = '''
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict, ConfigRecord
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    out = Path(context.run_config["out"])
+    out.mkdir(parents=True, exist_ok=True)  # what a foreign app could do: read the site's private data
+    (out / f"executed-on-{context.node_id}").write_text(str(sorted(context.node_config)))
+    return Message(RecordDict({"c": ConfigRecord({"node": str(context.node_config)})}), reply_to=msg)
+'''
+
+
+def write_foreign_app(root: Path) -> Path:
+    app = root / "foreign-app"
+    (app / "foreign").mkdir(parents=True, exist_ok=True)
+    (app / "foreign" / "__init__.py").write_text("")
+    (app / "foreign" / "server.py").write_text(FOREIGN_SERVER)
+    (app / "foreign" / "client.py").write_text(FOREIGN_CLIENT)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "foreign"\nversion = "1.0.0"\ndependencies = []\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+        '[tool.flwr.app]\npublisher = "someone"\n'
+        '[tool.flwr.app.components]\nserverapp = "foreign.server:app"\nclientapp = "foreign.client:app"\n'
+        '[tool.flwr.app.config]\nout = ""\nsites = 3\ntimeout = 40.0\n')
+    return app
+
+
+def network_connection(federation: LocalFederation) -> str:
+    """A flwr connection to the sites' address (the front) with only the public ca.crt: an
+    outsider's view. Returns its name."""
+    import dataclasses
+
+    from fedkd.ops.deploy import connection_toml
+
+    path = federation.home / "config.toml"
+    outsider = dataclasses.replace(federation.deployment, connection="network")
+    path.write_text(connection_toml(outsider, existing=path.read_text()))
+    return "network"
+
+
+@pytest.mark.limit(120)
+def test_the_control_api_refuses_from_the_network_address(federation):
+    import ssl
+
+    network = network_connection(federation)
+    context = ssl.create_default_context(cafile=str(federation.certs / "ca.crt"))
+    for path, status in (("/v1/control/start-run", 403), ("/v1/control/list-runs", 403),
+                         ("/v1/runtime/pull-messages", 403), ("/v1/other", 404), ("/docs", 404)):
+        request = urllib.request.Request(f"https://localhost:{federation.port}{path}", data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10, context=context)
+        assert refused.value.code == status, path
+        assert refused.value.read().decode().startswith("fedkd front: "), path
+    started = time.monotonic()  # the flwr CLI with ca.crt, at the sites' address: refused, every command
+    for args in (("ls", network), ("supernode", "ls", network),
+                 ("supernode", "register", str(federation.keys / "impostor.pub"), network),
+                 ("supernode", "unregister", str(federation.node_ids[0]), network)):
+        done = federation.flwr(*args, "--format", "json")
+        answer = json.loads(done.stdout[done.stdout.index("{"):])
+        assert answer["success"] is False and "403" in answer["error-message"], (args, answer)
+    assert federation.online_nodes() == SITES  # nothing was unregistered; the operator's flwr (loopback) works
+    app = write_foreign_app(federation.root)
+    done = federation.flwr("run", str(app), network, "--run-config", f'out="{federation.root / "foreign-net"}"',
+                           "--format", "json", timeout=90)
+    answer = json.loads(done.stdout[done.stdout.index("{"):])
+    assert answer["success"] is False and "403" in answer["error-message"], answer
+    assert not (federation.root / "foreign-net").exists()
+    print(f"\ncontrol API from the network: refused ({time.monotonic() - started:.1f}s for 5 flwr calls)")
+
+
+@pytest.mark.limit(150)
+def test_a_foreign_app_submitted_on_the_server_host_never_runs_on_a_site(federation):
+    """Second layer: even submitted through the loopback Control API (the server host), an
+    app that is not fedkd's is refused by every site's app guard before it is installed."""
+    app = write_foreign_app(federation.root)
+    out = federation.root / "foreign-loopback"
+    done = federation.flwr("run", str(app), federation.deployment.connection, "--run-config",
+                           f'out="{out}" timeout=20.0', "--format", "json", timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = wait_for(lambda: (out / "server.json").is_file() and json.loads((out / "server.json").read_text()),
+                      timeout=110, what="the foreign ServerApp's result", poll=1.0)
+    assert sorted(result["nodes"]) == sorted(federation.node_ids.values())
+    assert result["contents"] == 0 and not list(out.glob("executed-on-*"))  # no site ran its ClientApp
+    assert len(result["errors"]) == SITES and all("fedkd app guard refused the app" in e for e in result["errors"])
+    for i in range(SITES):
+        assert "fedkd app guard: refused task" in federation.log_text(federation.site_name(i))
+        assert "carries files other than pyproject.toml" in federation.log_text(federation.site_name(i))
+    print("\nforeign app via loopback:", json.dumps(result))
+
+
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.mark.limit(330)
+@pytest.mark.limit(420)
 def test_three_round_run_with_tls_and_auth_matches_the_simulation(federation, uninterrupted):
     summary = uninterrupted["summary"]
     assert summary["status"] == "completed"

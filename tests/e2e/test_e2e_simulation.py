@@ -171,3 +171,40 @@ def test_unreachable_privacy_target_is_refused_before_the_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fedkd: error: privacy (site 0" in err and "unreachable" in err
     assert not (tmp_path / "never").exists()
+
+
+RAY_PROBE = """
+import json, os, subprocess, sys
+from simulations.runner import RAY_INIT_ARGS, ray_token_auth
+assert ray_token_auth()
+import ray
+gcs = ray.init(num_cpus=1, **RAY_INIT_ARGS).address_info["gcs_address"]
+join = "import ray; ray.init(address=%r); print('JOINED')" % gcs
+outsider = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+children = [subprocess.Popen([sys.executable, "-c", join], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for env in (outsider, dict(os.environ))]
+results = [(c.wait(timeout=120), "JOINED" in c.communicate()[0]) for c in children]
+listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+print(json.dumps({"gcs": gcs, "outsider": results[0], "with-token": results[1],
+                  "listening": [l.split()[3] for l in listening if "pid=%d," % os.getpid() in l]}))
+ray.shutdown()
+"""
+
+
+def test_the_simulations_ray_cluster_refuses_a_process_without_its_token(tmp_path):
+    """What ``fedkd simulate`` gives ray.init (simulations.runner.RAY_INIT_ARGS, token
+    authentication on): a process without the run's token cannot join the local Ray
+    cluster (as another host reaching Ray's 0.0.0.0 ports could not); one with it can."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    done = subprocess.run([sys.executable, "-c", RAY_PROBE], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print("\nRay:", json.dumps(result))
+    assert result["outsider"][1] is False and result["outsider"][0] != 0
+    assert result["with-token"] == [0, True]

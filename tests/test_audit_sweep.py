@@ -1,0 +1,66 @@
+"""fedkd.audit.sweep: the trade-off sweep's settings and each setting's configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fedkd.audit.report import sweep_markdown
+from fedkd.audit.sweep import SWEEP_KINDS, setting_config, sweep_settings
+from fedkd.config import load_config
+
+
+def _settings(kinds=SWEEP_KINDS):
+    return sweep_settings(temperatures=[4, 16], noises=[1], epsilons=[1, 4, 16], release_epsilons=[1, 4],
+                          kinds=kinds)
+
+
+def test_every_kind_in_a_fixed_order_with_its_parameters():
+    names = [s.name for s in _settings()]
+    assert names == ["none", "shield-T4", "shield-T16", "shield-noise1", "shield-T4-noise1", "dp-eps1",
+                     "dp-eps4", "dp-eps16", "both-T4-noise1-eps4", "release-rr1", "release-rr4",
+                     "dp-eps4-rr1"]
+    by_name = {s.name: s for s in _settings()}
+    assert by_name["release-rr4"].release_epsilon == 4 and by_name["release-rr4"].epsilon is None
+    # DP at the middle epsilon (4) with the first release epsilon (1)
+    assert (by_name["dp-eps4-rr1"].epsilon, by_name["dp-eps4-rr1"].release_epsilon) == (4, 1)
+    assert by_name["both-T4-noise1-eps4"].release_epsilon is None
+
+
+def test_release_kinds_need_release_epsilons_and_unknown_kinds_are_refused():
+    assert sweep_settings(temperatures=[], noises=[], epsilons=[4], kinds=["release", "dp-release"]) == []
+    with pytest.raises(ValueError, match="unknown sweep setting.*bogus.*choose from"):
+        sweep_settings(temperatures=[], noises=[], epsilons=[], kinds=["bogus"])
+
+
+def test_setting_config_turns_on_exactly_the_settings_protection():
+    base = load_config(None, overrides={"shield.release": "label-rr", "shield.release-epsilon": 9.0})
+    by_name = {s.name: s for s in _settings()}
+    plain = setting_config(base, by_name["none"], sweep_name="s")
+    assert plain.shield.release == "none" and not plain.privacy.enabled and plain.audit.enabled
+    assert plain.run_name == "s/none"
+    rr = setting_config(base, by_name["release-rr4"], sweep_name="s")
+    assert (rr.shield.release, rr.shield.release_epsilon, rr.privacy.enabled) == ("label-rr", 4, False)
+    both = setting_config(base, by_name["dp-eps4-rr1"], sweep_name="s")
+    assert (both.shield.release, both.shield.release_epsilon) == ("label-rr", 1)
+    assert both.privacy.enabled and both.privacy.target_epsilon == 4
+    # everything but shield.*, privacy.*, train.mode, audit and the run name is the base's
+    for field in ("data", "model", "fusion", "knowledge", "seed"):
+        assert getattr(rr, field) == getattr(base, field)
+
+
+def test_the_sweep_table_names_the_release_mechanism():
+    base = load_config(None)
+
+    def row(setting, release, eps):
+        shield = {**dataclasses.asdict(base.shield), "release": release, "release_epsilon": eps}
+        audit = {"shield": shield, "privacy": {"enabled": False, "epsilon": None},
+                 "accuracy": {"alma": 0.9, "site": 0.8, "global": 0.7}, "targets": {},
+                 "epsilon-lower-bound": {"max": 0.0}}
+        return {"setting": setting, "kind": "x", "audit": audit}
+
+    table = sweep_markdown([row("none", "none", 1.0), row("release-rr2", "label-rr", 2.0)], command="c")
+    lines = [line for line in table.splitlines() if line.startswith("| none") or line.startswith("| release")]
+    assert lines[0].split(" | ")[3] == "-"
+    assert lines[1].split(" | ")[3] == "label-rr ε2"
