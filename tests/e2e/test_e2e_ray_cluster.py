@@ -39,14 +39,13 @@ def test_a_simulation_on_a_two_node_ray_cluster_matches_the_in_process_run(tmp_p
     from simulations.floor import run_floor
     from simulations.runner import simulate
 
-    import secrets
+    from simulations.runner import ray_token_auth
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    # Token authentication, as fedkd turns on for a local instance: the nodes get the
-    # token from this environment, and so does this process when it attaches.
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    # Token authentication, as for a local instance: the nodes get this process's token
+    # from its environment, and this process uses it when it attaches. Kept for the rest
+    # of the process, as a local simulation keeps it: Ray caches a process's token.
+    ray_token_auth()
     config = {"output-dir": str(tmp_path / "runs"), **TINY}
     cluster = LocalRayCluster(workers=1, cpus=1, timeout=120)
     try:
