@@ -83,9 +83,11 @@ def test_validated_round_with_only_lambda_zero_is_local_training():
     assert metrics["target-lambda"] == 0.0 and scores["0"][1] == 1
 
 
-def test_validated_site_keeps_the_candidate_it_reports():
+def _validated_round_on_site_2(**overrides):  # noqa: ANN003, ANN202
+    """One validated round of site 2 (3 sites, candidates 0 and 1, F_i = "everything is 0"):
+    ``(model, split, metrics, scores)``."""
     config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
-                                    "train.target-choice": "validated", "train.blend-candidates": "0,1"})
+                                    "train.target-choice": "validated", "train.blend-candidates": "0,1", **overrides})
     split = load_federation(config.data, config.seed)
     everything = np.arange(len(split.public))
     fused = np.eye(split.num_classes, dtype=np.float32)[np.zeros(len(split.public), int)]  # "everything is 0"
@@ -95,6 +97,11 @@ def test_validated_site_keeps_the_candidate_it_reports():
     _, metrics = local_round(model=model, config=config, client=2, round_number=2, data=split.clients[2],
                              public_x=split.public.x, release_positions=everything, fused=fused,
                              fused_positions=everything, target_scores=scores)
+    return model, split, metrics, scores
+
+
+def test_validated_site_keeps_the_candidate_it_reports():
+    model, split, metrics, scores = _validated_round_on_site_2()
     assert set(scores) == {"0", "1"} and all(count == 1 for _, count in scores.values())
     chosen = metrics["target-lambda"]
     assert scores[f"{chosen:g}"][0] == min(total for total, _ in scores.values())
@@ -107,18 +114,7 @@ def test_validated_site_by_error_records_both_scores_and_keeps_the_lowest_error(
     from fedkd.distillation import accuracy
     from fedkd.targets import ERROR
 
-    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
-                                    "train.target-choice": "validated", "train.blend-candidates": "0,1",
-                                    "train.target-score": "error"})
-    split = load_federation(config.data, config.seed)
-    everything = np.arange(len(split.public))
-    fused = np.eye(split.num_classes, dtype=np.float32)[np.zeros(len(split.public), int)]
-    fused = 0.9 * fused + 0.1 / split.num_classes
-    scores: dict = {}
-    model = build_site_model(config, split, 2)
-    _, metrics = local_round(model=model, config=config, client=2, round_number=2, data=split.clients[2],
-                             public_x=split.public.x, release_positions=everything, fused=fused,
-                             fused_positions=everything, target_scores=scores)
+    model, split, metrics, scores = _validated_round_on_site_2(**{"train.target-score": "error"})
     assert set(scores) == {"0", "1", ERROR + "0", ERROR + "1"}
     chosen = f"{metrics['target-lambda']:g}"
     errors = {k: scores[ERROR + k][0] for k in ("0", "1")}
