@@ -308,6 +308,11 @@ class TrainConfig:
              "pooled validation NLL (fedkd/targets.py; not under DP or on teacher sites); "
              "'auto': validated for fusion method expert, fused for the baselines",
     )
+    target_score: str = option(
+        "nll", choices=("nll", "error"),
+        help="what 'validated' compares, pooled over rounds: 'nll' (validation negative log-likelihood) or "
+             "'error' (validation error rate, ties broken by the NLL)",
+    )
     blend_candidates: str = option(
         "0,1,consensus,consensus-local", check=_check_blend_candidates,
         help="what 'validated' tries: l = blend (1-l) K_i + l F_i (0 = no distillation, 1 = F_i), "

@@ -88,26 +88,51 @@ def parse_candidates(text: str) -> tuple[Candidate, ...]:
     return tuple(values)
 
 
-def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[Candidate]) -> Candidate:
+def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[Candidate], *,
+                  by: Sequence[str] = ("",)) -> Candidate:
     """The candidate with the lowest mean score over the rounds recorded in ``scores``
-    (candidate -> [sum of scores, rounds]); ties (and candidates never scored) go to the
-    one listed last (e.g. the largest lambda of ``0,0.5,1``)."""
-    best, best_mean = None, math.inf
+    (score key -> [sum of scores, rounds]); ties (and candidates never scored) go to the
+    one listed last (e.g. the largest lambda of ``0,0.5,1``).
+
+    ``by`` lists score families as key prefixes, compared in order: the default ``("",)``
+    is the validation NLL alone (keys ``"0"``, ``"1"``, ``"consensus"``...); ``(ERROR, "")``
+    compares the pooled validation error first (keys ``"error:0"``...) and breaks its ties
+    (frequent on splits of 4-54 examples) by the pooled NLL."""
+    def mean(prefix: str, lam: Candidate) -> float:
+        total, count = scores.get(prefix + _key(lam), (0.0, 0))
+        return total / count if count else math.inf
+
+    best, best_means = None, None
     for lam in reversed(list(candidates)):
-        total, count = scores.get(_key(lam), (0.0, 0))
-        mean = total / count if count else math.inf
-        if best is None or mean < best_mean - 1e-12:
-            best, best_mean = lam, mean
+        means = [mean(prefix, lam) for prefix in by]
+        if best is None or _lexically_lower(means, best_means):
+            best, best_means = lam, means
     return best
 
 
-def record_scores(scores: Mapping[str, Sequence[float]], round_scores: Mapping[Candidate, float]) -> dict[str, list[float]]:
-    """``scores`` with this round's (finite) score of each candidate added."""
+def _lexically_lower(a: Sequence[float], b: Sequence[float]) -> bool:
+    """a < b comparing element by element, equal within 1e-12 moving on to the next."""
+    for x, y in zip(a, b):
+        if x < y - 1e-12:
+            return True
+        if x > y + 1e-12:
+            return False
+    return False
+
+
+ERROR = "error:"
+"""Key prefix of the pooled validation error rate (``train.target-score = "error"``)."""
+
+
+def record_scores(scores: Mapping[str, Sequence[float]], round_scores: Mapping[Candidate, float], *,
+                  prefix: str = "") -> dict[str, list[float]]:
+    """``scores`` with this round's (finite) score of each candidate added (under keys
+    ``prefix + candidate``: ``""`` for the NLL, :data:`ERROR` for the error rate)."""
     out = {k: [float(v[0]), int(v[1])] for k, v in scores.items()}
     for lam, value in round_scores.items():
         if math.isfinite(value):
-            total, count = out.get(_key(lam), [0.0, 0])
-            out[_key(lam)] = [total + value, count + 1]
+            total, count = out.get(prefix + _key(lam), [0.0, 0])
+            out[prefix + _key(lam)] = [total + value, count + 1]
     return out
 
 

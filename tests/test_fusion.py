@@ -642,6 +642,55 @@ def test_class_expert_fusion_of_identical_sites_returns_their_knowledge():
         np.testing.assert_allclose(fused[i], one, atol=1e-12)
 
 
+def _expert_class_loop(knowledge, members, mask, *, prior_weight, prior_floor, null_weight):  # noqa: ANN001, ANN202
+    """class_expert_fusion as it was before issue 14's speed-up: trust repeated to [N, N, C],
+    then two [N, N] x [N, P] products per class (the reference the faster code must equal)."""
+    from fedkd.fusion import softmax
+
+    n, p, c = knowledge.shape
+    prior = np.clip(knowledge.mean(axis=1), prior_floor, None)
+    prior /= prior.sum(axis=1, keepdims=True)
+    log_prior = np.log(prior)
+    likelihood = np.log(np.clip(knowledge, 1e-12, None)) - log_prior[:, None, :]
+    trust = np.asarray(members, dtype=np.float64)
+    if trust.ndim == 2:
+        trust = np.repeat(trust[:, :, None], c, axis=2)
+    informative = mask.astype(np.float64)
+    evidence, held = np.empty((n, p, c)), np.zeros((n, n))
+    for cls in range(c):
+        claim = trust[:, :, cls] * prior[None, :, cls]
+        total = claim @ informative + null_weight
+        inverse = np.divide(1.0, total, out=np.zeros_like(total), where=total > 0)
+        evidence[:, :, cls] = (claim @ (informative * likelihood[:, :, cls])) * inverse
+        held += claim * (inverse @ informative.T)
+    fused = softmax(evidence + prior_weight * log_prior[:, None, :], axis=-1)
+    sums = held.sum(axis=1, keepdims=True)
+    return fused, np.divide(held, sums, out=np.zeros_like(held), where=sums > 0)
+
+
+@pytest.mark.parametrize("senders", ["effective", "weighted", "all"])
+@pytest.mark.parametrize("null_weight", [0.0, 0.05])
+def test_class_expert_fusion_equals_the_class_by_class_loop(senders, null_weight):
+    """The one-pass code (gathered neighbours, or three products for dense rows) equals the
+    previous class-by-class loop up to rounding, with dropped rows and an empty receiver."""
+    from fedkd.fusion import class_expert_fusion, informative_rows, knfu_weights
+
+    rng = np.random.default_rng(7)
+    k = rng.dirichlet(np.full(6, 0.3), size=(90, 25))
+    k[:4] = 1.0 / 6  # uninformative senders: masked everywhere
+    mask = informative_rows(k, 0.95)
+    w = knfu_weights(k, measure="agreement", divergence="hellinger", confident_fraction=0.5, beta=10.0,
+                     threshold="median", max_neighbours=10)
+    members = {"effective": w > 0, "weighted": w, "all": np.ones((90, 90), bool)}[senders]
+    if senders != "all":
+        members = members.copy()
+        members[5] = 0  # a receiver with no sender at all
+    got = class_expert_fusion(k, members, mask, prior_weight=0.7, prior_floor=1e-3, null_weight=null_weight)
+    want = _expert_class_loop(k, members, mask, prior_weight=0.7, prior_floor=1e-3, null_weight=null_weight)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
+
+
 # ----------------------------------------------------------------- verified trust (expert)
 
 # 3 sites x 2 examples x 2 classes. Sites 0 and 1 call x0 a 0 and x1 a 1 (probability >= 0.5);

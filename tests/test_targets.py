@@ -28,6 +28,19 @@ def test_parse_candidates():
             parse_candidates(bad)
 
 
+def test_pooled_choice_by_error_then_nll():
+    """train.target-score = "error": the pooled error rate decides, the pooled NLL breaks its ties."""
+    from fedkd.targets import ERROR
+
+    scores = record_scores({}, {0.0: 0.40, "consensus": 0.20})  # NLL prefers the consensus
+    scores = record_scores(scores, {0.0: 0.0, "consensus": 0.1}, prefix=ERROR)  # error prefers local
+    assert pooled_choice(scores, (0.0, "consensus")) == "consensus"
+    assert pooled_choice(scores, (0.0, "consensus"), by=(ERROR, "")) == 0.0
+    scores = record_scores(scores, {0.0: 0.2, "consensus": 0.1}, prefix=ERROR)  # pooled error 0.1 each: tie
+    assert pooled_choice(scores, (0.0, "consensus"), by=(ERROR, "")) == "consensus"  # the NLL decides
+    assert scores[ERROR + "0"] == [0.2, 2] and scores["0"] == [0.4, 1]
+
+
 def test_pooled_choice_pools_rounds_and_breaks_ties_upwards():
     scores = record_scores({}, {0.0: 0.30, 0.5: 0.40, 1.0: 0.20})
     assert pooled_choice(scores, (0.0, 0.5, 1.0)) == 1.0
@@ -70,9 +83,11 @@ def test_validated_round_with_only_lambda_zero_is_local_training():
     assert metrics["target-lambda"] == 0.0 and scores["0"][1] == 1
 
 
-def test_validated_site_keeps_the_candidate_it_reports():
+def _validated_round_on_site_2(**overrides):  # noqa: ANN003, ANN202
+    """One validated round of site 2 (3 sites, candidates 0 and 1, F_i = "everything is 0"):
+    ``(model, split, metrics, scores)``."""
     config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
-                                    "train.target-choice": "validated", "train.blend-candidates": "0,1"})
+                                    "train.target-choice": "validated", "train.blend-candidates": "0,1", **overrides})
     split = load_federation(config.data, config.seed)
     everything = np.arange(len(split.public))
     fused = np.eye(split.num_classes, dtype=np.float32)[np.zeros(len(split.public), int)]  # "everything is 0"
@@ -82,7 +97,26 @@ def test_validated_site_keeps_the_candidate_it_reports():
     _, metrics = local_round(model=model, config=config, client=2, round_number=2, data=split.clients[2],
                              public_x=split.public.x, release_positions=everything, fused=fused,
                              fused_positions=everything, target_scores=scores)
+    return model, split, metrics, scores
+
+
+def test_validated_site_keeps_the_candidate_it_reports():
+    model, split, metrics, scores = _validated_round_on_site_2()
     assert set(scores) == {"0", "1"} and all(count == 1 for _, count in scores.values())
     chosen = metrics["target-lambda"]
     assert scores[f"{chosen:g}"][0] == min(total for total, _ in scores.values())
     assert metrics["val-nll"] == pytest.approx(validation_nll(model, split.clients[2].val))
+
+
+def test_validated_site_by_error_records_both_scores_and_keeps_the_lowest_error():
+    """train.target-score = "error": each candidate's validation error is pooled beside its NLL,
+    and the kept model has the lowest pooled error (ties: the lowest NLL)."""
+    from fedkd.distillation import accuracy
+    from fedkd.targets import ERROR
+
+    model, split, metrics, scores = _validated_round_on_site_2(**{"train.target-score": "error"})
+    assert set(scores) == {"0", "1", ERROR + "0", ERROR + "1"}
+    chosen = f"{metrics['target-lambda']:g}"
+    errors = {k: scores[ERROR + k][0] for k in ("0", "1")}
+    assert errors[chosen] == min(errors.values())
+    assert errors[chosen] == pytest.approx(1.0 - accuracy(model, split.clients[2].val))

@@ -53,7 +53,7 @@ from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, trai
 from fedkd.privacy.release import composed_release_epsilon, label_release
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import shield
-from fedkd.targets import CONSENSUS, LOCAL_CONSENSUS, blend, local_prior, parse_candidates, pooled_choice, record_scores, under_prior, validation_nll
+from fedkd.targets import CONSENSUS, ERROR, LOCAL_CONSENSUS, blend, local_prior, parse_candidates, pooled_choice, record_scores, under_prior, validation_nll
 
 
 class SiteRefusal(ValueError):
@@ -462,7 +462,7 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     candidates = [c for c in parse_candidates(t.blend_candidates) if not isinstance(c, str) or consensus is not None]
     start = copy.deepcopy(model.state_dict())
     own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
-    trained, round_scores, losses = {}, {}, {}
+    trained, round_scores, round_errors, losses = {}, {}, {}, {}
     for lam in candidates:
         model.load_state_dict(start)
         with torch.random.fork_rng():  # every candidate sees the same randomness
@@ -479,9 +479,13 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
             losses[lam] = train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size,
                                            lr=t.lr, seed=seed)
         round_scores[lam] = validation_nll(model, data.val)
+        if t.target_score == "error":
+            round_errors[lam] = 1.0 - accuracy(model, data.val) if len(data.val) else float("nan")
         trained[lam] = copy.deepcopy(model.state_dict())
     scores.update(record_scores(scores, round_scores))
-    chosen = pooled_choice(scores, candidates)
+    if t.target_score == "error":
+        scores.update(record_scores(scores, round_errors, prefix=ERROR))
+    chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
     model.load_state_dict(trained[chosen])
     metrics["train-loss"] = losses[chosen]
     codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0}  # metrics are numbers: -1 / -2 name those two

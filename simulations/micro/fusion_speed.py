@@ -6,6 +6,9 @@ as trained models' predictions are; 5% of sites send uniform rows, which fusion 
 and times one call of :func:`fedkd.fusion.fuse` per method:
 
 * ``mean`` (FedMD), ``era`` (DS-FL): one fused row shared by all receivers;
+* ``expert``, the default method as the server runs it (class-expert fusion over each
+  receiver's effective neighbours, then the consensus G), and with verified trust over
+  every sender;
 * ``knfu`` with the ``epd`` measure (KnFu's label-mix neighbours: O(N^2 C) divergences);
 * ``knfu`` with the ``agreement`` measure and JS (the default: O(N^2 |S| C) logarithms,
   |S| = P/2, so it is skipped above ``--agreement-max-sites``);
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedkd.fusion import effectiveness_matrix, fuse, informative_rows, neighbour_weights, weighted_fusion
+from fedkd.fusion import consensus, effectiveness_matrix, fuse, informative_rows, neighbour_weights, weighted_fusion
 
 
 def make_knowledge(n: int, p: int, c: int, *, seed: int = 0) -> np.ndarray:
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest federation for which the agreement measure's stages are timed")
     parser.add_argument("--agreement-full-max-sites", type=int, default=100,
                         help="largest federation for which fuse(knfu, agreement) is also timed whole")
+    parser.add_argument("--verified-max-sites", type=int, default=1000,
+                        help="largest federation for which expert with verified trust is timed (O(N^2 P C))")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/fusion"))
     args = parser.parse_args(argv)
 
@@ -92,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             ("mean", lambda: fuse(knowledge=k, method="mean")),
             ("era", lambda: fuse(knowledge=k, method="era")),
             ("knfu (epd)", lambda: fuse(knowledge=k, method="knfu", measure="epd")),
+            # the default method as the server runs it: F_i over effective neighbours, then G
+            ("expert (default: effective, trust off) + G", lambda: (
+                fuse(knowledge=k, method="expert", neighbours="effective", trust="off"), consensus(knowledge=k))),
         ]
+        if n <= args.verified_max_sites:
+            cases.append(("expert (verified trust, all senders)", lambda: fuse(
+                knowledge=k, method="expert", neighbours="all", trust="verified")))
         if n <= args.agreement_full_max_sites:
             cases.append(("knfu (agreement, js)", lambda: fuse(knowledge=k, method="knfu", measure="agreement")))
         for divergence in ("hellinger", "kl"):
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in cases:
             seconds, cpu, peak = measure(fn, args.repeats)
             rows.append({"sites": n, "method": name, "seconds": seconds, "cpu-seconds": cpu, "peak-mib": peak})
-            print(f"{n:>6} sites  {name:<26} {seconds:9.3f} s wall {cpu:9.3f} s CPU  peak {peak:8.1f} MiB",
+            print(f"{n:>6} sites  {name:<44} {seconds:9.3f} s wall {cpu:9.3f} s CPU  peak {peak:8.1f} MiB",
                   flush=True)
         # knfu's stages (CPU seconds): epd and the matrix-product agreements always, JS
         # agreement where affordable
