@@ -62,6 +62,7 @@ def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], ep
         raise ValueError(f"unknown sweep setting(s) {', '.join(unknown)}; choose from {', '.join(SWEEP_KINDS)}")
     t0 = temperatures[0] if temperatures else 1.0
     n0 = noises[0] if noises else 0.0
+    middle = sorted(epsilons)[len(epsilons) // 2] if epsilons else None  # DP of the combined settings
     out = []
     if "none" in kinds:
         out.append(Setting("none", "none"))
@@ -74,13 +75,11 @@ def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], ep
     if "dp" in kinds:
         out += [Setting(f"dp-eps{e:g}", "dp", epsilon=e) for e in epsilons]
     if "both" in kinds and epsilons:
-        middle = sorted(epsilons)[len(epsilons) // 2]
         out.append(Setting(f"both-T{t0:g}-noise{n0:g}-eps{middle:g}", "both", temperature=t0,
                            noise_std=n0, epsilon=middle))
     if "release" in kinds:
         out += [Setting(f"release-rr{r:g}", "release", release_epsilon=r) for r in release_epsilons]
     if "dp-release" in kinds and epsilons and release_epsilons:
-        middle = sorted(epsilons)[len(epsilons) // 2]
         r0 = release_epsilons[0]
         out.append(Setting(f"dp-eps{middle:g}-rr{r0:g}", "dp-release", epsilon=middle, release_epsilon=r0))
     return out
