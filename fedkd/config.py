@@ -614,6 +614,10 @@ class Config:
     num_server_rounds: int = option(20, low=1, help="federated rounds")
     eval_every: int = option(1, low=1, help="evaluate clients every N rounds (and the last)")
     min_clients: int = option(2, low=1, help="valid replies a round needs")
+    fraction_train: float = option(
+        1.0, low=0.0, low_open=True, high=1.0,
+        help="share of the sites sampled to train each round (at least min-clients; 1 = every site)"
+    )
     round_retries: int = option(1, low=0, help="retries of a round with too few replies")
     round_timeout: float = option(600.0, low=0, low_open=True, help="seconds to wait for replies")
     seed: int = option(0, low=0, high=2**32 - 1, help="seed for data split, models and noise")

@@ -8,6 +8,8 @@ transports of :mod:`fedkd.federation.loop` give identical numbers.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SEED_MODULUS = 2**31
@@ -32,6 +34,22 @@ def public_subset(seed: int, round_number: int, *, num_public: int, size: int) -
         return np.arange(num_public)
     rng = np.random.default_rng([int(seed), int(round_number)])
     return np.sort(rng.choice(num_public, size, replace=False))
+
+
+def round_sample(seed: int, round_number: int, *, num_clients: int, fraction: float, minimum: int) -> np.ndarray:
+    """The sorted partition ids that train in round ``round_number`` (``fraction-train``):
+    all ``num_clients`` when ``fraction`` is 1, else ``m = min(N, max(minimum, ceil(fraction
+    N)))`` drawn without replacement from ``default_rng([seed, round, 1])`` (McMahan et al.
+    2017's ``C K`` clients per round, at least ``min-clients``). Seeded by the run and the
+    round only, so that every transport, a resumed run and the audit pick the same sites,
+    and independent of :func:`public_subset`'s draw."""
+    if fraction >= 1.0:
+        return np.arange(num_clients)
+    size = min(num_clients, max(int(minimum), math.ceil(fraction * num_clients)))
+    if size >= num_clients:
+        return np.arange(num_clients)
+    rng = np.random.default_rng([int(seed), int(round_number), 1])
+    return np.sort(rng.choice(num_clients, size, replace=False))
 
 
 # ------------------------------------------------------------------ a site's own noise

@@ -97,8 +97,9 @@ class GridTransport:
             log(logging.WARNING, "fedkd: %d of %d sites connected; going on", len(nodes), wanted)
         return len(nodes)
 
-    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox]) -> list[Reply]:
-        nodes = list(self.grid.get_node_ids())
+    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox], *,
+              clients: frozenset[int] | None = None) -> list[Reply]:
+        nodes = self._nodes(clients)
         messages = [self._message(node, "train", _inbox_content(inbox_for(self.node_client.get(node))))
                     for node in nodes]
         replies = [self._reply(node, message) for node, message in self._exchange(messages)]
@@ -107,21 +108,24 @@ class GridTransport:
                     for node in nodes if node not in answered]
         present = {self.node_client.get(node) for node in nodes}
         for node, client in sorted(self.node_client.items(), key=lambda item: item[1]):
+            if clients is not None and client not in clients:
+                continue  # not sampled this round
             if node not in nodes and client not in present:  # a known site, gone from the federation
                 replies.append(Reply(node=node, error="not connected"))
                 present.add(client)
         return replies
 
-    def evaluate(self, round_number: int) -> list[Reply]:
+    def evaluate(self, round_number: int, *, clients: frozenset[int] | None = None) -> list[Reply]:
         messages = [self._message(node, "evaluate", RecordDict({"config": ConfigRecord({"round": round_number})}))
-                    for node in self.grid.get_node_ids()]
+                    for node in self._nodes(clients)]
         return [self._reply(node, message) for node, message in self._exchange(messages)]
 
     def query(self, round_number: int) -> list[Reply]:
         """Ask the nodes not yet known which partition they hold (from round 2: someone may
-        be owed fused knowledge); the loop decides whom to believe."""
+        be owed fused knowledge; from round 1 when sites are sampled, ``fraction-train``
+        below 1, since a sample is of sites); the loop decides whom to believe."""
         unknown = [node for node in self.grid.get_node_ids() if node not in self.node_client]
-        if not unknown or round_number < 2:
+        if not unknown or (round_number < 2 and self.config.fraction_train >= 1.0):
             return []
         messages = [self._message(node, "query", RecordDict({"config": ConfigRecord(
             {"question": "partition-id", "round": round_number})})) for node in unknown]
@@ -132,6 +136,14 @@ class GridTransport:
 
     def client_of(self, node: int) -> int | None:
         return self.node_client.get(node)
+
+    def _nodes(self, clients: frozenset[int] | None) -> list[int]:
+        """The connected nodes to message: all of them, or (``clients``) those known to hold
+        one of ``clients``."""
+        nodes = list(self.grid.get_node_ids())
+        if clients is None:
+            return nodes
+        return [node for node in nodes if self.node_client.get(node) in clients]
 
     # ------------------------------------------------------------- messages
 

@@ -33,7 +33,7 @@ from fedkd.config import Config
 from fedkd.data import FederatedSplit, load_federation
 from fedkd.distillation import accuracy, train_supervised
 from fedkd.fedavg import average_weights, weight_bytes
-from fedkd.federation.loop import Reply, record_evaluation, run_federation
+from fedkd.federation.loop import Reply, record_evaluation, round_clients, run_federation
 from fedkd.federation.preflight import check_site_models
 from fedkd.federation.server import ServerState, privacy_row, run_summary
 from fedkd.federation.site import (
@@ -75,9 +75,13 @@ class InProcessTransport:
     def wait_for_sites(self) -> int:
         return self.config.data.num_clients
 
-    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox]) -> list[Reply]:
+    def _clients(self, clients: frozenset[int] | None) -> list[int]:
+        return list(range(self.config.data.num_clients)) if clients is None else sorted(clients)
+
+    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox], *,
+              clients: frozenset[int] | None = None) -> list[Reply]:
         replies = []
-        for client in range(self.config.data.num_clients):
+        for client in self._clients(clients):
             inbox = inbox_for(client)
             try:
                 state = self._state(client)
@@ -90,9 +94,9 @@ class InProcessTransport:
                                  records=frozenset({"knowledge", "metrics"})))
         return replies
 
-    def evaluate(self, round_number: int) -> list[Reply]:
+    def evaluate(self, round_number: int, *, clients: frozenset[int] | None = None) -> list[Reply]:
         replies = []
-        for client in range(self.config.data.num_clients):
+        for client in self._clients(clients):
             try:
                 metrics = site_evaluation(config=self.config, split=self.split, client=client,
                                           state=self._state(client))
@@ -192,7 +196,8 @@ def _run_fedavg(config: Config, architecture: str) -> Path:
         round_start = time.monotonic()
         global_state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
         states, counts = [], []
-        for c in range(n):
+        sample = round_clients(config, r)
+        for c in range(n) if sample is None else sorted(sample):
             model = build_site_model(config, split, c)
             model.load_state_dict(global_state)
             seed = site_seed(config.seed, c, r)
@@ -213,7 +218,8 @@ def _run_fedavg(config: Config, architecture: str) -> Path:
             counts.append(float(len(split.clients[c].train)))
         averaged = average_weights(states, num_examples=counts)
         global_model.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
-        entry: dict = {"round": r, "accepted": list(range(n)), "global-accuracy": accuracy(global_model, split.test)}
+        entry: dict = {"round": r, "accepted": list(range(n)) if sample is None else sorted(sample),
+                       "global-accuracy": accuracy(global_model, split.test)}
         if r % config.eval_every == 0 or r == config.num_server_rounds:
             replies = [Reply(node=c, metrics={"partition-id": c, **evaluate_site(global_model, split.clients[c])})
                        for c in range(n)]

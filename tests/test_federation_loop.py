@@ -14,7 +14,7 @@ import pytest
 from fedkd.checkpoint import read_server_checkpoint
 from fedkd.config import load_config
 from fedkd.data import load_federation
-from fedkd.federation.loop import Reply, collect_knowledge, run_federation
+from fedkd.federation.loop import Reply, collect_knowledge, round_clients, run_federation
 from fedkd.federation.server import ServerState
 from fedkd.reporting import RunRecorder, read_events, read_summary
 
@@ -49,20 +49,24 @@ class Scripted:
         self.inboxes: list[tuple[int, int | None, int]] = []
         self.attempts: dict[int, int] = {}
         self.evaluated: list[int] = []
+        self.sampled: dict[int, frozenset[int] | None] = {}
+        self.evaluated_clients: dict[int, frozenset[int] | None] = {}
 
     def wait_for_sites(self) -> int:
         return self.sites
 
-    def train(self, round_number, inbox_for):  # noqa: ANN001, ANN201
+    def train(self, round_number, inbox_for, *, clients=None):  # noqa: ANN001, ANN201
         attempt = self.attempts.get(round_number, 0)
         self.attempts[round_number] = attempt + 1
+        self.sampled[round_number] = clients
         for node in range(self.sites):
             inbox = inbox_for(self.nodes.get(100 + node))
             self.inboxes.append((round_number, self.nodes.get(100 + node), inbox.nbytes))
         return self.train_replies(round_number, attempt)
 
-    def evaluate(self, round_number):  # noqa: ANN001, ANN201
+    def evaluate(self, round_number, *, clients=None):  # noqa: ANN001, ANN201
         self.evaluated.append(round_number)
+        self.evaluated_clients[round_number] = clients
         if self.evaluations is not None:
             return self.evaluations(round_number)
         return [Reply(node=100 + s, metrics={"partition-id": s, "accuracy": 0.25 * s, "num-examples": 10.0 * (s + 1)})
@@ -142,6 +146,33 @@ def test_eval_every_and_the_last_round_are_evaluated(parts, tmp_path):
     per_round = {r: [b for rr, _, b in transport.inboxes if rr == r] for r in (1, 2, 3)}
     assert per_round[1] == [48] * 4 and per_round[2] == [48 + 6 * CLASSES * 2 + 48] * 4
     assert summary["bytes"]["uplink-per-client-round"] == 6 * CLASSES * 2
+
+
+def test_a_sampled_round_sends_the_sample_refuses_others_and_evaluates_who_trained(parts, tmp_path):
+    config, split = parts
+    config = dataclasses.replace(config, fraction_train=0.5)  # 2 of 4 sites a round (min-clients 2)
+    samples = {r: round_clients(config, r) for r in (1, 2, 3)}
+    assert all(len(s) == 2 for s in samples.values())
+
+    def replies(round_number, attempt):  # noqa: ANN001, ANN202
+        outsider = next(c for c in range(4) if c not in samples[round_number])
+        return [_train(c) for c in sorted(samples[round_number])] + [_train(outsider)]
+
+    transport = Scripted(replies)
+    recorder = RunRecorder(tmp_path / "run", config.to_toml())
+    summary = run_federation(config=config, split=split, transport=transport, recorder=recorder)
+    assert summary["status"] == "completed"
+    assert transport.sampled == samples  # the loop told the transport whom to message
+    assert [h["accepted"] for h in summary["history"]] == [sorted(samples[r]) for r in (1, 2, 3)]
+    refused = [e for e in read_events(recorder.run_dir, "excluded")]
+    assert len(refused) == 3 and all("not in this round's sample" in e["reason"] for e in refused)
+    # evaluated (rounds 2 and 3): the sites that have trained so far, not the never-sampled
+    assert transport.evaluated_clients[2] == samples[1] | samples[2]
+    assert transport.evaluated_clients[3] == samples[1] | samples[2] | samples[3]
+    # a site keeps the fused knowledge of the last round it took part in
+    _, arrays, state = read_server_checkpoint(recorder.run_dir)
+    assert set(state["fused-clients"]) == samples[1] | samples[2] | samples[3]
+    assert round_clients(dataclasses.replace(config, fraction_train=1.0), 1) is None
 
 
 def test_duplicate_and_malformed_evaluations_are_left_out(parts, tmp_path):
@@ -257,7 +288,7 @@ class KeyedSites:
         self.queried += [(round_number, n) for n in unknown]
         return [self._signed(n, "query", round_number, {"partition-id": self.plan[n][0]}) for n in unknown]
 
-    def train(self, round_number, inbox_for):  # noqa: ANN001, ANN201
+    def train(self, round_number, inbox_for, *, clients=None):  # noqa: ANN001, ANN201
         replies = []
         for node, (claim, _, behaviour) in self.plan.items():
             inbox = inbox_for(self.known.get(node))
@@ -274,7 +305,7 @@ class KeyedSites:
             replies.append(reply)
         return replies
 
-    def evaluate(self, round_number):  # noqa: ANN001, ANN201
+    def evaluate(self, round_number, *, clients=None):  # noqa: ANN001, ANN201
         return [self._signed(node, "evaluate", round_number,
                              {"partition-id": claim, "accuracy": 0.0 if behaviour != "honest" else 0.25 * claim,
                               "num-examples": 10.0})

@@ -57,6 +57,7 @@ from fedkd.federation.site import SiteInbox
 from fedkd.identity import Identities, IdentityError
 from fedkd.wire import InvalidPayload
 from fedkd.reporting import RunRecorder, alma_summary
+from fedkd.seeds import round_sample
 
 logger = logging.getLogger("fedkd")
 
@@ -129,16 +130,20 @@ class Transport(Protocol):
     def wait_for_sites(self) -> int:
         """Block until the sites are there (or a deadline); return how many are."""
 
-    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox]) -> list[Reply]:
+    def train(self, round_number: int, inbox_for: Callable[[int | None], SiteInbox], *,
+              clients: frozenset[int] | None = None) -> list[Reply]:
         """Send every site ``inbox_for(partition id, or None if unknown)`` as a train
-        message; return the replies, failures included (one per site that did not answer)."""
+        message (``clients``: only the sites of that round sample, ``fraction-train``; a
+        node whose partition is unknown then gets nothing); return the replies, failures
+        included (one per site that did not answer)."""
 
-    def evaluate(self, round_number: int) -> list[Reply]:
-        """Ask every site to evaluate its model; return the replies."""
+    def evaluate(self, round_number: int, *, clients: frozenset[int] | None = None) -> list[Reply]:
+        """Ask every site (``clients``: only those) to evaluate its model; return the replies."""
 
     def query(self, round_number: int) -> list[Reply]:
         """Ask the nodes this transport cannot yet tell apart which partition they hold
-        (their ``partition-id`` metric); return the replies ([] when it knows every node)."""
+        (their ``partition-id`` metric); return the replies ([] when it knows every node).
+        With ``fraction-train`` below 1 it must ask from round 1: a sample is of sites."""
 
     def identified(self, node: int, client: int) -> None:
         """``node`` said (in a valid reply) that it holds partition ``client``."""
@@ -213,9 +218,11 @@ def identify_nodes(*, config: Config, state: ServerState, transport: Transport, 
 def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerState, transport: Transport,
                       recorder: RunRecorder, round_number: int, release: np.ndarray,
                       on_accept: Callable[[int, np.ndarray], None] | None = None,
-                      identities: Identities | None = None) -> dict[int, np.ndarray]:
-    """One train exchange (after :func:`identify_nodes`): every site's inbox out, replies
-    validated; returns the accepted knowledge by partition id. Every field of a reply is
+                      identities: Identities | None = None,
+                      clients: frozenset[int] | None = None) -> dict[int, np.ndarray]:
+    """One train exchange (after :func:`identify_nodes`): every site's inbox out (``clients``:
+    the round's sample only), replies validated; returns the accepted knowledge by partition
+    id. A reply from a site outside the sample is refused. Every field of a reply is
     checked before anything of it is kept or recorded: partition id, its signature (with
     ``identities``: a reply not signed by the claimed partition's key is refused whether it
     comes first or second), metric names, types and bounds
@@ -233,7 +240,7 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
     identify_nodes(config=config, state=state, transport=transport, recorder=recorder,
                    round_number=round_number, identities=identities)
     accepted: dict[int, np.ndarray] = {}
-    for reply in transport.train(round_number, inbox_for):
+    for reply in transport.train(round_number, inbox_for, clients=clients):
         if reply.error is not None:
             _exclude(state, recorder, transport, round_number, reply.node, reply.error)
             continue
@@ -251,6 +258,8 @@ def collect_knowledge(*, config: Config, split: FederatedSplit, state: ServerSta
         try:
             if client in accepted:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
+            if clients is not None and client not in clients:
+                raise InvalidPayload(f"partition-id {client} is not in this round's sample")
             metrics = train_metrics(reply.metrics)  # names, types, bounds: before anything is kept
             knowledge = accept_reply(config=config, num_classes=split.num_classes, release=release,
                                      record_names=reply.records, arrays=reply.arrays or {})
@@ -297,10 +306,11 @@ def repeated_failure(dropouts: list[dict[str, Any]], failures: dict[str, str]) -
 
 def evaluate_sites(*, config: Config, transport: Transport, recorder: RunRecorder,
                    round_number: int, expected: int | None = None, identities: Identities | None = None,
-                   state: ServerState | None = None) -> dict[str, float]:
-    """One evaluation exchange (:meth:`Transport.evaluate`), recorded by :func:`record_evaluation`."""
+                   state: ServerState | None = None, clients: frozenset[int] | None = None) -> dict[str, float]:
+    """One evaluation exchange (:meth:`Transport.evaluate`; ``clients``: only those sites),
+    recorded by :func:`record_evaluation`."""
     return record_evaluation(config=config, recorder=recorder, round_number=round_number,
-                             replies=transport.evaluate(round_number), expected=expected,
+                             replies=transport.evaluate(round_number, clients=clients), expected=expected,
                              identities=identities, state=state, transport=transport)
 
 
@@ -355,6 +365,27 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
 # ------------------------------------------------------------------ the run
 
 
+def round_clients(config: Config, round_number: int) -> frozenset[int] | None:
+    """The sites sampled to train in ``round_number`` (:func:`fedkd.seeds.round_sample`,
+    ``fraction-train``), or None when every site trains (``fraction-train`` 1)."""
+    if config.fraction_train >= 1.0:
+        return None
+    ids = round_sample(config.seed, round_number, num_clients=config.data.num_clients,
+                       fraction=config.fraction_train, minimum=config.min_clients)
+    return frozenset(int(c) for c in ids)
+
+
+def trained_clients(history: list[dict[str, Any]], accepted: Mapping[int, Any]) -> frozenset[int]:
+    """The sites that have trained at least once (accepted in an earlier round of
+    ``history`` or in this round's ``accepted``): under sampling, the sites evaluated,
+    since a site never sampled still holds its untrained initial model.
+
+    >>> sorted(trained_clients([{"accepted": [0, 3]}, {"accepted": [3]}], {5: None}))
+    [0, 3, 5]
+    """
+    return frozenset({int(c) for entry in history for c in entry.get("accepted", [])} | set(accepted))
+
+
 def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, recorder: RunRecorder,
                state: ServerState, on_accept: Callable[[int, int, np.ndarray, np.ndarray], None] | None = None,
                clock: Callable[[], float] | None = None, identities: Identities | None = None) -> str:
@@ -372,13 +403,14 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
     for r in range(state.completed_round + 1, config.num_server_rounds + 1):
         round_start = clock()
         release = release_positions(config, split, r)
+        sample = round_clients(config, r)
         hook = (lambda client, k, r=r, rel=release: on_accept(r, client, rel, k)) if on_accept is not None else None
         accepted: dict[int, np.ndarray] = {}
         for attempt in range(config.round_retries + 1):
             seen = len(state.dropouts)
             accepted = collect_knowledge(config=config, split=split, state=state, transport=transport,
                                          recorder=recorder, round_number=r, release=release, on_accept=hook,
-                                         identities=identities)
+                                         identities=identities, clients=sample)
             repeated = repeated_failure(state.dropouts[seen:], failures)
             if repeated is not None:
                 logger.error("fedkd: %s", repeated)
@@ -396,8 +428,10 @@ def run_rounds(*, config: Config, split: FederatedSplit, transport: Transport, r
         recorder.save_weights(r, record.clients, record.weights, consensus_weights=record.consensus_weights)
         entry = dict(record.entry)
         if r % config.eval_every == 0 or r == config.num_server_rounds:
+            evaluated = None if sample is None else trained_clients(state.history, accepted)
             entry.update(evaluate_sites(config=config, transport=transport, recorder=recorder, round_number=r,
-                                        expected=len(accepted), identities=identities, state=state))
+                                        expected=len(accepted) if evaluated is None else len(evaluated),
+                                        identities=identities, state=state, clients=evaluated))
         entry["seconds"] = clock() - round_start
         recorder.record("round", **entry)
         state.history.append(entry)
