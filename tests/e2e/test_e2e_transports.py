@@ -32,10 +32,12 @@ def test_the_two_transports_give_the_same_run(tmp_path, monkeypatch, small_run_c
     """Same config, same seeds: the floor and Flower's simulation engine agree on every
     recorded number (per-site metrics, ALMA, worst, global student, fusion weights, bytes,
     privacy ledger). Equality, not closeness: both run the same code on the same inputs.
-    One run covers personalised fusion, an adversary, DP-SGD, the 8-bit wire format and
-    the sparse top-k uplink."""
+    One run covers personalised fusion, an adversary, DP-SGD, the 8-bit wire format, the
+    sparse top-k uplink and a per-round sample of sites (``fraction-train``: 3 of 4 sites a
+    round, so the Grid transport must learn which node holds which site before round 1)."""
     overrides = {"fusion.method": "knfu", "adversary.clients": "3:flip", "privacy.enabled": True,
-                 "privacy.target-epsilon": 4.0, "knowledge.wire-format": "uint8", "shield.top-k": 3}
+                 "privacy.target-epsilon": 4.0, "knowledge.wire-format": "uint8", "shield.top-k": 3,
+                 "fraction-train": 0.75, "min-clients": 2}
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
@@ -61,5 +63,13 @@ def test_the_two_transports_give_the_same_run(tmp_path, monkeypatch, small_run_c
     assert flo["bytes"] == sim["bytes"]
     # top-3 of 10 classes in uint8: 3 class bytes + 3 values + the rest = 7 bytes a row
     assert sim["bytes"]["uplink-per-client-round"] == 540 * 7
-    assert sim["history"][-1]["accepted"] == [0, 1, 2, 3]
+    from fedkd.federation.loop import round_clients
+
+    config = small_run_config("x", **overrides)
+    samples = [sorted(round_clients(config, r)) for r in (1, 2)]
+    assert samples == [[1, 2, 3], [1, 2, 3]]  # seed 0: site 0 is not drawn in rounds 1-2
+    assert [h["accepted"] for h in sim["history"]] == samples
+    # evaluated: only the sites that have trained (site 0 still holds its initial model)
+    assert sorted({c for _, c, _ in sim_evals}) == [1, 2, 3]
+    assert not [e for e in read_events(sim_dir, "client-train") if e["client"] == 0]
     assert flo["privacy"] == sim["privacy"]
