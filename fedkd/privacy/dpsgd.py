@@ -207,7 +207,7 @@ def private_training(
 
         module, dp_optimizer, _, dp_loader = private
         dp_optimizer = without_gradient_copies(dp_optimizer)
-        module.disable_hooks()  # Opacus's norm hooks: direct computes the norms itself
+        module.remove_hooks()  # Opacus's norm hooks, gone (disabled ones still run their wrappers): direct computes the norms itself
         direct = DirectClipping(model, max_grad_norm=plan.max_grad_norm).attach()
         criterion = F.cross_entropy
     else:

@@ -56,16 +56,20 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def overrides_for(*, sites: int, rounds: int, per_site: int, public: int, out: Path) -> dict:
-    """The run config of one federation size (see the module doc)."""
+def overrides_for(*, sites: int, rounds: int, per_site: int, public: int, out: Path,
+                  fraction_train: float = 1.0) -> dict:
+    """The run config of one federation size (see the module doc); ``fraction_train`` below 1
+    samples that share of the sites each round (``fraction-train``)."""
     examples = sites * per_site + 2 * public
+    suffix = "" if fraction_train >= 1.0 else f"-f{fraction_train:g}"
     return {
         "data.dataset": "synthetic", "data.num-clients": sites, "data.partitioner": "iid",
         "data.synthetic-examples": examples, "data.public-fraction": public / examples,
         "data.test-fraction": public / examples, "model.architectures": "mlp-small",
         "train.local-epochs": 1, "train.distill-epochs": 1, "fusion.method": "mean",
         "global-student.enabled": False, "num-server-rounds": rounds, "eval-every": rounds,
-        "min-clients": 1, "output-dir": str(out), "run-name": f"sites-{sites}-r{rounds}",
+        "min-clients": 1, "output-dir": str(out), "run-name": f"sites-{sites}-r{rounds}{suffix}",
+        "fraction-train": fraction_train,
     }
 
 
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--public", type=int, default=500, help="public transfer set size")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/inprocess-scale"))
+    parser.add_argument("--fraction-train", type=float, default=1.0,
+                        help="share of the sites sampled to train each round (1 = every site)")
     parser.add_argument("--runner", choices=("inprocess", "flower"), default="inprocess",
                         help="inprocess (default) or flower: Flower's simulation engine")
     args = parser.parse_args()
@@ -117,7 +123,7 @@ def main() -> None:
     rows = []
     for sites in [int(s) for s in args.sites.split(",")]:
         overrides = overrides_for(sites=sites, rounds=args.rounds, per_site=args.per_site,
-                                  public=args.public, out=args.out.resolve())
+                                  public=args.public, out=args.out.resolve(), fraction_train=args.fraction_train)
         run_dir = args.out / overrides["run-name"]
         if run_dir.exists():
             raise SystemExit(f"{run_dir} exists; remove it or choose another --out")
@@ -132,7 +138,7 @@ def main() -> None:
     runner = "In-process runner" if args.runner == "inprocess" else "Flower's simulation engine"
     print(f"\n{runner}, synthetic data (64 features, 10 classes, IID), {args.per_site} private "
           f"examples a site, |P| = {args.public}, mlp-small, 1 epoch each way, fusion mean, "
-          f"{args.rounds} rounds, {os.cpu_count()} cores\n")
+          f"{args.rounds} rounds, fraction-train {args.fraction_train:g}, {os.cpu_count()} cores\n")
     header = (f"{'sites':>7} {'status':>10} {'split build s':>14} {'wall s':>8} {'s per round':>22} "
               f"{'peak RSS MiB':>13} {'tree peak MiB':>14} {'load 1 min':>11}")
     print(header)
