@@ -8,6 +8,7 @@ its functions, so that importing fedkd never loads Flower:
 
 * :func:`launch_simulation`  the one function that starts the simulation engine;
 * :func:`launch_inprocess`   the in-process runner (``simulations/floor.py``), no Flower;
+* :func:`launch_fedavg`      the FedAvg baseline (``simulations/floor.py``), in process;
 * :func:`launch_audit_sweep` the audit trade-off study's driver
   (simulations/studies/audit_sweep.py), every federation of which it runs through
   :func:`launch_simulation`.
@@ -51,6 +52,35 @@ def launch_inprocess(config: Config) -> Path:
     from simulations.floor import run_floor
 
     return run_floor(config)
+
+
+def fedavg_architecture(config: Config) -> str:
+    """FedAvg's one architecture for ``config``: ``model.architectures`` when it names one,
+    else the one with the most parameters (FedAvg averages one model, so a mixed federation
+    is given its largest: on digits ``mlp-large``, as in docs/benchmarks.md)."""
+    names = [name.strip() for name in config.model.architectures.split(",") if name.strip()]
+    if len(set(names)) == 1:
+        return names[0]
+    from fedkd.data import load_federation
+    from fedkd.fedavg import parameter_count
+    from fedkd.models import build_model
+
+    split = load_federation(config.data, config.seed)
+    sizes = {name: parameter_count(build_model(name, input_shape=split.input_shape, num_classes=split.num_classes,
+                                               seed=0, **split.model_options)) for name in dict.fromkeys(names)}
+    return max(sizes, key=sizes.get)
+
+
+def launch_fedavg(config: Config) -> Path:
+    """Run FedAvg (``simulations.floor.run_fedavg``: every site trains one architecture,
+    :func:`fedavg_architecture`, from the global weights; the server averages them) on
+    ``config``'s split, in this process; return its run directory."""
+    import dataclasses
+
+    from simulations.floor import run_fedavg
+
+    model = dataclasses.replace(config.model, architectures=fedavg_architecture(config))
+    return run_fedavg(dataclasses.replace(config, model=model))
 
 
 def launch_audit_sweep(

@@ -117,3 +117,30 @@ def test_runner_and_ray_address_pick_how_simulate_and_study_run(monkeypatch, tmp
     assert cli.main(["simulate", "--runner", "inprocess", "--ray-address", "127.0.0.1:6379", *out]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "fedkd: error: --ray-address: only the flower runner runs on a Ray cluster; --runner is inprocess")
+
+
+def test_the_study_runs_fedavg_as_its_baseline_on_the_largest_architecture(monkeypatch, tmp_path):
+    """``fedavg`` in a study goes to the FedAvg baseline (not a fusion method), after the
+    fusion methods; a mixed federation gives FedAvg its largest architecture (digits:
+    mlp-large, 50,826 parameters, against cnn-small's 6,186 and mlp-small's fewer)."""
+    import importlib
+
+    from fedkd.config import load_config
+    from fedkd.engine import fedavg_architecture
+
+    cli = importlib.import_module("fedkd.cli.main")
+    assert cli.STUDY_METHODS[-1] == "fedavg"
+    calls = []
+    (tmp_path / "s").mkdir()
+    run_dir = tmp_path / "s" / "run"
+    monkeypatch.setattr(cli, "launch_inprocess", lambda config: calls.append(("kd", config.fusion.method)) or run_dir)
+    monkeypatch.setattr(cli, "launch_fedavg", lambda config: calls.append(("fedavg", config.run_name)) or run_dir)
+    monkeypatch.setattr(cli, "compare_table", lambda run_dirs: "")
+    monkeypatch.setattr(cli, "plot_study", lambda run_dirs, out_dir: None)
+    monkeypatch.setattr(cli, "exit_status", lambda run_dirs: 0)
+    assert cli.main(["study", "--runner", "inprocess", "--methods", "mean,fedavg", "--set", f"output-dir={tmp_path}",
+                     "--set", "run-name=s"]) == 0
+    assert calls == [("kd", "mean"), ("fedavg", "s/fedavg")]
+    mixed = load_config(overrides={"model.architectures": "mlp-small,mlp-large,cnn-small"})
+    assert fedavg_architecture(mixed) == "mlp-large"
+    assert fedavg_architecture(load_config(overrides={"model.architectures": "cnn-small"})) == "cnn-small"

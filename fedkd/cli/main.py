@@ -39,10 +39,13 @@ from fedkd.cli.args import (
 )
 from fedkd.cli.deploy import add_deploy_parsers
 from fedkd.config import Config, ConfigError, describe_options, load_config, parse_overrides
-from fedkd.engine import launch_audit_sweep, launch_inprocess, launch_simulation
+from fedkd.engine import launch_audit_sweep, launch_fedavg, launch_inprocess, launch_simulation
 from fedkd.reporting import COMPARE_FORMATS, compare_table, default_run_name, find_runs, plot_study, read_summary
 
-STUDY_METHODS = ("none", "mean", "era", "knfu", "expert")
+FEDAVG = "fedavg"
+STUDY_METHODS = ("none", "mean", "era", "knfu", "expert", FEDAVG)
+"""The default study: the fusion methods, then FedAvg (``fedavg``: not a fusion method but
+the weight-averaging baseline, run in process on one architecture, :func:`fedkd.engine.fedavg_architecture`)."""
 
 
 def _resumable(config: Config) -> Config:
@@ -102,17 +105,20 @@ def cmd_study(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:  # validate every method before spending minutes on the first
-        load_config(args.config, overrides={**parse_overrides(args.overrides), "fusion.method": method})
+        if method != FEDAVG:
+            load_config(args.config, overrides={**parse_overrides(args.overrides), "fusion.method": method})
     study = config.run_name or f"study-{datetime.now():%Y%m%d-%H%M%S}"
     run_dirs = []
     for i, method in enumerate(methods, 1):
-        print(f"[{i}/{len(methods)}] fusion method '{method}'", file=sys.stderr, flush=True)
+        what = ("FedAvg (the baseline: one architecture, weights averaged, in process)" if method == FEDAVG
+                else f"fusion method '{method}'")
+        print(f"[{i}/{len(methods)}] {what}", file=sys.stderr, flush=True)
         run_config = dataclasses.replace(
             config,
             run_name=f"{study}/{method_folder(method)}",
-            fusion=dataclasses.replace(config.fusion, method=method),
+            fusion=config.fusion if method == FEDAVG else dataclasses.replace(config.fusion, method=method),
         )
-        run_dirs.append(_launch(run_config, args))
+        run_dirs.append(launch_fedavg(run_config) if method == FEDAVG else _launch(run_config, args))
     table = compare_table(run_dirs)
     study_dir = run_dirs[0].parent
     (study_dir / "comparison.txt").write_text(table + "\n")
@@ -212,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
     _add_runner_arguments(p)
     p.add_argument("--methods", default=",".join(STUDY_METHODS),
-                   help="comma-separated fusion methods (default: %(default)s)")
+                   help="comma-separated fusion methods, and fedavg for the FedAvg baseline "
+                        "(in process, one architecture) (default: %(default)s)")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("compare", help="table over finished run directories (or study folders)")
