@@ -415,6 +415,18 @@ class FusionConfig:
         1.0, low=0,
         help="expert, verified trust: null expert kappa = this * exp(-trust-beta / 2) / C (0 = none)",
     )
+    dp_knowledge: str = option(
+        "auto", choices=("auto", "votes", "soft"),
+        help="under DP: 'votes' fuses each site's top-1 label as a smoothed one-hot, the consensus is the "
+             "unsharpened vote mean and rows below vote-threshold abstain (fedkd/dp_knowledge.py); 'soft': "
+             "the released rows as without DP; 'auto': votes for method expert, soft for the others",
+    )
+    vote_smoothing: float = option(
+        0.1, low=0, high=0.99, help="dp-knowledge votes: a vote is (1 - s) one-hot + s / C",
+    )
+    vote_threshold: float = option(
+        0.5, low=0, high=1, help="dp-knowledge votes: abstain (uniform row) where the fused top probability is below this",
+    )
 
 
 @dataclass(frozen=True)
@@ -448,6 +460,16 @@ class PrivacyConfig:
     lr: float = option(
         0.03, low=0, low_open=True,
         help="Adam learning rate of the DP-SGD step (instead of train.lr)",
+    )
+    distill_epochs: int = option(
+        5, low=0,
+        help="epochs over the public set per round under DP (instead of train.distill-epochs); "
+        "public data only, no privacy cost",
+    )
+    distill_order: str = option(
+        "before", choices=("before", "after"),
+        help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "
+        "(the released and evaluated model is then the distilled one)",
     )
     grad_sample_mode: str = option(
         "auto",
@@ -675,6 +697,12 @@ class Config:
         """Whether sites choose their distillation target on validation (``train.target-choice``)."""
         choice = self.train.target_choice
         return choice == "validated" or (choice == "auto" and self.fusion.method == "expert")
+
+    @property
+    def dp_votes(self) -> bool:
+        """Whether the server fuses hard votes with abstention (``fusion.dp-knowledge``; DP only)."""
+        choice = self.fusion.dp_knowledge
+        return self.privacy.enabled and (choice == "votes" or (choice == "auto" and self.fusion.method == "expert"))
 
     def architecture_for(self, client: int) -> str:
         """Model name of client ``client`` (architectures are assigned in turn)."""

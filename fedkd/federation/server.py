@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from fedkd.config import Config
 from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
+from fedkd.dp_knowledge import abstain, hard_votes, vote_consensus
 from fedkd.fusion import consensus, fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
@@ -270,6 +271,8 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     knowledge = np.stack([accepted[c] for c in clients])
     f = config.fusion
     consensus_weights = None
+    if config.dp_votes:  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
+        knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
     result = fuse(
         knowledge=knowledge,
         method=f.method,
@@ -290,6 +293,10 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         trust_confidence=f.trust_confidence,
         trust_null=f.trust_null,
     )
+    if result.fused is not None and config.dp_votes:
+        result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
+                                     consensus=None if result.consensus is None
+                                     else abstain(result.consensus, threshold=f.vote_threshold)[0])
     if result.fused is None:
         targets = knowledge.mean(axis=0)
     else:
@@ -299,6 +306,10 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         if f.sends_consensus and result.consensus is not None:  # the method's own G_i per site
             state.consensus.update({client: result.consensus[row] for row, client in enumerate(clients)})
             consensus_weights = result.consensus_weights
+        elif f.sends_consensus and config.dp_votes:  # G = the unsharpened vote mean, abstaining
+            g, shares = abstain(vote_consensus(knowledge), threshold=f.vote_threshold)[0], np.full(len(clients), 1 / len(clients))
+            state.consensus.update(dict.fromkeys(clients, g))
+            consensus_weights = np.broadcast_to(shares, (len(clients), len(clients)))
         elif f.sends_consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
             g, shares = consensus(knowledge=knowledge, uniform_entropy=f.uniform_entropy,
                                   temperature=f.era_temperature)

@@ -46,6 +46,7 @@ from fedkd.adversary import corrupt
 from fedkd.config import Config
 from fedkd.data import ClientData, FederatedSplit
 from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
+from fedkd.dp_knowledge import distillable_rows
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
@@ -417,20 +418,24 @@ def local_round(
         validated_steps(model=model, config=config, seed=seed, data=data, public_x=public_x, fused=fused,
                         fused_positions=fused_positions, scores=target_scores, metrics=metrics,
                         consensus=consensus)
-    else:
+    elif ledger is None:
         if has_fused:
             metrics["distil-loss"] = distil(
                 model, public_x[fused_positions], fused,
                 epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
                 temperature=t.kd_temperature, seed=seed,
             )
-        if ledger is None:
-            metrics["train-loss"] = train_supervised(
-                model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
-            )
-        else:
-            _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
-                          seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
+        metrics["train-loss"] = train_supervised(
+            model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
+        )
+    else:
+        after = config.privacy.distill_order == "after"
+        if has_fused and not after:
+            _dp_distil(model, config=config, public_x=public_x[fused_positions], fused=fused, seed=seed, metrics=metrics)
+        _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
+                      seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
+        if has_fused and after:
+            _dp_distil(model, config=config, public_x=public_x[fused_positions], fused=fused, seed=seed, metrics=metrics)
     knowledge, stats = release_knowledge(
         config, predict_logits(model, public_x[release_positions]),
         rng=np.random.default_rng(noise.round_seed(seed)), public_x=public_x[release_positions],
@@ -448,6 +453,19 @@ def local_round(
     if config.shield.release != "none":
         metrics["release-flipped"] = stats.release_flipped
     return knowledge, metrics
+
+
+def _dp_distil(model: nn.Module, *, config: Config, public_x: np.ndarray, fused: np.ndarray, seed: int,
+               metrics: dict[str, float]) -> None:
+    """A DP site's distillation step: ``privacy.distill-epochs`` epochs on the rows of F_i that
+    are not near-uniform (:func:`fedkd.dp_knowledge.distillable_rows`: abstained rows stay
+    out); ``distil-rows`` is their share. Public data only, no privacy cost."""
+    t = config.train
+    rows = distillable_rows(fused, uniform_entropy=config.fusion.uniform_entropy)
+    metrics["distil-rows"] = float(rows.mean()) if len(rows) else 0.0
+    if rows.any():
+        metrics["distil-loss"] = distil(model, public_x[rows], fused[rows], epochs=config.privacy.distill_epochs,
+                                        batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
 
 
 def validated_steps(*, model: nn.Module, config: Config, seed: int, data: ClientData, public_x: np.ndarray,
