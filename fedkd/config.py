@@ -466,6 +466,25 @@ class PrivacyConfig:
         help="epochs over the public set per round under DP (instead of train.distill-epochs); "
         "public data only, no privacy cost",
     )
+    distill_target: str = option(
+        "fused", choices=("fused", "consensus"),
+        help="under DP: what the site distils, its F_i ('fused') or the federation's consensus G "
+        "('consensus', sent when fusion.consensus is on; F_i where none was sent)",
+    )
+    selection: str = option(
+        "off", choices=("off", "noisy-max"),
+        help="under DP: 'noisy-max' lets a site keep, after its private step, the best of its private model and "
+        "that model distilled on F_i or on G, chosen by report-noisy-max on its private validation split "
+        "(fedkd/privacy/selection.py; distillation then comes after the private step), charged to its ledger",
+    )
+    selection_epsilon: float = option(
+        0.4, low=0, low_open=True,
+        help="selection: epsilon of all the run's choices together (DP-SGD is calibrated for "
+        "target-epsilon minus this, so that the two compose to the target)",
+    )
+    selection_rounds: int = option(
+        3, low=1, help="selection: number of choices, spread evenly over rounds 2..num-server-rounds",
+    )
     distill_order: str = option(
         "before", choices=("before", "after"),
         help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "
@@ -893,6 +912,13 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
         )
     problems.extend(_data_checks(get, valid))
     problems.extend(_modality_checks(get, valid))
+    if (valid("privacy.selection", "privacy.selection-epsilon", "privacy.target-epsilon")
+            and get("privacy.selection") != "off"
+            and get("privacy.selection-epsilon") >= get("privacy.target-epsilon")):
+        problems.append(
+            f"privacy.selection-epsilon: must be below privacy.target-epsilon ({get('privacy.target-epsilon'):g}) "
+            f"when privacy.selection is on; got {get('privacy.selection-epsilon'):g}"
+        )
     if (valid("privacy.enabled", "train.mode") and get("privacy.enabled")
             and get("train.mode") == "joint"):
         problems.append(

@@ -39,6 +39,7 @@ from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_know
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
 from fedkd.privacy.release import release_ledger, with_combined
+from fedkd.privacy.selection import selection_ledger
 from fedkd.seeds import public_subset
 
 FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy")
@@ -203,6 +204,14 @@ def train_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return checked
 
 
+def _claim(metrics: Mapping[str, Any], name: str) -> float | None:
+    """A site's claimed pure-DP epsilon ``name`` (None when absent), checked finite and >= 0."""
+    claim = metrics.get(name)
+    if claim is not None and not (math.isfinite(claim) and claim >= 0):
+        raise InvalidPayload(f"metric {name} must be a finite number >= 0; got {claim!r}")
+    return claim
+
+
 def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict | None:
     """The site's new privacy-ledger row from its train metrics (:func:`fedkd.privacy.ledger_row`:
     the server's own history of the site's spend, composed), or None when the site reports
@@ -210,8 +219,9 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
     figures or ``epsilon`` but not all of them, with figures out of bounds, or with none of
     them when privacy is on, raises :class:`InvalidPayload`. With ``shield.release`` on, the
     row also carries the release's epsilon, counted by the server
-    (:func:`fedkd.privacy.release.release_ledger`), and, beside DP-SGD's, their composition
-    (:func:`fedkd.privacy.release.with_combined`)."""
+    (:func:`fedkd.privacy.release.release_ledger`); with ``privacy.selection`` on, DP model
+    selection's (:func:`fedkd.privacy.selection.selection_ledger`); and, beside DP-SGD's, their
+    composition (:func:`fedkd.privacy.release.with_combined`)."""
     reported = [key for key in LEDGER_METRICS if key in metrics]
     releasing = config.shield.release != "none"
     row: dict | None = None
@@ -224,13 +234,17 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
             row = ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
         except ValueError as err:
             raise InvalidPayload(str(err)) from None
-    if not releasing:
+    selecting = config.privacy.enabled and config.privacy.selection != "off"
+    if not releasing and not selecting:
         return row
-    claim = metrics.get("release-epsilon")
-    if claim is not None and not (math.isfinite(claim) and claim >= 0):
-        raise InvalidPayload(f"metric release-epsilon must be a finite number >= 0; got {claim!r}")
-    release = release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon, site_claim=claim)
-    return with_combined({**(row or {}), **release})
+    extra: dict[str, Any] = {}
+    if releasing:
+        extra.update(release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon,
+                                    site_claim=_claim(metrics, "release-epsilon")))
+    if selecting:  # DP model selection (fedkd/privacy/selection.py): its whole budget, from round 1 on
+        extra.update(selection_ledger(previous=previous, selection_epsilon=config.privacy.selection_epsilon,
+                                      site_claim=_claim(metrics, "selection-epsilon")))
+    return with_combined({**(row or {}), **extra})
 
 
 def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
