@@ -25,7 +25,10 @@ anything computed from its release is post-processing and needs no further noise
    federation abstains on x (Confident-GNMax's "answer only when the plurality is large").
 4. *The site* (:func:`distillable_rows`) distils only the rows that are not near-uniform
    (entropy <= ``fusion.uniform-entropy`` * log C), so abstained rows, and any
-   near-uniform target, leave its model alone.
+   near-uniform target, leave its model alone; with ``privacy.distill-classes = "own"``
+   (:func:`own_class_rows`) only those whose top class is one its own model calls on at
+   least half a uniform share of the public set (its vote frequencies: post-processing of
+   its DP model, not its private labels, which would need a DP release of their own).
 
 Pure functions on arrays; no Flower imports.
 """
@@ -80,3 +83,14 @@ def distillable_rows(targets: np.ndarray, *, uniform_entropy: float) -> np.ndarr
     log C (abstained rows, exactly uniform, and near-uniform rows are left out)."""
     targets = np.asarray(targets, dtype=np.float64)
     return entropy(targets) <= uniform_entropy * np.log(targets.shape[-1])
+
+
+def own_class_rows(targets: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Mask [P] of the target rows whose top class is one of the site's own: a class c with
+    vote share v(c) >= 1 / (2C), v = the frequencies of the site model's top-1 labels ``own``
+    [P'] (integers in 0..C-1) on the public set."""
+    targets = np.asarray(targets, dtype=np.float64)
+    num_classes = targets.shape[-1]
+    own = np.asarray(own, dtype=np.int64)
+    share = np.bincount(own, minlength=num_classes) / max(len(own), 1)
+    return share[targets.argmax(axis=-1)] >= 1.0 / (2 * num_classes)

@@ -7,7 +7,7 @@ import pytest
 
 from fedkd.config import load_config
 from fedkd.data import load_federation
-from fedkd.dp_knowledge import abstain, distillable_rows, hard_votes, vote_consensus
+from fedkd.dp_knowledge import abstain, distillable_rows, hard_votes, own_class_rows, vote_consensus
 from fedkd.federation.server import ServerState, server_round
 
 
@@ -74,3 +74,11 @@ def test_server_fuses_votes_under_dp_and_abstains_on_a_split_vote(parts):
         np.testing.assert_allclose(state.consensus[j][1], np.full(10, 0.1))
     soft = load_config(overrides={**config.to_flat(), "fusion.dp-knowledge": "soft"})
     assert not soft.dp_votes and not load_config(overrides={**config.to_flat(), "privacy.enabled": False}).dp_votes
+
+
+def test_own_class_rows_by_hand():
+    """C = 4, own votes 0,0,0,1,1,2,0,0 (8 rows): shares 5/8, 2/8, 1/8, 0; the cut is
+    1/(2C) = 1/8: classes 0, 1, 2 pass, class 3 does not."""
+    targets = np.eye(4)[[0, 1, 2, 3]]
+    own = np.array([0, 0, 0, 1, 1, 2, 0, 0])
+    np.testing.assert_array_equal(own_class_rows(targets, own), [True, True, True, False])
