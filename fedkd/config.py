@@ -416,10 +416,12 @@ class FusionConfig:
         help="expert, verified trust: null expert kappa = this * exp(-trust-beta / 2) / C (0 = none)",
     )
     dp_knowledge: str = option(
-        "auto", choices=("auto", "votes", "soft"),
-        help="under DP: 'votes' fuses each site's top-1 label as a smoothed one-hot, the consensus is the "
-             "unsharpened vote mean and rows below vote-threshold abstain (fedkd/dp_knowledge.py); 'soft': "
-             "the released rows as without DP; 'auto': votes for method expert, soft for the others",
+        "auto", choices=("auto", "evidence", "votes", "soft"),
+        help="under DP (fedkd/dp_knowledge.py): 'evidence' abstains (uniform row) wherever the senders' "
+             "evidence alone, F_i without the receiver's prior, is near-uniform; 'votes' fuses each site's "
+             "top-1 label as a smoothed one-hot, the consensus is the unsharpened vote mean and rows below "
+             "vote-threshold abstain; 'soft': the released rows as without DP; 'auto': evidence for method "
+             "expert, soft for the others",
     )
     vote_smoothing: float = option(
         0.1, low=0, high=0.99, help="dp-knowledge votes: a vote is (1 - s) one-hot + s / C",
@@ -723,10 +725,15 @@ class Config:
         return choice == "validated" or (choice == "auto" and self.fusion.method == "expert")
 
     @property
-    def dp_votes(self) -> bool:
-        """Whether the server fuses hard votes with abstention (``fusion.dp-knowledge``; DP only)."""
+    def dp_knowledge(self) -> str | None:
+        """How the server fuses DP sites' knowledge (``fusion.dp-knowledge`` resolved: ``votes``,
+        ``evidence`` or ``soft``; None without DP)."""
+        if not self.privacy.enabled:
+            return None
         choice = self.fusion.dp_knowledge
-        return self.privacy.enabled and (choice == "votes" or (choice == "auto" and self.fusion.method == "expert"))
+        if choice == "auto":
+            return "evidence" if self.fusion.method == "expert" else "soft"
+        return choice
 
     def architecture_for(self, client: int) -> str:
         """Model name of client ``client`` (architectures are assigned in turn)."""

@@ -49,17 +49,17 @@ def test_distillable_rows_leave_out_uniform_and_near_uniform_targets():
 @pytest.fixture(scope="module")
 def parts():
     config = load_config(overrides={"data.num-clients": 3, "fusion.method": "expert", "global-student.enabled": False,
-                                    "privacy.enabled": True, "fusion.vote-smoothing": 0.0})
+                                    "privacy.enabled": True, "fusion.vote-smoothing": 0.0, "fusion.dp-knowledge": "votes"})
     return config, load_federation(config.data, config.seed)
 
 
 def test_server_fuses_votes_under_dp_and_abstains_on_a_split_vote(parts):
-    """Under DP (dp-knowledge auto, method expert) three near-uniform releases (entropy within
+    """Under DP (dp-knowledge votes, method expert) three near-uniform releases (entropy within
     0.1% of log 10, every one dropped by the soft fusion's entropy filter) still carry their
     top-1 votes: on x0 all three vote class 3, G(x0) = onehot(3); on x1 they vote 0, 1, 2, the
     top share 1/3 < 0.5 and G(x1) abstains (uniform)."""
     config, split = parts
-    assert config.dp_votes
+    assert config.dp_knowledge == "votes"
     base = np.full((3, 2, 10), 0.1)
     for j, (first, second) in enumerate([(3, 0), (3, 1), (3, 2)]):
         base[j, 0, first] += 0.01
@@ -72,8 +72,10 @@ def test_server_fuses_votes_under_dp_and_abstains_on_a_split_vote(parts):
     for j in range(3):
         np.testing.assert_allclose(state.consensus[j][0], onehot)
         np.testing.assert_allclose(state.consensus[j][1], np.full(10, 0.1))
-    soft = load_config(overrides={**config.to_flat(), "fusion.dp-knowledge": "soft"})
-    assert not soft.dp_votes and not load_config(overrides={**config.to_flat(), "privacy.enabled": False}).dp_votes
+    auto = load_config(overrides={**config.to_flat(), "fusion.dp-knowledge": "auto"})
+    assert auto.dp_knowledge == "evidence"
+    assert load_config(overrides={**auto.to_flat(), "fusion.method": "mean"}).dp_knowledge == "soft"
+    assert load_config(overrides={**config.to_flat(), "privacy.enabled": False}).dp_knowledge is None
 
 
 def test_own_class_rows_by_hand():
@@ -82,3 +84,23 @@ def test_own_class_rows_by_hand():
     targets = np.eye(4)[[0, 1, 2, 3]]
     own = np.array([0, 0, 0, 1, 1, 2, 0, 0])
     np.testing.assert_array_equal(own_class_rows(targets, own), [True, True, True, False])
+
+
+def test_evidence_abstains_where_the_senders_evidence_is_near_uniform(parts):
+    """dp-knowledge evidence: on x0 both senders say class 2 with 0.9; on x1 their rows are
+    within 0.2% of uniform (dropped as uninformative), so F_i(x1) would be the receiver's
+    prior alone: it abstains (uniform row) instead, while F_i(x0) keeps class 2 on top."""
+    config, split = parts
+    evidence = load_config(overrides={**config.to_flat(), "fusion.dp-knowledge": "evidence"})
+    rows = np.full((2, 2, 10), 0.1)
+    rows[:, 0] = np.full(10, 0.1 / 9)
+    rows[:, 0, 2] = 0.9
+    rows[:, 1, 0] += 0.002
+    rows /= rows.sum(axis=-1, keepdims=True)
+    state = ServerState()
+    server_round(config=evidence, split=split, state=state, round_number=1, release=np.arange(2),
+                 accepted={0: rows[0], 1: rows[1]})
+    for site in (0, 1):
+        fused = state.fused[site][1]
+        assert fused[0].argmax() == 2 and fused[0].max() > 0.5
+        np.testing.assert_allclose(fused[1], np.full(10, 0.1))

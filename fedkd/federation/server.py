@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedkd.config import Config
+from fedkd.config import Config, FusionConfig
 from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
-from fedkd.dp_knowledge import abstain, hard_votes, vote_consensus
+from fedkd.dp_knowledge import abstain, distillable_rows, hard_votes, vote_consensus
 from fedkd.fusion import consensus, fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
@@ -276,6 +276,16 @@ class RoundRecord:
     """Each receiver's sender shares of the consensus it was sent ([receivers, senders]), if any."""
 
 
+def _fuse(knowledge: np.ndarray, f: FusionConfig):  # noqa: ANN202
+    """:func:`fedkd.fusion.fuse` of ``knowledge`` with the run's ``fusion.*`` settings ``f``."""
+    return fuse(knowledge=knowledge, method=f.method, measure=f.measure, divergence=f.divergence, beta=f.beta,
+                threshold=f.threshold, max_neighbours=f.max_neighbours, confident_fraction=f.confident_fraction,
+                uniform_entropy=f.uniform_entropy, sharpen_temperature=f.sharpen_temperature,
+                era_temperature=f.era_temperature, prior_weight=f.prior_weight, prior_floor=f.prior_floor,
+                neighbours=f.neighbours, trust=f.trust, trust_beta=f.trust_beta,
+                trust_confidence=f.trust_confidence, trust_null=f.trust_null)
+
+
 def server_round(*, config: Config, split: FederatedSplit, state: ServerState, round_number: int,
                  release: np.ndarray, accepted: Mapping[int, np.ndarray]) -> RoundRecord:
     """Step 3: fuse the accepted knowledge K_j (partition id -> [len(release), C]), keep each
@@ -285,29 +295,15 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     knowledge = np.stack([accepted[c] for c in clients])
     f = config.fusion
     consensus_weights = None
-    if config.dp_votes:  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
+    if config.dp_knowledge == "votes":  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
         knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
-    result = fuse(
-        knowledge=knowledge,
-        method=f.method,
-        measure=f.measure,
-        divergence=f.divergence,
-        beta=f.beta,
-        threshold=f.threshold,
-        max_neighbours=f.max_neighbours,
-        confident_fraction=f.confident_fraction,
-        uniform_entropy=f.uniform_entropy,
-        sharpen_temperature=f.sharpen_temperature,
-        era_temperature=f.era_temperature,
-        prior_weight=f.prior_weight,
-        prior_floor=f.prior_floor,
-        neighbours=f.neighbours,
-        trust=f.trust,
-        trust_beta=f.trust_beta,
-        trust_confidence=f.trust_confidence,
-        trust_null=f.trust_null,
-    )
-    if result.fused is not None and config.dp_votes:
+    result = _fuse(knowledge, f)
+    if result.fused is not None and config.dp_knowledge == "evidence":
+        # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py)
+        evidence = _fuse(knowledge, replace(f, prior_weight=0.0)).fused
+        answered = distillable_rows(evidence, uniform_entropy=f.uniform_entropy)
+        result = replace(result, fused=np.where(answered[..., None], result.fused, 1.0 / result.fused.shape[-1]))
+    if result.fused is not None and config.dp_knowledge == "votes":
         result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
                                      consensus=None if result.consensus is None
                                      else abstain(result.consensus, threshold=f.vote_threshold)[0])
@@ -320,7 +316,7 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         if f.sends_consensus and result.consensus is not None:  # the method's own G_i per site
             state.consensus.update({client: result.consensus[row] for row, client in enumerate(clients)})
             consensus_weights = result.consensus_weights
-        elif f.sends_consensus and config.dp_votes:  # G = the unsharpened vote mean, abstaining
+        elif f.sends_consensus and config.dp_knowledge == "votes":  # G = the unsharpened vote mean, abstaining
             g, shares = abstain(vote_consensus(knowledge), threshold=f.vote_threshold)[0], np.full(len(clients), 1 / len(clients))
             state.consensus.update(dict.fromkeys(clients, g))
             consensus_weights = np.broadcast_to(shares, (len(clients), len(clients)))
