@@ -423,6 +423,11 @@ class FusionConfig:
              "vote-threshold abstain; 'soft': the released rows as without DP; 'auto': evidence for method "
              "expert, soft for the others",
     )
+    evidence_entropy: float = option(
+        0.25, low=0, high=1, low_open=True,
+        help="dp-knowledge evidence: abstain where the evidence-only row's entropy is above this * log C "
+             "(0.25: measured at epsilon 4, docs/privacy.md; looser values let in rows that cost accuracy)",
+    )
     vote_smoothing: float = option(
         0.1, low=0, high=0.99, help="dp-knowledge votes: a vote is (1 - s) one-hot + s / C",
     )

@@ -91,7 +91,7 @@ def test_evidence_abstains_where_the_senders_evidence_is_near_uniform(parts):
     within 0.2% of uniform (dropped as uninformative), so F_i(x1) would be the receiver's
     prior alone: it abstains (uniform row) instead, while F_i(x0) keeps class 2 on top."""
     config, split = parts
-    evidence = load_config(overrides={**config.to_flat(), "fusion.dp-knowledge": "evidence"})
+    evidence = load_config(overrides={**config.to_flat(), "fusion.dp-knowledge": "evidence", "fusion.evidence-entropy": 0.95})
     rows = np.full((2, 2, 10), 0.1)
     rows[:, 0] = np.full(10, 0.1 / 9)
     rows[:, 0, 2] = 0.9

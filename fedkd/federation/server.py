@@ -301,7 +301,7 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     if result.fused is not None and config.dp_knowledge == "evidence":
         # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py)
         evidence = _fuse(knowledge, replace(f, prior_weight=0.0)).fused
-        answered = distillable_rows(evidence, uniform_entropy=f.uniform_entropy)
+        answered = distillable_rows(evidence, uniform_entropy=f.evidence_entropy)
         result = replace(result, fused=np.where(answered[..., None], result.fused, 1.0 / result.fused.shape[-1]))
     if result.fused is not None and config.dp_knowledge == "votes":
         result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
