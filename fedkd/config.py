@@ -492,11 +492,6 @@ class PrivacyConfig:
     selection_rounds: int = option(
         3, low=1, help="selection: number of choices, spread evenly over rounds 2..num-server-rounds",
     )
-    distill_classes: str = option(
-        "all", choices=("all", "own"),
-        help="under DP: distil every answered row ('all') or only rows whose top class the site's own model "
-        "calls on at least 1/(2C) of the public set ('own'; fedkd/dp_knowledge.py)",
-    )
     distill_order: str = option(
         "before", choices=("before", "after"),
         help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "

@@ -1,34 +1,34 @@
-"""DP-aware knowledge: what DP-trained sites release is noisy and under-confident; fuse votes.
+"""DP-aware knowledge: what DP-trained sites release is noisy and under-confident.
 
 A site trained with DP-SGD (one noisy epoch a round on 20-300 examples) releases rows that
-are close to uniform: on digits at epsilon 4 the mean entropy of a released row is
-2.1-2.3 nats against log 10 = 2.30 (docs/benchmarks.md, "20 rounds, DP"). Their *top-1 label*
-still carries what the site learnt (local-only DP training reaches ALMA 0.24-0.78 from it),
-but the probabilities do not: the class-expert fusion of such rows is the receiver's own
-label prior plus a little evidence, nearly the same row for every public input, and
-distilling it for five epochs a round overwrites the site's private epoch (measured: ALMA
-0.100, chance, at alpha 100). So, under DP, knowledge is fused as *hard votes with
-abstention*, PATE's Confident-GNMax (Papernot et al. 2018, "Scalable Private Learning with
-PATE", ICLR, Alg. 1) without its Gaussian noise: each site is already DP-trained, so
-anything computed from its release is post-processing and needs no further noise.
+are close to uniform: on digits at epsilon 4 the mean entropy of a released row is 2.1-2.3
+nats against log 10 = 2.30 at alpha 1 and 100 (0.3-1.0 at alpha 0.05-0.1, where a site
+knows its one to three classes). The class-expert fusion of such rows,
+F_i(x) = softmax_c(sum_j a_j(x, c) L_j(x, c) + gamma log pi_i(c)) (:func:`fedkd.fusion.class_expert_fusion`),
+is then the receiver's own label prior pi_i plus a little evidence: nearly the same row for
+every public input. Distilling it for five epochs a round overwrites the site's one private
+epoch (measured at epsilon 4, 20 rounds, seed 0: ALMA 0.100, chance, at alpha 100, against
+0.244 for local-only training; docs/privacy.md "DP-aware knowledge").
 
-1. *Votes* (:func:`hard_votes`): each sender's row becomes the smoothed one-hot of its top-1
-   label, V_j(x) = (1 - s) onehot(argmax_c K_j(x, c)) + s / C (s = ``fusion.vote-smoothing``;
-   s > 0 keeps every log finite for the class-expert fusion, which then reads each sender's
-   label prior as its vote frequencies).
-2. *Fusion*: the run's fusion method on V instead of K (class-expert fusion: a sender's vote
-   for c counts by how much of c it holds, under the receiver's prior); the consensus G is
-   the *unsharpened* mean of the votes, (1/N) sum_j V_j(x) (ERA's sharpening, softmax(G / 0.1),
-   would make a weak plurality look certain).
-3. *Abstention* (:func:`abstain`): where the fused row's top probability is below the
-   threshold tau (``fusion.vote-threshold``) the row is replaced by the uniform row: the
-   federation abstains on x (Confident-GNMax's "answer only when the plurality is large").
-4. *The site* (:func:`distillable_rows`) distils only the rows that are not near-uniform
-   (entropy <= ``fusion.uniform-entropy`` * log C), so abstained rows, and any
-   near-uniform target, leave its model alone; with ``privacy.distill-classes = "own"``
-   (:func:`own_class_rows`) only those whose top class is one its own model calls on at
-   least half a uniform share of the public set (its vote frequencies: post-processing of
-   its DP model, not its private labels, which would need a DP release of their own).
+``fusion.dp-knowledge`` (DP only) chooses what the server does about it:
+
+* ``evidence`` (the default for ``expert``, :func:`evidence_abstention`): the server also
+  fuses with gamma = 0, i.e. the senders' evidence alone, softmax_c(sum_j a_j L_j), and
+  abstains (sends the uniform row) wherever that row's entropy is above
+  ``fusion.evidence-entropy`` * log C: F_i speaks only where the senders' evidence is strong,
+  never where it would be the receiver's prior alone. Where it abstains everywhere, the
+  DP site is exactly a local-only site (tests/test_federation_site.py).
+* ``votes``: each sender's row becomes the smoothed one-hot of its top-1 label
+  (:func:`hard_votes`), the run's fusion runs on those votes, the consensus G is their
+  *unsharpened* mean (:func:`vote_consensus`), and rows whose top probability is below
+  ``fusion.vote-threshold`` abstain (:func:`abstain`): PATE's Confident-GNMax (Papernot et al.
+  2018, "Scalable Private Learning with PATE", ICLR, Alg. 1) without its Gaussian noise,
+  since each site is already DP-trained and anything computed from its release is
+  post-processing. Measured worse than ``evidence`` (docs/privacy.md).
+* ``soft``: the released rows as without DP.
+
+Whatever the server sends, a DP site distils only target rows that are not near-uniform
+(:func:`distillable_rows`), so abstained rows leave its model alone.
 
 Pure functions on arrays; no Flower imports.
 """
@@ -38,11 +38,6 @@ from __future__ import annotations
 import numpy as np
 
 from fedkd.fusion import entropy
-
-DP_KNOWLEDGE = ("auto", "votes", "soft")
-"""Values of ``fusion.dp-knowledge``: ``votes`` (this module), ``soft`` (the released rows as
-they are, as without DP), ``auto`` = ``votes`` for method ``expert`` under DP, else ``soft``."""
-
 
 def hard_votes(knowledge: np.ndarray, *, smoothing: float) -> np.ndarray:
     """V(x) = (1 - s) onehot(argmax_c K(x, c)) + s / C for every row of ``knowledge`` [..., C]
@@ -85,12 +80,10 @@ def distillable_rows(targets: np.ndarray, *, uniform_entropy: float) -> np.ndarr
     return entropy(targets) <= uniform_entropy * np.log(targets.shape[-1])
 
 
-def own_class_rows(targets: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """Mask [P] of the target rows whose top class is one of the site's own: a class c with
-    vote share v(c) >= 1 / (2C), v = the frequencies of the site model's top-1 labels ``own``
-    [P'] (integers in 0..C-1) on the public set."""
-    targets = np.asarray(targets, dtype=np.float64)
-    num_classes = targets.shape[-1]
-    own = np.asarray(own, dtype=np.int64)
-    share = np.bincount(own, minlength=num_classes) / max(len(own), 1)
-    return share[targets.argmax(axis=-1)] >= 1.0 / (2 * num_classes)
+
+def evidence_abstention(fused: np.ndarray, evidence: np.ndarray, *, entropy_cut: float) -> np.ndarray:
+    """``fused`` [..., C] with every row replaced by the uniform row 1/C where the matching
+    ``evidence`` row (the same fusion without the receiver's prior) has entropy above
+    ``entropy_cut`` * log C."""
+    answered = distillable_rows(evidence, uniform_entropy=entropy_cut)
+    return np.where(answered[..., None], np.asarray(fused, dtype=np.float64), 1.0 / np.shape(fused)[-1])

@@ -7,7 +7,7 @@ import pytest
 
 from fedkd.config import load_config
 from fedkd.data import load_federation
-from fedkd.dp_knowledge import abstain, distillable_rows, hard_votes, own_class_rows, vote_consensus
+from fedkd.dp_knowledge import abstain, distillable_rows, evidence_abstention, hard_votes, vote_consensus
 from fedkd.federation.server import ServerState, server_round
 
 
@@ -78,14 +78,6 @@ def test_server_fuses_votes_under_dp_and_abstains_on_a_split_vote(parts):
     assert load_config(overrides={**config.to_flat(), "privacy.enabled": False}).dp_knowledge is None
 
 
-def test_own_class_rows_by_hand():
-    """C = 4, own votes 0,0,0,1,1,2,0,0 (8 rows): shares 5/8, 2/8, 1/8, 0; the cut is
-    1/(2C) = 1/8: classes 0, 1, 2 pass, class 3 does not."""
-    targets = np.eye(4)[[0, 1, 2, 3]]
-    own = np.array([0, 0, 0, 1, 1, 2, 0, 0])
-    np.testing.assert_array_equal(own_class_rows(targets, own), [True, True, True, False])
-
-
 def test_evidence_abstains_where_the_senders_evidence_is_near_uniform(parts):
     """dp-knowledge evidence: on x0 both senders say class 2 with 0.9; on x1 their rows are
     within 0.2% of uniform (dropped as uninformative), so F_i(x1) would be the receiver's
@@ -104,3 +96,12 @@ def test_evidence_abstains_where_the_senders_evidence_is_near_uniform(parts):
         fused = state.fused[site][1]
         assert fused[0].argmax() == 2 and fused[0].max() > 0.5
         np.testing.assert_allclose(fused[1], np.full(10, 0.1))
+
+
+def test_evidence_abstention_by_hand():
+    """Evidence rows (0.9, 0.05, 0.05): H = 0.394 <= 0.5 log 3 = 0.549, kept; (0.5, 0.3, 0.2):
+    H = 1.030 > 0.549, abstained: that row of F becomes 1/3 each."""
+    fused = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1]])
+    evidence = np.array([[0.9, 0.05, 0.05], [0.5, 0.3, 0.2]])
+    np.testing.assert_allclose(evidence_abstention(fused, evidence, entropy_cut=0.5),
+                               [[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])

@@ -33,7 +33,7 @@ from fedkd.config import Config, FusionConfig
 from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
-from fedkd.dp_knowledge import abstain, distillable_rows, hard_votes, vote_consensus
+from fedkd.dp_knowledge import abstain, evidence_abstention, hard_votes, vote_consensus
 from fedkd.fusion import consensus, fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
@@ -301,8 +301,7 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     if result.fused is not None and config.dp_knowledge == "evidence":
         # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py)
         evidence = _fuse(knowledge, replace(f, prior_weight=0.0)).fused
-        answered = distillable_rows(evidence, uniform_entropy=f.evidence_entropy)
-        result = replace(result, fused=np.where(answered[..., None], result.fused, 1.0 / result.fused.shape[-1]))
+        result = replace(result, fused=evidence_abstention(result.fused, evidence, entropy_cut=f.evidence_entropy))
     if result.fused is not None and config.dp_knowledge == "votes":
         result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
                                      consensus=None if result.consensus is None

@@ -46,7 +46,7 @@ from fedkd.adversary import corrupt
 from fedkd.config import Config
 from fedkd.data import ClientData, FederatedSplit
 from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
-from fedkd.dp_knowledge import distillable_rows, own_class_rows
+from fedkd.dp_knowledge import distillable_rows
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
@@ -466,13 +466,9 @@ def _dp_distil(model: nn.Module, *, config: Config, public_x: np.ndarray, fused:
                metrics: dict[str, float]) -> None:
     """A DP site's distillation step: ``privacy.distill-epochs`` epochs on the rows of the target
     ``fused`` that are not near-uniform (:func:`fedkd.dp_knowledge.distillable_rows`: abstained
-    rows stay out) and, with ``privacy.distill-classes = "own"``, whose top class is one of the
-    site's own (:func:`fedkd.dp_knowledge.own_class_rows`); ``distil-rows`` is their share.
-    Public data only, no privacy cost."""
+    rows stay out); ``distil-rows`` is their share. Public data only, no privacy cost."""
     t = config.train
     rows = distillable_rows(fused, uniform_entropy=config.fusion.uniform_entropy)
-    if config.privacy.distill_classes == "own":
-        rows &= own_class_rows(fused, predict_logits(model, public_x).argmax(axis=1))
     metrics["distil-rows"] = float(rows.mean()) if len(rows) else 0.0
     if rows.any():
         metrics["distil-loss"] = distil(model, public_x[rows], fused[rows], epochs=config.privacy.distill_epochs,
