@@ -415,6 +415,25 @@ class FusionConfig:
         1.0, low=0,
         help="expert, verified trust: null expert kappa = this * exp(-trust-beta / 2) / C (0 = none)",
     )
+    dp_knowledge: str = option(
+        "auto", choices=("auto", "evidence", "votes", "soft"),
+        help="under DP (fedkd/dp_knowledge.py): 'evidence' abstains (uniform row) wherever the senders' "
+             "evidence alone, F_i without the receiver's prior, is near-uniform; 'votes' fuses each site's "
+             "top-1 label as a smoothed one-hot, the consensus is the unsharpened vote mean and rows below "
+             "vote-threshold abstain; 'soft': the released rows as without DP; 'auto': evidence for method "
+             "expert, soft for the others",
+    )
+    evidence_entropy: float = option(
+        0.25, low=0, high=1, low_open=True,
+        help="dp-knowledge evidence: abstain where the evidence-only row's entropy is above this * log C "
+             "(0.25: measured at epsilon 4, docs/privacy.md; looser values let in rows that cost accuracy)",
+    )
+    vote_smoothing: float = option(
+        0.1, low=0, high=0.99, help="dp-knowledge votes: a vote is (1 - s) one-hot + s / C",
+    )
+    vote_threshold: float = option(
+        0.5, low=0, high=1, help="dp-knowledge votes: abstain (uniform row) where the fused top probability is below this",
+    )
 
 
 @dataclass(frozen=True)
@@ -448,6 +467,35 @@ class PrivacyConfig:
     lr: float = option(
         0.03, low=0, low_open=True,
         help="Adam learning rate of the DP-SGD step (instead of train.lr)",
+    )
+    distill_epochs: int = option(
+        5, low=0,
+        help="epochs over the public set per round under DP (instead of train.distill-epochs); "
+        "public data only, no privacy cost",
+    )
+    distill_target: str = option(
+        "fused", choices=("fused", "consensus"),
+        help="under DP: what the site distils, its F_i ('fused') or the federation's consensus G "
+        "('consensus', sent when fusion.consensus is on; F_i where none was sent)",
+    )
+    selection: str = option(
+        "off", choices=("off", "noisy-max"),
+        help="under DP: 'noisy-max' lets a site keep, after its private step, the best of its private model and "
+        "that model distilled on F_i or on G, chosen by report-noisy-max on its private validation split "
+        "(fedkd/privacy/selection.py; distillation then comes after the private step), charged to its ledger",
+    )
+    selection_epsilon: float = option(
+        0.4, low=0, low_open=True,
+        help="selection: epsilon of all the run's choices together (DP-SGD is calibrated for "
+        "target-epsilon minus this, so that the two compose to the target)",
+    )
+    selection_rounds: int = option(
+        3, low=1, help="selection: number of choices, spread evenly over rounds 2..num-server-rounds",
+    )
+    distill_order: str = option(
+        "before", choices=("before", "after"),
+        help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "
+        "(the released and evaluated model is then the distilled one)",
     )
     grad_sample_mode: str = option(
         "auto",
@@ -676,6 +724,17 @@ class Config:
         choice = self.train.target_choice
         return choice == "validated" or (choice == "auto" and self.fusion.method == "expert")
 
+    @property
+    def dp_knowledge(self) -> str | None:
+        """How the server fuses DP sites' knowledge (``fusion.dp-knowledge`` resolved: ``votes``,
+        ``evidence`` or ``soft``; None without DP)."""
+        if not self.privacy.enabled:
+            return None
+        choice = self.fusion.dp_knowledge
+        if choice == "auto":
+            return "evidence" if self.fusion.method == "expert" else "soft"
+        return choice
+
     def architecture_for(self, client: int) -> str:
         """Model name of client ``client`` (architectures are assigned in turn)."""
         names = [n.strip() for n in self.model.architectures.split(",")]
@@ -865,6 +924,13 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
         )
     problems.extend(_data_checks(get, valid))
     problems.extend(_modality_checks(get, valid))
+    if (valid("privacy.selection", "privacy.selection-epsilon", "privacy.target-epsilon")
+            and get("privacy.selection") != "off"
+            and get("privacy.selection-epsilon") >= get("privacy.target-epsilon")):
+        problems.append(
+            f"privacy.selection-epsilon: must be below privacy.target-epsilon ({get('privacy.target-epsilon'):g}) "
+            f"when privacy.selection is on; got {get('privacy.selection-epsilon'):g}"
+        )
     if (valid("privacy.enabled", "train.mode") and get("privacy.enabled")
             and get("train.mode") == "joint"):
         problems.append(

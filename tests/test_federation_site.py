@@ -198,3 +198,33 @@ def test_secure_rng_noise_seed_reaches_opacus_secure_mode(parts):
                                            "torchcsprng package"):
         site_round(config=private, split=split, client=0, state=state, inbox=_inbox(private, split))
     assert state.ledger.steps == 0  # nothing was spent
+
+
+def test_a_dp_site_leaves_abstained_rows_alone_and_selects_under_its_budget(parts):
+    """Under DP a fully abstained target (every row uniform, fedkd/dp_knowledge.py) distils
+    nothing: the round ends with exactly the model of a round without fused knowledge. With
+    privacy.selection = noisy-max, a decision round reports its choice (an index of the
+    candidates) and eps_sel / decisions spent; the DP-SGD plan is calibrated for the rest."""
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "privacy.accountant": "rdp", "num-server-rounds": 2})
+    uniform = encode(np.full((len(split.public), split.num_classes), 1.0 / split.num_classes))
+    models = []
+    for fused in (uniform, None):
+        state = SiteState.fresh(config=private, split=split, client=0)
+        reply = site_round(config=private, split=split, client=0, state=state,
+                           inbox=_inbox(private, split, round_number=2, fused=fused))
+        models.append(state.model.state_dict())
+    assert reply.metrics.get("distil-rows", 0.0) == 0.0
+    for name, tensor in models[0].items():
+        torch.testing.assert_close(tensor, models[1][name], rtol=0, atol=0)
+    selecting = load_config(overrides={**private.to_flat(), "privacy.selection": "noisy-max",
+                                       "privacy.selection-epsilon": 2.0, "privacy.selection-rounds": 1})
+    state = SiteState.fresh(config=selecting, split=split, client=0)
+    assert state.ledger.plan.target_epsilon == pytest.approx(6.0)
+    onehot = encode(np.eye(split.num_classes)[np.arange(len(split.public)) % split.num_classes])
+    reply = site_round(config=selecting, split=split, client=0, state=state,
+                       inbox=_inbox(selecting, split, round_number=2, fused=onehot))
+    assert reply.metrics["selection-choice"] in (0.0, 1.0) and reply.metrics["selection-epsilon"] == pytest.approx(2.0)
+    assert reply.metrics["epsilon"] <= 6.0 + 1e-9
+    assert state.target_scores["selection:choice"][1] == 1  # one decision taken, kept in the site's state

@@ -22,22 +22,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedkd.config import Config
+from fedkd.config import Config, FusionConfig
 from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
+from fedkd.dp_knowledge import abstain, evidence_abstention, hard_votes, vote_consensus
 from fedkd.fusion import consensus, fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
 from fedkd.privacy.release import release_ledger, with_combined
+from fedkd.privacy.selection import selection_ledger
 from fedkd.seeds import public_subset
 
 FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy")
@@ -202,6 +204,14 @@ def train_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return checked
 
 
+def _claim(metrics: Mapping[str, Any], name: str) -> float | None:
+    """A site's claimed pure-DP epsilon ``name`` (None when absent), checked finite and >= 0."""
+    claim = metrics.get(name)
+    if claim is not None and not (math.isfinite(claim) and claim >= 0):
+        raise InvalidPayload(f"metric {name} must be a finite number >= 0; got {claim!r}")
+    return claim
+
+
 def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping[str, Any] | None) -> dict | None:
     """The site's new privacy-ledger row from its train metrics (:func:`fedkd.privacy.ledger_row`:
     the server's own history of the site's spend, composed), or None when the site reports
@@ -209,8 +219,9 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
     figures or ``epsilon`` but not all of them, with figures out of bounds, or with none of
     them when privacy is on, raises :class:`InvalidPayload`. With ``shield.release`` on, the
     row also carries the release's epsilon, counted by the server
-    (:func:`fedkd.privacy.release.release_ledger`), and, beside DP-SGD's, their composition
-    (:func:`fedkd.privacy.release.with_combined`)."""
+    (:func:`fedkd.privacy.release.release_ledger`); with ``privacy.selection`` on, DP model
+    selection's (:func:`fedkd.privacy.selection.selection_ledger`); and, beside DP-SGD's, their
+    composition (:func:`fedkd.privacy.release.with_combined`)."""
     reported = [key for key in LEDGER_METRICS if key in metrics]
     releasing = config.shield.release != "none"
     row: dict | None = None
@@ -223,13 +234,17 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
             row = ledger_row(metrics=metrics, accountant=config.privacy.accountant, previous=previous)
         except ValueError as err:
             raise InvalidPayload(str(err)) from None
-    if not releasing:
+    selecting = config.privacy.enabled and config.privacy.selection != "off"
+    if not releasing and not selecting:
         return row
-    claim = metrics.get("release-epsilon")
-    if claim is not None and not (math.isfinite(claim) and claim >= 0):
-        raise InvalidPayload(f"metric release-epsilon must be a finite number >= 0; got {claim!r}")
-    release = release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon, site_claim=claim)
-    return with_combined({**(row or {}), **release})
+    extra: dict[str, Any] = {}
+    if releasing:
+        extra.update(release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon,
+                                    site_claim=_claim(metrics, "release-epsilon")))
+    if selecting:  # DP model selection (fedkd/privacy/selection.py): its whole budget, from round 1 on
+        extra.update(selection_ledger(previous=previous, selection_epsilon=config.privacy.selection_epsilon,
+                                      site_claim=_claim(metrics, "selection-epsilon")))
+    return with_combined({**(row or {}), **extra})
 
 
 def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
@@ -261,6 +276,16 @@ class RoundRecord:
     """Each receiver's sender shares of the consensus it was sent ([receivers, senders]), if any."""
 
 
+def _fuse(knowledge: np.ndarray, f: FusionConfig):  # noqa: ANN202
+    """:func:`fedkd.fusion.fuse` of ``knowledge`` with the run's ``fusion.*`` settings ``f``."""
+    return fuse(knowledge=knowledge, method=f.method, measure=f.measure, divergence=f.divergence, beta=f.beta,
+                threshold=f.threshold, max_neighbours=f.max_neighbours, confident_fraction=f.confident_fraction,
+                uniform_entropy=f.uniform_entropy, sharpen_temperature=f.sharpen_temperature,
+                era_temperature=f.era_temperature, prior_weight=f.prior_weight, prior_floor=f.prior_floor,
+                neighbours=f.neighbours, trust=f.trust, trust_beta=f.trust_beta,
+                trust_confidence=f.trust_confidence, trust_null=f.trust_null)
+
+
 def server_round(*, config: Config, split: FederatedSplit, state: ServerState, round_number: int,
                  release: np.ndarray, accepted: Mapping[int, np.ndarray]) -> RoundRecord:
     """Step 3: fuse the accepted knowledge K_j (partition id -> [len(release), C]), keep each
@@ -270,26 +295,17 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     knowledge = np.stack([accepted[c] for c in clients])
     f = config.fusion
     consensus_weights = None
-    result = fuse(
-        knowledge=knowledge,
-        method=f.method,
-        measure=f.measure,
-        divergence=f.divergence,
-        beta=f.beta,
-        threshold=f.threshold,
-        max_neighbours=f.max_neighbours,
-        confident_fraction=f.confident_fraction,
-        uniform_entropy=f.uniform_entropy,
-        sharpen_temperature=f.sharpen_temperature,
-        era_temperature=f.era_temperature,
-        prior_weight=f.prior_weight,
-        prior_floor=f.prior_floor,
-        neighbours=f.neighbours,
-        trust=f.trust,
-        trust_beta=f.trust_beta,
-        trust_confidence=f.trust_confidence,
-        trust_null=f.trust_null,
-    )
+    if config.dp_knowledge == "votes":  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
+        knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
+    result = _fuse(knowledge, f)
+    if result.fused is not None and config.dp_knowledge == "evidence":
+        # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py)
+        evidence = _fuse(knowledge, replace(f, prior_weight=0.0)).fused
+        result = replace(result, fused=evidence_abstention(result.fused, evidence, entropy_cut=f.evidence_entropy))
+    if result.fused is not None and config.dp_knowledge == "votes":
+        result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
+                                     consensus=None if result.consensus is None
+                                     else abstain(result.consensus, threshold=f.vote_threshold)[0])
     if result.fused is None:
         targets = knowledge.mean(axis=0)
     else:
@@ -299,6 +315,10 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         if f.sends_consensus and result.consensus is not None:  # the method's own G_i per site
             state.consensus.update({client: result.consensus[row] for row, client in enumerate(clients)})
             consensus_weights = result.consensus_weights
+        elif f.sends_consensus and config.dp_knowledge == "votes":  # G = the unsharpened vote mean, abstaining
+            g, shares = abstain(vote_consensus(knowledge), threshold=f.vote_threshold)[0], np.full(len(clients), 1 / len(clients))
+            state.consensus.update(dict.fromkeys(clients, g))
+            consensus_weights = np.broadcast_to(shares, (len(clients), len(clients)))
         elif f.sends_consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
             g, shares = consensus(knowledge=knowledge, uniform_entropy=f.uniform_entropy,
                                   temperature=f.era_temperature)

@@ -46,6 +46,7 @@ from fedkd.adversary import corrupt
 from fedkd.config import Config
 from fedkd.data import ClientData, FederatedSplit
 from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
+from fedkd.dp_knowledge import distillable_rows
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
@@ -417,20 +418,31 @@ def local_round(
         validated_steps(model=model, config=config, seed=seed, data=data, public_x=public_x, fused=fused,
                         fused_positions=fused_positions, scores=target_scores, metrics=metrics,
                         consensus=consensus)
-    else:
+    elif ledger is None:
         if has_fused:
             metrics["distil-loss"] = distil(
                 model, public_x[fused_positions], fused,
                 epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
                 temperature=t.kd_temperature, seed=seed,
             )
-        if ledger is None:
-            metrics["train-loss"] = train_supervised(
-                model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
-            )
-        else:
-            _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
-                          seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
+        metrics["train-loss"] = train_supervised(
+            model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
+        )
+    elif has_fused and config.privacy.selection != "off" and target_scores is not None:
+        _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
+                      seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
+        selected_steps(model=model, config=config, seed=seed, round_number=round_number, data=data,
+                       public_x=public_x[fused_positions], fused=fused, consensus=consensus,
+                       scores=target_scores, metrics=metrics, noise=noise)
+    else:
+        after = config.privacy.distill_order == "after"
+        target = consensus if config.privacy.distill_target == "consensus" and consensus is not None else fused
+        if has_fused and not after:
+            _dp_distil(model, config=config, public_x=public_x[fused_positions], fused=target, seed=seed, metrics=metrics)
+        _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
+                      seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
+        if has_fused and after:
+            _dp_distil(model, config=config, public_x=public_x[fused_positions], fused=target, seed=seed, metrics=metrics)
     knowledge, stats = release_knowledge(
         config, predict_logits(model, public_x[release_positions]),
         rng=np.random.default_rng(noise.round_seed(seed)), public_x=public_x[release_positions],
@@ -448,6 +460,67 @@ def local_round(
     if config.shield.release != "none":
         metrics["release-flipped"] = stats.release_flipped
     return knowledge, metrics
+
+
+def _dp_distil(model: nn.Module, *, config: Config, public_x: np.ndarray, fused: np.ndarray, seed: int,
+               metrics: dict[str, float]) -> None:
+    """A DP site's distillation step: ``privacy.distill-epochs`` epochs on the rows of the target
+    ``fused`` that are not near-uniform (:func:`fedkd.dp_knowledge.distillable_rows`: abstained
+    rows stay out); ``distil-rows`` is their share. Public data only, no privacy cost."""
+    t = config.train
+    rows = distillable_rows(fused, uniform_entropy=config.fusion.uniform_entropy)
+    metrics["distil-rows"] = float(rows.mean()) if len(rows) else 0.0
+    if rows.any():
+        metrics["distil-loss"] = distil(model, public_x[rows], fused[rows], epochs=config.privacy.distill_epochs,
+                                        batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
+
+
+SELECTION_CANDIDATES = ("private", "fused", "consensus")
+"""What a DP site may keep after its private step (:func:`selected_steps`): the private model as
+it is, or that model distilled on F_i, or on the consensus G."""
+
+
+def selected_steps(*, model: nn.Module, config: Config, seed: int, round_number: int, data: ClientData,
+                   public_x: np.ndarray, fused: np.ndarray, consensus: np.ndarray | None,
+                   scores: dict[str, list[float]], metrics: dict[str, float], noise: NoiseSource) -> None:
+    """DP model selection after the round's private step (:mod:`fedkd.privacy.selection`): from
+    the same start and seed, each candidate of :data:`SELECTION_CANDIDATES` (``consensus`` only
+    when G was sent) is built on public data only (:func:`_dp_distil`), and its correct answers
+    on the private validation split are pooled into ``scores`` (key ``"selection:<name>"``:
+    [sum, rounds]). At a decision round (:func:`fedkd.privacy.selection.decision_rounds`) the
+    site chooses by report-noisy-max on the pooled means at eps_d (noise from its noise
+    source) and stores the choice (``"selection:choice"``: [index, decisions so far]); between
+    decisions, and before the first, it keeps its last choice (first: ``private``). ``model``
+    ends as the kept candidate; ``selection-epsilon`` reports eps_d times the decisions so far."""
+    from fedkd.privacy.selection import decision_epsilon, decision_rounds, report_noisy_max
+
+    p = config.privacy
+    names = [n for n in SELECTION_CANDIDATES if n != "consensus" or consensus is not None]
+    start = copy.deepcopy(model.state_dict())
+    trained, counts = {}, {}
+    for name in names:
+        model.load_state_dict(start)
+        if name != "private":
+            with torch.random.fork_rng():  # every candidate sees the same randomness
+                torch.manual_seed(seed)
+                _dp_distil(model, config=config, public_x=public_x, fused=fused if name == "fused" else consensus,
+                           seed=seed, metrics={})
+        counts[name] = round(accuracy(model, data.val) * len(data.val)) if len(data.val) else 0.0
+        trained[name] = copy.deepcopy(model.state_dict())
+    scores.update(record_scores(scores, counts, prefix="selection:"))
+    index, decisions = scores.get("selection:choice", [0, 0])
+    eps_d = decision_epsilon(selection_epsilon=p.selection_epsilon, rounds=config.num_server_rounds,
+                             decisions=p.selection_rounds)
+    if round_number in decision_rounds(rounds=config.num_server_rounds, decisions=p.selection_rounds):
+        pooled = [scores[f"selection:{n}"][0] / scores[f"selection:{n}"][1] for n in names]
+        round_seed = noise.round_seed(seed)
+        rng = np.random.default_rng(None if round_seed is None else [round_seed, 1])  # not the release's stream
+        index, decisions = SELECTION_CANDIDATES.index(names[report_noisy_max(pooled, epsilon=eps_d, rng=rng)]), decisions + 1
+        scores["selection:choice"] = [float(index), float(decisions)]
+    kept = SELECTION_CANDIDATES[int(index)]
+    model.load_state_dict(trained[kept if kept in trained else "private"])
+    metrics["selection-choice"] = float(index)
+    metrics["selection-epsilon"] = float(decisions) * eps_d
 
 
 def validated_steps(*, model: nn.Module, config: Config, seed: int, data: ClientData, public_x: np.ndarray,

@@ -733,8 +733,13 @@ def site_privacy_plan(config: Config, num_examples: int, client: int | None = No
 @functools.lru_cache(maxsize=256)
 def _cached_plan(privacy: PrivacyConfig, n: int, batch_size: int, epochs: int, rounds: int) -> PrivacyPlan:
     # calibration is a binary search over the accountant (~1-2 s); do it once per process
+    from fedkd.privacy.selection import dp_sgd_target
+
+    target = privacy.target_epsilon  # DP model selection takes its share first (fedkd/privacy/selection.py)
+    if privacy.selection != "off":
+        target = dp_sgd_target(target_epsilon=target, selection_epsilon=privacy.selection_epsilon)
     return plan_privacy(
-        target_epsilon=privacy.target_epsilon,
+        target_epsilon=target,
         delta=privacy.delta or None,
         num_examples=n,
         batch_size=batch_size,

@@ -146,10 +146,13 @@ def release_ledger(*, previous: dict | None, epsilon_per_round: float, site_clai
 
 
 def with_combined(row: dict) -> dict:
-    """``row`` with ``combined-epsilon`` / ``combined-delta`` when it holds both DP-SGD
-    (``epsilon-spent``, ``delta``) and release (``release-epsilon``) figures."""
-    if "epsilon-spent" in row and "release-epsilon" in row:
+    """``row`` with ``combined-epsilon`` / ``combined-delta`` when it holds DP-SGD
+    (``epsilon-spent``, ``delta``) figures and pure-DP ones beside them: the release's
+    (``release-epsilon``) and DP model selection's (``selection-epsilon``,
+    :mod:`fedkd.privacy.selection`), whose sum is their own basic composition."""
+    pure = [row[key] for key in ("release-epsilon", "selection-epsilon") if key in row]
+    if "epsilon-spent" in row and pure:
         eps, delta = combined_epsilon(dp_epsilon=row["epsilon-spent"], dp_delta=row["delta"],
-                                      release_epsilon=row["release-epsilon"])
+                                      release_epsilon=float(sum(pure)))
         row = {**row, "combined-epsilon": eps, "combined-delta": delta}
     return row
