@@ -27,7 +27,7 @@ renormalised). ``sharpen_temperature > 0`` applies softmax(F / T) afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -356,12 +356,16 @@ def _fuse_row(knowledge: np.ndarray, row: np.ndarray, mask: np.ndarray) -> np.nd
 class FusionResult:
     """``fused`` [N, P, C] (None for ``none``) and ``weights`` [N, N]; methods that build
     their own consensus (``expert`` with verified trust) also return it, one per receiver:
-    ``consensus`` [N, P, C] and its sender shares ``consensus_weights`` [N, N]."""
+    ``consensus`` [N, P, C] and its sender shares ``consensus_weights`` [N, N]. Methods with a
+    receiver prior term (``expert``) also return ``evidence`` [N, P, C]: F_i with that term off
+    (gamma = 0), the senders' evidence alone, which DP-aware abstention reads
+    (:func:`fedkd.dp_knowledge.evidence_abstention`) without fusing a second time."""
 
     fused: np.ndarray | None
     weights: np.ndarray
     consensus: np.ndarray | None = None
     consensus_weights: np.ndarray | None = None
+    evidence: np.ndarray | None = None
 
 
 FusionMethod = Callable[..., FusionResult]
@@ -545,7 +549,8 @@ def class_expert_fusion(
     prior_weight: float = 1.0,
     prior_floor: float = 1e-3,
     null_weight: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_evidence: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Class-expert, prior-corrected fusion: only the (trusted) holders of class c speak for c.
 
     With sender j's label prior pi_j = EPD_j (its mean knowledge on P), floored at
@@ -570,7 +575,9 @@ def class_expert_fusion(
 
     Returns ``(fused [N, P, C], weights [N, N])`` with w_ij = mean_{x, c} a_j(x, c) /
     sum_l mean_{x, c} a_l(x, c): sender j's share of the senders' evidence in F_i, every
-    (x, c) counted alike (the null expert's share left out, so rows sum to 1).
+    (x, c) counted alike (the null expert's share left out, so rows sum to 1). With
+    ``with_evidence``, also softmax_c(sum_j a_j(x, c) L_j(x, c)) [N, P, C], F_i at gamma = 0,
+    from the same sums: ``(fused, weights, evidence)``.
     """
     n, p, c = knowledge.shape
     prior = np.clip(knowledge.mean(axis=1), prior_floor, None)
@@ -593,6 +600,8 @@ def class_expert_fusion(
     fused = softmax(evidence + prior_weight * log_prior[:, None, :], axis=-1)
     sums = held.sum(axis=1, keepdims=True)
     weights = np.divide(held, sums, out=np.zeros_like(held), where=sums > 0)
+    if with_evidence:
+        return fused, weights, softmax(evidence, axis=-1)
     return fused, weights
 
 
@@ -691,15 +700,16 @@ def _fuse_expert(
                                confident_fraction=confident_fraction, beta=beta, threshold=threshold,
                                max_neighbours=max_neighbours) > 0
     if trust == "off":
-        fused, weights = class_expert_fusion(knowledge, members, mask, prior_weight=prior_weight,
-                                             prior_floor=prior_floor)
-        return FusionResult(fused, weights)
+        fused, weights, evidence = class_expert_fusion(knowledge, members, mask, prior_weight=prior_weight,
+                                                       prior_floor=prior_floor, with_evidence=True)
+        return FusionResult(fused, weights, evidence=evidence)
     class_trust, sender_trust = verified_trust(knowledge, beta=trust_beta, confidence=trust_confidence)
-    fused, weights = class_expert_fusion(knowledge, class_trust * members[:, :, None], mask,
-                                         prior_weight=prior_weight, prior_floor=prior_floor,
-                                         null_weight=trust_null * np.exp(-trust_beta / 2) / c)
+    fused, weights, evidence = class_expert_fusion(knowledge, class_trust * members[:, :, None], mask,
+                                                   prior_weight=prior_weight, prior_floor=prior_floor,
+                                                   null_weight=trust_null * np.exp(-trust_beta / 2) / c,
+                                                   with_evidence=True)
     consensus, shares = trusted_consensus(knowledge, mask, sender_trust * members, temperature=era_temperature)
-    return FusionResult(fused, weights, consensus, shares)
+    return FusionResult(fused, weights, consensus, shares, evidence)
 
 
 def consensus(*, knowledge: np.ndarray, uniform_entropy: float = 0.95,
@@ -749,8 +759,9 @@ def fuse(
                                 shape=knowledge.shape)
     else:
         result = FUSION_METHODS.get(method)(knowledge, mask, **params)
-    if result.fused is not None and sharpen_temperature > 0:
-        result = FusionResult(sharpen(result.fused, sharpen_temperature), result.weights)
+    if result.fused is not None and sharpen_temperature > 0:  # F_i and its gamma = 0 form alike
+        result = replace(result, fused=sharpen(result.fused, sharpen_temperature),
+                         evidence=None if result.evidence is None else sharpen(result.evidence, sharpen_temperature))
     return result
 
 

@@ -691,6 +691,49 @@ def test_class_expert_fusion_equals_the_class_by_class_loop(senders, null_weight
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("trust", ["off", "verified"])
+@pytest.mark.parametrize("neighbours", ["effective", "all"])
+def test_expert_returns_its_evidence_equal_to_a_fusion_without_the_prior(trust, neighbours):
+    """FusionResult.evidence (what DP-aware abstention reads) is F_i at gamma = 0: the
+    class-by-class reference with prior_weight 0 for trust off, and in every mode the fused
+    rows of a second fusion run with prior_weight 0 (the server's old second call)."""
+    from fedkd.fusion import fuse, informative_rows, knfu_weights
+
+    rng = np.random.default_rng(11)
+    k = rng.dirichlet(np.full(5, 0.4), size=(8, 12))
+    params = dict(knowledge=k, method="expert", neighbours=neighbours, trust=trust)
+    result = fuse(**params, prior_weight=1.0)
+    again = fuse(**params, prior_weight=0.0)
+    np.testing.assert_allclose(result.evidence, again.fused, rtol=0, atol=1e-12)
+    assert not np.allclose(result.evidence, result.fused)  # the prior term really was on
+    if trust == "off":
+        mask = informative_rows(k, 0.95)
+        members = (np.ones((8, 8), bool) if neighbours == "all" else
+                   knfu_weights(k, measure="agreement", divergence="hellinger", confident_fraction=0.5,
+                                beta=10.0, threshold="median", max_neighbours=10) > 0)
+        want, _ = _expert_class_loop(k, members, mask, prior_weight=0.0, prior_floor=1e-3, null_weight=0.0)
+        np.testing.assert_allclose(result.evidence, want, rtol=0, atol=1e-12)
+
+
+def test_sharpening_after_fusion_keeps_the_consensus_and_sharpens_the_evidence():
+    """fusion.sharpen-temperature T: F_i and its evidence both become softmax(p / T) (ERA's form);
+    expert's own consensus G_i is passed on untouched (it used to be dropped)."""
+    from fedkd.fusion import fuse
+
+    k = np.random.default_rng(2).dirichlet(np.ones(4), size=(5, 6))
+    plain = fuse(knowledge=k, method="expert", neighbours="all", trust="verified")
+    sharp = fuse(knowledge=k, method="expert", neighbours="all", trust="verified", sharpen_temperature=0.5)
+
+    def by_hand(p):  # noqa: ANN001, ANN202
+        q = np.exp(p / 0.5)
+        return q / q.sum(axis=-1, keepdims=True)
+
+    np.testing.assert_allclose(sharp.fused, by_hand(plain.fused), atol=1e-12)
+    np.testing.assert_allclose(sharp.evidence, by_hand(plain.evidence), atol=1e-12)
+    np.testing.assert_array_equal(sharp.consensus, plain.consensus)
+    np.testing.assert_array_equal(sharp.consensus_weights, plain.consensus_weights)
+
+
 # ----------------------------------------------------------------- verified trust (expert)
 
 # 3 sites x 2 examples x 2 classes. Sites 0 and 1 call x0 a 0 and x1 a 1 (probability >= 0.5);

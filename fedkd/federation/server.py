@@ -299,8 +299,9 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
     result = _fuse(knowledge, f)
     if result.fused is not None and config.dp_knowledge == "evidence":
-        # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py)
-        evidence = _fuse(knowledge, replace(f, prior_weight=0.0)).fused
+        # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py);
+        # expert returns it from the same fusion, any other rule is fused again with gamma = 0
+        evidence = result.evidence if result.evidence is not None else _fuse(knowledge, replace(f, prior_weight=0.0)).fused
         result = replace(result, fused=evidence_abstention(result.fused, evidence, entropy_cut=f.evidence_entropy))
     if result.fused is not None and config.dp_knowledge == "votes":
         result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
