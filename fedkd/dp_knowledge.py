@@ -13,7 +13,8 @@ epoch (measured at epsilon 4, 20 rounds, seed 0: ALMA 0.100, chance, at alpha 10
 ``fusion.dp-knowledge`` (DP only) chooses what the server does about it:
 
 * ``evidence`` (the default for ``expert``, :func:`evidence_abstention`): the server also
-  fuses with gamma = 0, i.e. the senders' evidence alone, softmax_c(sum_j a_j L_j), and
+  reads F_i at gamma = 0, i.e. the senders' evidence alone, softmax_c(sum_j a_j L_j) (``expert``
+  returns it from the same sums, ``FusionResult.evidence``; another rule is fused again), and
   abstains (sends the uniform row) wherever that row's entropy is above
   ``fusion.evidence-entropy`` * log C: F_i speaks only where the senders' evidence is strong,
   never where it would be the receiver's prior alone. Where it abstains everywhere, the
