@@ -16,8 +16,10 @@ Methods (looked up by name in :data:`FUSION_METHODS`):
   members (self included) by smallest d_ij; w_ij = exp(-beta d_ij) / sum_{l in N(i)}
   exp(-beta d_il); F_i(x) = sum_{j in N(i)} w_ij K_j(x).
 * ``expert`` -- class-expert, prior-corrected fusion (:func:`class_expert_fusion`), each
-  class holder weighted by the receiver's check of it (:func:`verified_trust`), with a
-  per-receiver consensus over the senders it trusts (:func:`trusted_consensus`).
+  class holder weighted by the receiver's check of it (:func:`verified_trust`; or, with
+  ``trust = "claimed"``, by the check of the classes the holder claims by the receiver and
+  the senders it has verified, :func:`claimed_trust`), with a per-receiver consensus over
+  the senders it trusts (:func:`trusted_consensus`).
 
 Every method drops ineffective rows first: where K_j(x) has entropy above
 ``uniform_entropy * log C`` it is left out of F_i(x) (and the remaining weights are
