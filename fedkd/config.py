@@ -399,21 +399,23 @@ class FusionConfig:
         help="expert: senders per receiver (every site, or its effective neighbours as knfu)",
     )
     trust: str = option(
-        "off", choices=("verified", "off"),
-        help="expert: 'verified' scales each class holder by the receiver's check of it on the examples "
+        "off", choices=("verified", "claimed", "off"),
+        help="expert: 'claimed' checks each sender on the classes it claims (its label prior) by the receiver "
+             "and the senders it has already verified (EigenTrust-like, 3 steps seeded by the receiver), so an "
+             "honest holder of classes the receiver lacks can pass; 'verified' scales each class holder by the receiver's check of it on the examples "
              "the receiver confidently calls that class, and sends each site its own consensus G_i over the "
              "senders it trusts (use it with neighbours='all' when some sites may send junk: adversaries then get "
              "1-3% of F_i instead of 19-55%, at -2.2 points of clean ALMA at alpha 0.1); 'off' (default): label "
              "priors alone and G over every sender",
     )
-    trust_beta: float = option(10.0, low=0, help="expert, verified trust: sharpness, v = exp(-beta (1 - recall))")
+    trust_beta: float = option(10.0, low=0, help="expert, verified/claimed trust: sharpness, v = exp(-beta (1 - recall))")
     trust_confidence: float = option(
         0.5, low=0, high=1, low_open=True,
-        help="expert, verified trust: a site calls x a c when its top class is c at this probability or more",
+        help="expert, verified/claimed trust: a site calls x a c when its top class is c at this probability or more",
     )
     trust_null: float = option(
         1.0, low=0,
-        help="expert, verified trust: null expert kappa = this * exp(-trust-beta / 2) / C (0 = none)",
+        help="expert, verified/claimed trust: null expert kappa = this * exp(-trust-beta / 2) / C (0 = none)",
     )
     dp_knowledge: str = option(
         "auto", choices=("auto", "evidence", "votes", "soft"),

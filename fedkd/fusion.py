@@ -16,8 +16,10 @@ Methods (looked up by name in :data:`FUSION_METHODS`):
   members (self included) by smallest d_ij; w_ij = exp(-beta d_ij) / sum_{l in N(i)}
   exp(-beta d_il); F_i(x) = sum_{j in N(i)} w_ij K_j(x).
 * ``expert`` -- class-expert, prior-corrected fusion (:func:`class_expert_fusion`), each
-  class holder weighted by the receiver's check of it (:func:`verified_trust`), with a
-  per-receiver consensus over the senders it trusts (:func:`trusted_consensus`).
+  class holder weighted by the receiver's check of it (:func:`verified_trust`; or, with
+  ``trust = "claimed"``, by the check of the classes the holder claims by the receiver and
+  the senders it has verified, :func:`claimed_trust`), with a per-receiver consensus over
+  the senders it trusts (:func:`trusted_consensus`).
 
 Every method drops ineffective rows first: where K_j(x) has entropy above
 ``uniform_entropy * log C`` it is left out of F_i(x) (and the remaining weights are
@@ -504,6 +506,89 @@ def verified_trust(knowledge: np.ndarray, *, beta: float = 10.0,
     return trust, senders
 
 
+def claimed_trust(knowledge: np.ndarray, *, beta: float = 10.0, confidence: float = 0.5,
+                  steps: int = 3, gate: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Trust checked on the classes each *sender claims*, by the receiver and the senders it
+    has already verified: ``(t [N, N, C], s [N, N])``.
+
+    :func:`verified_trust` checks sender j only on the classes receiver i itself calls, so an
+    honest holder of classes i lacks fails like a random sender. Here j is checked on every
+    class it claims (its label prior pi_j = EPD_j), each by the verifiers that call that
+    class, and the verifier set grows from the receiver outwards (EigenTrust, Kamvar et al.
+    2003, with the receiver as the only pre-trusted peer, ``steps`` rounds). With M_k the
+    confident calls (:func:`confident_calls`), r / f the recall and false calls
+    (:func:`class_recall`, :func:`class_false_calls`), n_k(c) the number of public examples
+    k calls c and sigma(z) = 1 / (1 + e^-z):
+
+        J_kj(c)    = max(0, r_kj(c) - f_kj(c))        (k's soft Youden check of j on c; 0 if k never calls c)
+        v^0_ik     = 1[k = i]                          (step 0: the receiver alone vouches)
+        Jbar_ij(c) = sum_{k != j} v_ik n_k(c) J_kj(c) / sum_{k != j} v_ik n_k(c)
+                                                       (checked(i, j, c): the denominator > 0)
+        Jhat_ij    = sum_{c checked} pi_j(c) Jbar_ij(c) / sum_{c checked} pi_j(c)   (j's claims, as checked)
+        s_ij       = sigma(2 beta (Jhat_ij - gate)),    0 if no claim of j is checked
+        v^{t+1}_ik = 1 for k = i;  s_ik if s_ik >= 1/2 (Jhat >= gate), else 0
+
+    and at the end t_ij(c) = sigma(2 beta (Jbar_ij(c) - gate)) where checked, s_ij where not;
+    t_ii = s_ii = 1. The verdict is a soft step (about 1 for J well above ``gate``, e^{-2 beta
+    gate} ~ 0.0025 at J = 0 with the defaults), not a grade: an honest site of few classes has
+    a high false-call rate f on the classes it never saw (it calls a 0-digit a 1 if it only knows
+    1 and 2) and so a modest J ~ 0.5, yet it must count as much as the receiver in the
+    consensus G_i (:func:`trusted_consensus`), or a one- or two-class site's G_i is its own
+    knowledge. The checks are averaged before the step, so one trusted dissenting checker of c
+    cuts j's trust in c even when another agrees.
+
+    Why it separates: an honest holder of a class i lacks is checked by another honest holder
+    of it, itself verified by i on the classes they share (or via further steps); a
+    uniform-random sender claims every class evenly and detects none (J ~ 0 with every
+    checker); a label-flipper claims the shifted classes (c -> c+1), and their honest holders
+    see it give c+1 where they call c+1 only as often as the true c+1 rate of class c (J ~ 0).
+    Flippers of the same classes agree with each other, but a sender vouches only after
+    passing the trusted checkers (v is seeded by the receiver alone and gated at s >= 1/2),
+    and no sender checks itself (k != j). Limits: a sender whose claims no trusted site
+    can check gets s = 0 (an honest site holding only classes nobody else holds is lost); a
+    one-class receiver alone cannot refute a sender that says its class everywhere (f is
+    undefined for it), only other verified sites' false calls f can; a sender honest on the
+    checked classes and lying on the unchecked ones passes on its sender trust. Cost: the
+    checks are O(N^2 P C) (one [N, P] x [P, N] product per class), each step one [N, N] x
+    [N, N] product per class, O(steps N^3 C): comparable at N ~ P.
+    """
+    n, p, c = knowledge.shape
+    calls = confident_calls(knowledge, confidence=confidence)
+    recall = np.nan_to_num(class_recall(knowledge, calls), nan=0.0)  # [k, j, c]
+    false = np.nan_to_num(class_false_calls(knowledge, calls), nan=0.0)
+    counts = calls.sum(axis=1).astype(np.float64)  # n_k(c) [k, c]
+    youden = np.clip(recall - false, 0.0, 1.0) * (counts[:, None, :] > 0)  # J_kj(c)
+    diagonal = np.arange(n)
+    claims = knowledge.mean(axis=1)  # pi_j(c) [j, c]
+    claims = claims / np.clip(claims.sum(axis=1, keepdims=True), _EPS, None)
+
+    def step(z: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-2.0 * beta * (z - gate)))
+
+    vouch = np.eye(n)  # v_ik
+    checked = np.zeros((n, n, c), dtype=bool)
+    mean_check = np.zeros((n, n, c))  # Jbar_ij(c)
+    senders = np.eye(n)
+    for _ in range(max(1, steps)):
+        for cls in range(c):
+            weight = vouch * counts[None, :, cls]  # [i, k]: v_ik n_k(c)
+            # sums over k != j: the full product minus k = j's own term
+            numerator = weight @ youden[:, :, cls] - weight * youden[diagonal, diagonal, cls][None, :]
+            denominator = weight.sum(axis=1, keepdims=True) - weight  # [i, j]
+            ok = denominator > 1e-9
+            checked[:, :, cls] = ok
+            mean_check[:, :, cls] = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=ok)
+        mass = checked * claims[None, :, :]  # pi_j(c) on j's checked classes
+        total = mass.sum(axis=2)
+        overall = np.divide((mass * mean_check).sum(axis=2), total, out=np.zeros_like(total), where=total > 0)
+        senders = np.where(total > 0, step(overall), 0.0)
+        senders[diagonal, diagonal] = 1.0
+        vouch = np.where(senders >= 0.5, senders, 0.0)
+        vouch[diagonal, diagonal] = 1.0
+    trust = np.where(checked, step(mean_check), senders[:, :, None])
+    trust[diagonal, diagonal, :] = 1.0
+    return trust, senders
+
 def trusted_consensus(knowledge: np.ndarray, mask: np.ndarray, weights: np.ndarray, *,
                       temperature: float) -> tuple[np.ndarray, np.ndarray]:
     """Each receiver's consensus over the senders it trusts: ``(G [N, P, C], shares [N, N])``.
@@ -655,7 +740,7 @@ def _padded_members(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return members, w_members
 
 
-TRUST_MODES = ("verified", "off")
+TRUST_MODES = ("verified", "claimed", "off")
 
 
 @FUSION_METHODS.register("expert")
@@ -687,6 +772,8 @@ def _fuse_expert(
     >= ``trust_confidence``), with a null expert kappa = ``trust_null`` e^{-trust_beta / 2} / C
     (evidence nobody trusted gave stays out), and each receiver gets its own consensus
     G_i over the senders it trusts (:func:`trusted_consensus`, ERA's ``era_temperature``).
+    ``trust = "claimed"``: the same, with each sender checked on the classes it claims by the
+    receiver and the senders it has verified (:func:`claimed_trust`).
     ``trust = "off"``: every member counts by its label prior alone, and the consensus is
     left to the caller (the server's G, ERA over every sender).
     """
@@ -703,7 +790,8 @@ def _fuse_expert(
         fused, weights, evidence = class_expert_fusion(knowledge, members, mask, prior_weight=prior_weight,
                                                        prior_floor=prior_floor, with_evidence=True)
         return FusionResult(fused, weights, evidence=evidence)
-    class_trust, sender_trust = verified_trust(knowledge, beta=trust_beta, confidence=trust_confidence)
+    check = verified_trust if trust == "verified" else claimed_trust
+    class_trust, sender_trust = check(knowledge, beta=trust_beta, confidence=trust_confidence)
     fused, weights, evidence = class_expert_fusion(knowledge, class_trust * members[:, :, None], mask,
                                                    prior_weight=prior_weight, prior_floor=prior_floor,
                                                    null_weight=trust_null * np.exp(-trust_beta / 2) / c,

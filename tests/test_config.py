@@ -277,3 +277,15 @@ def test_infinite_threshold_and_huge_seed_are_refused():
         else:
             raise AssertionError(f"{overrides} accepted")
     assert load_config(overrides={"seed": 3.0, "fusion.threshold": 0.5}).seed == 3
+
+
+def test_fusion_trust_accepts_claimed_and_names_the_choices():
+    from fedkd.config import ConfigError, load_config
+
+    assert load_config(overrides={"fusion.trust": "claimed"}).fusion.trust == "claimed"
+    try:
+        load_config(overrides={"fusion.trust": "eigen"})
+    except ConfigError as err:
+        assert "fusion.trust: must be one of verified, claimed, off; got 'eigen'" in err.problems, err.problems
+    else:
+        raise AssertionError("fusion.trust = 'eigen' accepted")

@@ -691,7 +691,7 @@ def test_class_expert_fusion_equals_the_class_by_class_loop(senders, null_weight
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("trust", ["off", "verified"])
+@pytest.mark.parametrize("trust", ["off", "verified", "claimed"])
 @pytest.mark.parametrize("neighbours", ["effective", "all"])
 def test_expert_returns_its_evidence_equal_to_a_fusion_without_the_prior(trust, neighbours):
     """FusionResult.evidence (what DP-aware abstention reads) is F_i at gamma = 0: the
@@ -872,3 +872,89 @@ def test_random_and_flipped_senders_get_little_weight():
     assert result.weights[0, 1] > 0.3
     off = fuse(knowledge=k, method="expert", trust="off")
     assert off.weights[:4, 4].min() > 0.1
+
+
+def _claimed_federation():  # noqa: ANN202
+    """4 classes, 32 public examples (8 of each class). Honest sites put 0.85 on the true
+    class of the classes they hold and, on the others, split evenly over their own classes
+    (no confident call). Site 0 (the receiver) holds {0, 1}, site 1 {1, 2}, site 2 {2, 3}
+    (no class in common with site 0); site 3 sends Dirichlet(1) noise; sites 4 and 5 send the
+    label-flip (c -> c + 1) of two honest {2, 3} sites, so they claim {3, 0} and agree with
+    each other."""
+    from fedkd.adversary import corrupt
+
+    rng = np.random.default_rng(0)
+    c, labels = 4, np.repeat(np.arange(4), 8)
+
+    def honest(held, top=0.85):  # noqa: ANN001, ANN202
+        k = np.full((len(labels), c), 0.01)
+        for x, y in enumerate(labels):
+            if y in held:
+                k[x, y] = top
+            else:
+                k[x, held] = 0.45
+        return k / k.sum(axis=1, keepdims=True)
+
+    sites = [honest([0, 1]), honest([1, 2]), honest([2, 3])]
+    sites.append(corrupt(sites[0], "random", rng)["knowledge"])
+    sites.append(corrupt(honest([2, 3], 0.8), "flip", rng)["knowledge"])
+    sites.append(corrupt(honest([2, 3], 0.9), "flip", rng)["knowledge"])
+    return np.stack(sites)
+
+
+def test_claimed_trust_verifies_an_honest_holder_of_classes_the_receiver_lacks():
+    """Receiver 0 cannot check site 2 itself (no class in common): verified trust gives it
+    e^-beta; claimed trust lets site 1 (verified by 0 on class 1) check it on class 2, and
+    site 2 then counts for class 3 too (nobody trusted checks 3: its sender trust s_02).
+    The random site and the two agreeing flippers (who would vouch for each other) stay
+    near sigma(-2 beta gate)."""
+    from fedkd.fusion import claimed_trust, verified_trust
+
+    k = _claimed_federation()
+    _, s_verified = verified_trust(k, beta=10.0, confidence=0.5)
+    assert s_verified[0, 2] < 1e-3
+    t, s = claimed_trust(k, beta=10.0, confidence=0.5, steps=3)
+    sigma = lambda z: 1 / (1 + np.exp(-20 * (z - 0.3)))  # noqa: E731  the step at beta 10, gate 0.3
+    # site 1 on class 2, checked by site 1 alone (site 0 never calls 2: 0.45 / 0.92 < 0.5):
+    # recall 0.85 / 0.88 where site 1 calls 2, false calls 0.45 / 0.92 (site 2 splits a 1-digit
+    # over its own classes 2 and 3) where site 1 calls 1
+    assert t[0, 2, 2] == pytest.approx(sigma(0.85 / 0.88 - 0.45 / 0.92), rel=1e-9)
+    assert s[0, 1] > 0.9 and s[0, 2] > 0.9
+    assert t[0, 2, 3] == pytest.approx(s[0, 2])  # class 3: nobody trusted calls it
+    for bad in (3, 4, 5):  # J ~ 0 on every checked claim: about sigma(-6) = 0.0025
+        assert s[0, bad] < 0.01, bad
+        assert t[0, bad].max() < 0.05, bad
+    np.testing.assert_array_equal(np.diagonal(s), 1.0)
+
+
+def test_claimed_trust_gives_adversaries_little_weight_and_honest_senders_a_say():
+    k = _claimed_federation()
+    result = fuse(knowledge=k, method="expert", trust="claimed")
+    assert result.weights[:3, 3:].sum(axis=1).max() < 0.05
+    assert result.consensus_weights[:3, 3:].sum(axis=1).max() < 0.05
+    assert result.consensus_weights[0, 2] > 0.1  # the honest site without the receiver's classes
+    verified = fuse(knowledge=k, method="expert", trust="verified")
+    assert verified.consensus_weights[0, 2] < 0.01
+
+
+def test_claimed_trust_on_the_six_site_federation():
+    """The federation of test_random_and_flipped_senders_get_little_weight under claimed trust."""
+    from fedkd.adversary import corrupt
+
+    rng = np.random.default_rng(0)
+    c, labels = 10, np.repeat(np.arange(10), 4)
+
+    def honest(held):  # noqa: ANN001, ANN202
+        k = np.full((len(labels), c), 0.02)
+        for x, y in enumerate(labels):
+            k[x, y if y in held else held[x % len(held)]] = 0.82
+        return k / k.sum(axis=1, keepdims=True)
+
+    low, high = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+    sites = [honest(low), honest(low), honest(high), honest(high)]
+    sites.append(corrupt(sites[0], "random", rng)["knowledge"])
+    sites.append(corrupt(sites[1], "flip", rng)["knowledge"])
+    result = fuse(knowledge=np.stack(sites), method="expert", trust="claimed")
+    assert result.weights[:4, 4:].sum(axis=1).max() < 0.05
+    assert result.consensus_weights[:4, 4:].sum(axis=1).max() < 0.05
+    assert result.weights[0, 1] > 0.3

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if n <= args.verified_max_sites:
             cases.append(("expert (verified trust, all senders)", lambda: fuse(
                 knowledge=k, method="expert", neighbours="all", trust="verified")))
+            cases.append(("expert (claimed trust, all senders)", lambda: fuse(
+                knowledge=k, method="expert", neighbours="all", trust="claimed")))
         if n <= args.agreement_full_max_sites:
             cases.append(("knfu (agreement, js)", lambda: fuse(knowledge=k, method="knfu", measure="agreement")))
         for divergence in ("hellinger", "kl"):
