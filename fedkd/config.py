@@ -436,6 +436,14 @@ class FusionConfig:
     vote_threshold: float = option(
         0.5, low=0, high=1, help="dp-knowledge votes: abstain (uniform row) where the fused top probability is below this",
     )
+    release_debias: str = option(
+        "off", choices=("off", "senders", "rounds"),
+        help="with shield.release = 'label-rr' (fedkd/privacy/debias.py): 'senders' replaces fusion by the "
+             "unbiased estimate (onehot - q) / (p - q) of each sender's top-1 one-hot, averaged over the round's "
+             "senders and projected onto the simplex; 'rounds' also pools it over every round the public "
+             "example was released (post-processing: the releases, and their epsilon, are unchanged); 'off': "
+             "fuse the released one-hots as they are",
+    )
 
 
 @dataclass(frozen=True)
@@ -919,6 +927,13 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
                 f"teacher.sites: site ids must be < data.num-clients ({get('data.num-clients')}); "
                 f"got {', '.join(map(str, outside))}"
             )
+    if valid("fusion.release-debias", "shield.release") and get("fusion.release-debias") != "off" \
+            and get("shield.release") != "label-rr":
+        problems.append(
+            f"fusion.release-debias: {get('fusion.release-debias')!r} debiases randomized-response labels and "
+            f"needs shield.release = 'label-rr'; got shield.release = {get('shield.release')!r} "
+            "(set fusion.release-debias = 'off' or turn the release on)"
+        )
     if valid("audit.enabled", "audit.site", "data.num-clients") and get("audit.enabled") \
             and get("audit.site") >= get("data.num-clients"):
         problems.append(

@@ -320,7 +320,8 @@ def _compare_rows(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
             "alma": final.get("alma"),
             "worst": final.get("worst"),
             "global-accuracy": final.get("global-accuracy"),
-            "max-epsilon": max((e["epsilon-spent"] for e in ledger.values()), default=None),
+            # a label-rr run without DP-SGD has ledger rows with no epsilon-spent
+            "max-epsilon": max((e["epsilon-spent"] for e in ledger.values() if "epsilon-spent" in e), default=None),
             "bytes-per-client-round": s["bytes"]["total-per-client-round"],
             "sites-responding": len(history[-1].get("accepted", [])) if "history" in s else None,
             "status": s.get("status", "-"),

@@ -64,3 +64,14 @@ def test_the_sweep_table_names_the_release_mechanism():
     lines = [line for line in table.splitlines() if line.startswith("| none") or line.startswith("| release")]
     assert lines[0].split(" | ")[3] == "-"
     assert lines[1].split(" | ")[3] == "label-rr ε2"
+
+
+def test_release_debias_applies_to_the_release_settings_only():
+    """--set shield.release=label-rr --set fusion.release-debias=rounds: the release settings keep
+    the debias; the settings without a release turn it off (it would be refused there)."""
+    base = load_config(None, overrides={"shield.release": "label-rr", "fusion.release-debias": "rounds"})
+    by_name = {s.name: s for s in _settings()}
+    assert setting_config(base, by_name["none"], sweep_name="s").fusion.release_debias == "off"
+    assert setting_config(base, by_name["dp-eps1"], sweep_name="s").fusion.release_debias == "off"
+    assert setting_config(base, by_name["release-rr1"], sweep_name="s").fusion.release_debias == "rounds"
+    assert setting_config(base, by_name["dp-eps4-rr1"], sweep_name="s").fusion.release_debias == "rounds"

@@ -182,3 +182,13 @@ def test_compare_accepts_a_study_folder_and_skips_other_files(tmp_path):
     assert [p.name for p in find_runs(sorted((tmp_path / "study").iterdir()))] == ["a", "b"]  # the glob
     md = compare_table(find_runs([tmp_path / "study"]), format="md").splitlines()
     assert md[0].startswith("| run | method |") and md[2].startswith("| a | knfu | 3 | 0.900 |")
+
+
+def test_compare_table_of_a_release_only_run(tmp_path):
+    """A label-rr run without DP-SGD: its ledger rows carry release-epsilon but no
+    epsilon-spent; the table shows no DP epsilon instead of failing (KeyError before)."""
+    _write_summary(tmp_path / "rr", "expert", 0.755)
+    summary = json.loads((tmp_path / "rr" / "summary.json").read_text())
+    summary["privacy"] = {"ledger": {"0": {"release": "label-rr", "release-epsilon": 4.0}}}
+    (tmp_path / "rr" / "summary.json").write_text(json.dumps(summary))
+    assert compare_table([tmp_path / "rr"]).splitlines()[2].split()[6] == "-"

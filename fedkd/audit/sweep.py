@@ -97,5 +97,7 @@ def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config
     if setting.epsilon is not None and train.mode == "joint":
         train = dataclasses.replace(train, mode="sequential")
     audit = dataclasses.replace(base.audit, enabled=True)
-    return dataclasses.replace(base, shield=shield, privacy=privacy, train=train, audit=audit,
+    fusion = base.fusion if setting.release_epsilon is not None else dataclasses.replace(
+        base.fusion, release_debias="off")  # fusion.release-debias acts on label-rr settings only
+    return dataclasses.replace(base, shield=shield, privacy=privacy, train=train, audit=audit, fusion=fusion,
                                run_name=f"{sweep_name}/{setting.name}")

@@ -34,10 +34,11 @@ from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
 from fedkd.dp_knowledge import abstain, evidence_abstention, hard_votes, vote_consensus
-from fedkd.fusion import consensus, fuse
+from fedkd.fusion import FusionResult, consensus, fuse
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
+from fedkd.privacy.debias import pooled_estimate
 from fedkd.privacy.release import release_ledger, with_combined
 from fedkd.privacy.selection import selection_ledger
 from fedkd.seeds import public_subset
@@ -68,6 +69,9 @@ class ServerState:
     history: list[dict] = field(default_factory=list)
     privacy: dict[int, dict] = field(default_factory=dict)
     resumed_from: list[int] = field(default_factory=list)
+    release_votes: tuple[np.ndarray, np.ndarray] | None = None
+    """``fusion.release-debias = "rounds"``: running sums [num_public, C] of the debiased label-rr
+    votes and their counts [num_public] over every round (None until the first)."""
     completed_round: int = 0
     started: float = field(default_factory=time.monotonic)
     _student_weights: dict[str, np.ndarray] | None = None
@@ -81,6 +85,8 @@ class ServerState:
             arrays[f"fused/{client}/knowledge"] = knowledge
         for client, g in self.consensus.items():
             arrays[f"consensus/{client}"] = g
+        if self.release_votes is not None:
+            arrays["release-votes/sum"], arrays["release-votes/count"] = self.release_votes
         if self.student is not None:
             for name, tensor in self.student.state_dict().items():
                 arrays[f"student/{name}"] = tensor.detach().cpu().numpy()
@@ -109,6 +115,8 @@ class ServerState:
         self.consensus = {int(k.split("/")[1]): v for k, v in arrays.items() if k.startswith("consensus/")}
         if "consensus" in arrays:  # a checkpoint from before per-site consensus: one G for every site
             self.consensus = {c: arrays["consensus"] for c in self.fused}
+        self.release_votes = ((arrays["release-votes/sum"], arrays["release-votes/count"])
+                              if "release-votes/sum" in arrays else None)
         prefix = "student/"
         self._student_weights = (
             {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)} if state["student"] else None
@@ -286,6 +294,29 @@ def _fuse(knowledge: np.ndarray, f: FusionConfig):  # noqa: ANN202
                 trust_confidence=f.trust_confidence, trust_null=f.trust_null)
 
 
+def _debiased(knowledge: np.ndarray, *, config: Config, state: ServerState, release: np.ndarray,
+              num_public: int) -> FusionResult:
+    """``fusion.release-debias``: every receiver's F_i (and consensus G) is the simplex projection
+    of the unbiased estimate of the senders' top-1 histogram, pooled over this round's senders
+    (``senders``) or over every round so far in which each public example was released
+    (``rounds``; running sums kept in ``state.release_votes``):
+    :func:`fedkd.privacy.debias.pooled_estimate`. Reads the released rows only (post-processing)."""
+    pooling = config.fusion.release_debias == "rounds"
+    if pooling and state.release_votes is None:
+        state.release_votes = (np.zeros((num_public, knowledge.shape[2])), np.zeros(num_public))
+    sums, counts = state.release_votes if pooling else (None, None)
+    fused, total, count = pooled_estimate(
+        knowledge, epsilon=config.shield.release_epsilon,
+        previous_sum=None if sums is None else sums[release],
+        previous_count=None if counts is None else counts[release])
+    if pooling:
+        sums[release], counts[release] = total, count
+    n = len(knowledge)
+    rows = np.broadcast_to(fused, (n, *fused.shape)).copy()
+    return FusionResult(fused=rows, weights=np.full((n, n), 1.0 / n), consensus=rows.copy(),
+                        consensus_weights=np.full((n, n), 1.0 / n))
+
+
 def server_round(*, config: Config, split: FederatedSplit, state: ServerState, round_number: int,
                  release: np.ndarray, accepted: Mapping[int, np.ndarray]) -> RoundRecord:
     """Step 3: fuse the accepted knowledge K_j (partition id -> [len(release), C]), keep each
@@ -297,13 +328,16 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     consensus_weights = None
     if config.dp_knowledge == "votes":  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
         knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
-    result = _fuse(knowledge, f)
-    if result.fused is not None and config.dp_knowledge == "evidence":
+    if f.release_debias != "off" and config.shield.release == "label-rr":
+        result = _debiased(knowledge, config=config, state=state, release=release, num_public=len(split.public.x))
+    else:
+        result = _fuse(knowledge, f)
+    if result.fused is not None and config.dp_knowledge == "evidence" and f.release_debias == "off":
         # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py);
         # expert returns it from the same fusion, any other rule is fused again with gamma = 0
         evidence = result.evidence if result.evidence is not None else _fuse(knowledge, replace(f, prior_weight=0.0)).fused
         result = replace(result, fused=evidence_abstention(result.fused, evidence, entropy_cut=f.evidence_entropy))
-    if result.fused is not None and config.dp_knowledge == "votes":
+    if result.fused is not None and config.dp_knowledge == "votes" and f.release_debias == "off":
         result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
                                      consensus=None if result.consensus is None
                                      else abstain(result.consensus, threshold=f.vote_threshold)[0])
