@@ -316,7 +316,9 @@ class TrainConfig:
     blend_candidates: str = option(
         "0,1,consensus,consensus-local", check=_check_blend_candidates,
         help="what 'validated' tries: l = blend (1-l) K_i + l F_i (0 = no distillation, 1 = F_i), "
-             "'consensus' = G, 'consensus-local' = G under the site's own label prior",
+             "'consensus' = G, 'consensus-local' = G under the site's own label prior, 'mean' = the "
+             "unsharpened consensus M (G = softmax(M / fusion.era-temperature), recovered on the site: no "
+             "extra bytes), 'mean-local' = M under the site's prior",
     )
 
 

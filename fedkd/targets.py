@@ -10,7 +10,9 @@ So each round a site with ``train.target-choice = "validated"`` tries candidate 
 (K_i: its own model's softmax on the public positions F_i covers, before this round's
 training; lambda = 0 means no distillation at all, i.e. local training only) and, with
 ``fusion.consensus``, the federation's consensus G (DS-FL's sharpened mean of every site's
-knowledge, sent beside F_i: the strongest target when labels are mixed), trains one
+knowledge, sent beside F_i: the strongest target when labels are mixed) or its unsharpened
+mean M (``mean``: recovered on the site from G, :func:`unsharpen`; what fusion method
+``mean`` sends, the stronger target where the sites' models are weak), trains one
 copy of its model per candidate from the same start and seed, scores each on its private
 validation split by the negative log-likelihood, and keeps the candidate whose score
 *pooled over the rounds so far* is lowest (validation splits are 4-54 examples here, so one
@@ -59,7 +61,49 @@ LOCAL_CONSENSUS = "consensus-local"
 """The consensus under the site's own label prior: G(x, c) pi_i(c) / sum_c' G(x, c') pi_i(c')
 (Bayes' rule for a label shift; pi_i from the site's own training labels, add-one smoothed)."""
 
+MEAN = "mean"
+"""The consensus before sharpening, M with G = softmax(M / T) (the masked mean of every site's
+knowledge, what fusion method ``mean`` sends): recovered on the site from G (:func:`unsharpen`),
+so it costs no wire bytes."""
+
+LOCAL_MEAN = "mean-local"
+"""M under the site's own label prior, as ``consensus-local`` is for G."""
+
+NAMED_CANDIDATES = (CONSENSUS, LOCAL_CONSENSUS, MEAN, LOCAL_MEAN)
+
 Candidate = float | str
+
+UNSHARPEN_FLOOR = 1e-300
+"""Probabilities below this (zeros of the wire's rounding) count as this in :func:`unsharpen`."""
+
+
+def simplex_projection(values: np.ndarray) -> np.ndarray:
+    """Each row of ``values`` [..., C] projected (Euclidean) onto the probability simplex:
+    max(v - theta, 0) with theta the one shift that makes the row sum to 1 (Duchi et al. 2008).
+    A row v + k (any k) whose entries would all stay positive becomes exactly v + k', sum 1."""
+    v = np.asarray(values, dtype=np.float64)
+    u = -np.sort(-v, axis=-1)
+    cumulative = np.cumsum(u, axis=-1) - 1.0
+    index = np.arange(1, v.shape[-1] + 1)
+    support = (u - cumulative / index > 0).sum(axis=-1, keepdims=True)  # rho >= 1 always
+    theta = np.take_along_axis(cumulative, support - 1, axis=-1) / support
+    return np.maximum(v - theta, 0.0)
+
+
+def unsharpen(probs: np.ndarray, temperature: float | None) -> np.ndarray:
+    """The rows M [P, C] that ``fusion.sharpen`` took to ``probs`` = G = softmax(M / T):
+    M = T log G + k, k the shift that makes each row sum to 1, i.e. the simplex projection of
+    T log G (:func:`simplex_projection`). Exact for exact G: every probability row M has
+    log G = M / T - const. On the wire's rounding: float16 (relative 2^-11) moves M by about
+    T 2^-11; uint8 rounds G's small entries to 0 (floored at :data:`UNSHARPEN_FLOOR`), and the
+    projection sets those classes of M to 0 (an approximation). ``temperature`` None: ``probs``
+    were never sharpened (the DP votes consensus) and come back as they are."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if temperature is None:
+        return probs
+    if not temperature > 0:
+        raise ValueError(f"unsharpen temperature must be > 0 or None; got {temperature!r}")
+    return simplex_projection(temperature * np.log(np.maximum(probs, UNSHARPEN_FLOOR)))
 
 
 def local_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -76,15 +120,17 @@ def under_prior(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
 
 def parse_candidates(text: str) -> tuple[Candidate, ...]:
     """``"0,0.5,1,consensus"`` -> (0.0, 0.5, 1.0, "consensus"): blend weights in [0, 1] and
-    optionally the consensus and the consensus under the local prior; no repeats, at least one."""
+    optionally the named candidates (:data:`NAMED_CANDIDATES`: the consensus, the unsharpened
+    mean, each also under the local prior); no repeats, at least one."""
     values: list[Candidate] = []
     for word in (w.strip() for w in str(text).split(",")):
         if not word:
             continue
-        values.append(word if word in (CONSENSUS, LOCAL_CONSENSUS) else float(word))
+        values.append(word if word in NAMED_CANDIDATES else float(word))
     numbers = [v for v in values if not isinstance(v, str)]
     if not values or any(not 0.0 <= v <= 1.0 for v in numbers) or len(set(values)) != len(values):
-        raise ValueError(f"blend candidates must be distinct numbers in [0, 1] or 'consensus' / 'consensus-local'; got {text!r}")
+        raise ValueError("blend candidates must be distinct numbers in [0, 1] or one of "
+                         f"{', '.join(NAMED_CANDIDATES)}; got {text!r}")
     return tuple(values)
 
 

@@ -23,7 +23,8 @@ def test_blend_is_the_convex_combination():
 def test_parse_candidates():
     assert parse_candidates("0, 0.5,1") == (0.0, 0.5, 1.0)
     assert parse_candidates("0,consensus") == (0.0, "consensus")
-    for bad in ("", "2", "0,0", "x", "consensus,consensus"):
+    assert parse_candidates("1,mean,mean-local,consensus-local") == (1.0, "mean", "mean-local", "consensus-local")
+    for bad in ("", "2", "0,0", "x", "consensus,consensus", "mean,mean", "means"):
         with pytest.raises(ValueError):
             parse_candidates(bad)
 
@@ -120,3 +121,106 @@ def test_validated_site_by_error_records_both_scores_and_keeps_the_lowest_error(
     errors = {k: scores[ERROR + k][0] for k in ("0", "1")}
     assert errors[chosen] == min(errors.values())
     assert errors[chosen] == pytest.approx(1.0 - accuracy(model, split.clients[2].val))
+
+
+def test_simplex_projection_by_hand():
+    from fedkd.targets import simplex_projection
+
+    np.testing.assert_allclose(simplex_projection(np.array([[0.5, 0.5, -1.0], [2.0, 0.0, 0.0], [0.6, 0.6, 0.3]])),
+                               [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [1.3 / 3, 1.3 / 3, 0.4 / 3]], atol=1e-12)
+    np.testing.assert_allclose(simplex_projection(np.array([[0.2, 0.3, 0.5]]) - 7.0), [[0.2, 0.3, 0.5]], atol=1e-12)
+
+
+def test_unsharpen_by_hand_and_inverts_sharpen():
+    """softmax(M / T) = G  <=>  M = T log G + k (rows summing to 1): G = (1, e^-1) / (1 + e^-1)
+    at T = 0.5 is M = (0.75, 0.25); and unsharpen(sharpen(M, T), T) = M for random rows."""
+    from fedkd.fusion import sharpen
+    from fedkd.targets import unsharpen
+
+    g = np.array([[1.0, math.exp(-1)]]) / (1 + math.exp(-1))
+    np.testing.assert_allclose(unsharpen(g, 0.5), [[0.75, 0.25]], atol=1e-12)
+    m = np.random.default_rng(0).dirichlet(np.ones(10), size=200)
+    for temperature in (0.1, 0.5, 1.0, 3.0):
+        np.testing.assert_allclose(unsharpen(sharpen(m, temperature), temperature), m, atol=1e-12)
+    np.testing.assert_array_equal(unsharpen(g, None), g)  # None: never sharpened (the DP vote mean)
+    np.testing.assert_allclose(unsharpen(np.array([[1.0, 0.0, 0.0]]), 0.1), [[1.0, 0.0, 0.0]])  # zeros: floored
+    with pytest.raises(ValueError):
+        unsharpen(g, 0.0)
+
+
+def test_unsharpen_through_the_wire_formats():
+    """G as the site receives it: float16 moves M by about T 2^-11; uint8 (small entries of G
+    rounded to 0) stays within a few hundredths; rows stay probability vectors."""
+    from fedkd.fusion import sharpen
+    from fedkd.targets import unsharpen
+    from fedkd.wire import decode, encode
+
+    m = np.random.default_rng(1).dirichlet(np.ones(20), size=300)
+    g = sharpen(m, 0.1)
+    for wire, tolerance in (("float16", 2e-4), ("uint8", 0.06)):
+        back = unsharpen(decode(encode(g, wire)).astype(np.float32), 0.1)
+        assert np.abs(back - m).max() < tolerance, wire
+        np.testing.assert_allclose(back.sum(axis=1), 1.0, atol=1e-9)
+        assert (back >= 0).all()
+
+
+def test_unsharpened_consensus_is_what_fusion_mean_sends():
+    """M = unsharpen(G, T) for the server's consensus G (ERA, masked, T = 0.1) is the masked
+    mean of every sender's knowledge: fusion method ``mean``'s F_i."""
+    from fedkd.fusion import consensus, fuse
+    from fedkd.targets import unsharpen
+
+    rng = np.random.default_rng(2)
+    knowledge = rng.dirichlet(np.full(6, 0.3), size=(5, 40))
+    knowledge[1, :10] = 1 / 6  # uninformative rows: masked out of both
+    g, _ = consensus(knowledge=knowledge, uniform_entropy=0.95, temperature=0.1)
+    np.testing.assert_allclose(unsharpen(g, 0.1), fuse(knowledge=knowledge, method="mean").fused[0], atol=1e-10)
+
+
+def test_consensus_temperature_mirrors_what_the_server_sends():
+    from fedkd.federation.site import consensus_temperature
+
+    assert consensus_temperature(load_config()) == pytest.approx(0.1)
+    assert consensus_temperature(load_config(overrides={"fusion.era-temperature": 0.3})) == pytest.approx(0.3)
+    votes = {"privacy.enabled": True, "fusion.dp-knowledge": "votes"}
+    assert consensus_temperature(load_config(overrides={**votes, "fusion.trust": "off"})) is None
+    assert consensus_temperature(load_config(overrides={**votes, "fusion.trust": "verified"})) == pytest.approx(0.1)
+
+
+def test_candidate_targets_by_hand():
+    """The named candidates: G, M = unsharpen(G), each under the site's add-one prior."""
+    from fedkd.federation.site import candidate_target
+    from fedkd.fusion import sharpen
+    from fedkd.targets import under_prior
+
+    m = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    g = sharpen(m, 0.1)
+    labels = np.array([0, 0, 0, 1])  # prior (4, 2, 1) / 7
+    own, fused = np.full((2, 3), 1 / 3), np.eye(3)[[0, 2]]
+    kwargs = dict(own=own, fused=fused, consensus=g, labels=labels, temperature=0.1)
+    np.testing.assert_allclose(candidate_target("mean", **kwargs), m, atol=1e-12)
+    prior = np.array([4.0, 2.0, 1.0]) / 7
+    np.testing.assert_allclose(candidate_target("mean-local", **kwargs), under_prior(m, prior), atol=1e-12)
+    np.testing.assert_allclose(candidate_target("mean-local", **kwargs)[0], np.array([2.0, 0.6, 0.2]) / 2.8)
+    np.testing.assert_array_equal(candidate_target("consensus", **kwargs), g)
+    np.testing.assert_allclose(candidate_target("consensus-local", **kwargs), under_prior(g, prior))
+    np.testing.assert_allclose(candidate_target(0.5, **kwargs), 0.5 * own + 0.5 * fused)
+
+
+def test_validated_site_scores_the_unsharpened_mean():
+    """A validated round with candidates ``mean`` and ``mean-local`` (G sent) scores both and
+    reports the kept one as -3 / -4."""
+    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
+                                    "train.target-choice": "validated", "train.blend-candidates": "0,mean,mean-local"})
+    split = load_federation(config.data, config.seed)
+    everything = np.arange(len(split.public))
+    from fedkd.fusion import sharpen
+
+    m = np.random.default_rng(3).dirichlet(np.ones(split.num_classes), size=len(split.public))
+    scores: dict = {}
+    _, metrics = local_round(model=build_site_model(config, split, 2), config=config, client=2, round_number=2,
+                             data=split.clients[2], public_x=split.public.x, release_positions=everything,
+                             fused=m.astype(np.float32), fused_positions=everything, target_scores=scores,
+                             consensus=sharpen(m, 0.1).astype(np.float32))
+    assert set(scores) == {"0", "mean", "mean-local"}
+    assert metrics["target-lambda"] in (0.0, -3.0, -4.0)

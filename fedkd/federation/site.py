@@ -54,7 +54,8 @@ from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, trai
 from fedkd.privacy.release import composed_release_epsilon, label_release
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import shield
-from fedkd.targets import CONSENSUS, ERROR, LOCAL_CONSENSUS, blend, local_prior, parse_candidates, pooled_choice, record_scores, under_prior, validation_nll
+from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, local_prior, parse_candidates,
+                           pooled_choice, record_scores, under_prior, unsharpen, validation_nll)
 
 
 class SiteRefusal(ValueError):
@@ -523,6 +524,29 @@ def selected_steps(*, model: nn.Module, config: Config, seed: int, round_number:
     metrics["selection-epsilon"] = float(decisions) * eps_d
 
 
+def consensus_temperature(config: Config) -> float | None:
+    """The temperature the server sharpened the consensus G it sends at (``fusion.era-temperature``),
+    None where G is the unsharpened DP vote mean: mirrors :func:`fedkd.federation.server.server_round`
+    (G is the method's own G_i for ``expert`` with trust on and no ``fusion.sharpen-temperature``,
+    sharpened; else the vote mean under ``dp-knowledge = votes``; else ERA, sharpened)."""
+    f = config.fusion
+    own = f.method == "expert" and f.trust != "off" and not f.sharpen_temperature > 0
+    return None if config.dp_knowledge == "votes" and not own else f.era_temperature
+
+
+def candidate_target(lam: float | str, *, own: np.ndarray, fused: np.ndarray, consensus: np.ndarray | None,
+                     labels: np.ndarray, temperature: float | None) -> np.ndarray:
+    """The distillation target of one blend candidate (:mod:`fedkd.targets`): T_lambda =
+    (1 - lambda) K_i + lambda F_i, the consensus G, the unsharpened mean M = ``unsharpen(G, T)``
+    (``temperature``: :func:`consensus_temperature`), either under the prior of ``labels``."""
+    if lam in (CONSENSUS, LOCAL_CONSENSUS, MEAN, LOCAL_MEAN):
+        target = consensus if lam in (CONSENSUS, LOCAL_CONSENSUS) else unsharpen(consensus, temperature)
+        if lam in (LOCAL_CONSENSUS, LOCAL_MEAN):
+            target = under_prior(target, local_prior(labels, consensus.shape[1]))
+        return target
+    return blend(own, fused, lam)
+
+
 def validated_steps(*, model: nn.Module, config: Config, seed: int, data: ClientData, public_x: np.ndarray,
                     fused: np.ndarray, fused_positions: np.ndarray, scores: dict[str, list[float]],
                     metrics: dict[str, float], consensus: np.ndarray | None = None) -> None:
@@ -533,6 +557,7 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     candidate; reads only the site's own data (private train and validation)."""
     t = config.train
     candidates = [c for c in parse_candidates(t.blend_candidates) if not isinstance(c, str) or consensus is not None]
+    temperature = consensus_temperature(config)
     start = copy.deepcopy(model.state_dict())
     own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
     trained, round_scores, round_errors, losses = {}, {}, {}, {}
@@ -541,12 +566,8 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
         with torch.random.fork_rng():  # every candidate sees the same randomness
             torch.manual_seed(seed)
             if isinstance(lam, str) or lam > 0:
-                if lam == CONSENSUS:
-                    target = consensus
-                elif lam == LOCAL_CONSENSUS:
-                    target = under_prior(consensus, local_prior(data.train.y, consensus.shape[1]))
-                else:
-                    target = blend(own, fused, lam)
+                target = candidate_target(lam, own=own, fused=fused, consensus=consensus, labels=data.train.y,
+                                          temperature=temperature)
                 distil(model, public_x[fused_positions], target, epochs=t.distill_epochs,
                        batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
             losses[lam] = train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size,
@@ -561,7 +582,7 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
     model.load_state_dict(trained[chosen])
     metrics["train-loss"] = losses[chosen]
-    codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0}  # metrics are numbers: -1 / -2 name those two
+    codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0, MEAN: -3.0, LOCAL_MEAN: -4.0}  # metrics are numbers
     metrics["target-lambda"] = codes.get(chosen, chosen) if isinstance(chosen, str) else float(chosen)
     metrics["val-nll"] = round_scores[chosen]
 

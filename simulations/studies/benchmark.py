@@ -315,7 +315,7 @@ def adversary_weight(run_dir: Path, adversaries: set[int]) -> dict[str, float]:
             lam = lambdas.get((round_number + 1, clients[k]))
             if lam is None:
                 shares["chosen"].append(fused[row])
-            elif lam < 0:  # -1 / -2: the consensus, or the consensus under the site's prior
+            elif lam < 0:  # -1 / -2 / -3 / -4: G, G under the prior, M, M under the prior (same shares)
                 shares["chosen"].append(g[row] if g is not None else float("nan"))
             else:
                 shares["chosen"].append(lam * fused[row])
