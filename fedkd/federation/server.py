@@ -328,16 +328,17 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     consensus_weights = None
     if config.dp_knowledge == "votes":  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
         knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
-    if f.release_debias != "off" and config.shield.release == "label-rr":
+    debiased = f.release_debias != "off"  # the config refuses it without shield.release = label-rr
+    if debiased:
         result = _debiased(knowledge, config=config, state=state, release=release, num_public=len(split.public.x))
     else:
         result = _fuse(knowledge, f)
-    if result.fused is not None and config.dp_knowledge == "evidence" and f.release_debias == "off":
+    if result.fused is not None and config.dp_knowledge == "evidence" and not debiased:
         # abstain where the senders' evidence alone (gamma = 0) is near-uniform (fedkd/dp_knowledge.py);
         # expert returns it from the same fusion, any other rule is fused again with gamma = 0
         evidence = result.evidence if result.evidence is not None else _fuse(knowledge, replace(f, prior_weight=0.0)).fused
         result = replace(result, fused=evidence_abstention(result.fused, evidence, entropy_cut=f.evidence_entropy))
-    if result.fused is not None and config.dp_knowledge == "votes" and f.release_debias == "off":
+    if result.fused is not None and config.dp_knowledge == "votes" and not debiased:
         result = replace(result, fused=abstain(result.fused, threshold=f.vote_threshold)[0],
                                      consensus=None if result.consensus is None
                                      else abstain(result.consensus, threshold=f.vote_threshold)[0])
