@@ -94,6 +94,19 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(probs / temperature, axis=-1)
 
 
+def simplex_projection(values: np.ndarray) -> np.ndarray:
+    """Each row of ``values`` [..., C] projected (Euclidean) onto the probability simplex:
+    max(v - theta, 0) with theta the one shift that makes the row sum to 1 (Duchi et al. 2008).
+    A row v + k (any k) whose entries would all stay positive becomes exactly v + k', sum 1."""
+    v = np.asarray(values, dtype=np.float64)
+    u = -np.sort(-v, axis=-1)
+    cumulative = np.cumsum(u, axis=-1) - 1.0
+    index = np.arange(1, v.shape[-1] + 1)
+    support = (u - cumulative / index > 0).sum(axis=-1, keepdims=True)  # rho >= 1 always
+    theta = np.take_along_axis(cumulative, support - 1, axis=-1) / support
+    return np.maximum(v - theta, 0.0)
+
+
 def estimated_distribution(knowledge: np.ndarray) -> np.ndarray:
     """EPD_j = mean_x K_j(x): ``[N, P, C] -> [N, C]``, what a client's knowledge says about its label mix."""
     return knowledge.mean(axis=-2)

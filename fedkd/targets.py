@@ -35,6 +35,7 @@ from torch import nn
 
 from fedkd.data import ArrayDataset
 from fedkd.distillation import as_input_tensor
+from fedkd.fusion import simplex_projection
 
 TARGET_CHOICES = ("fused", "validated")
 
@@ -75,19 +76,6 @@ Candidate = float | str
 
 UNSHARPEN_FLOOR = 1e-300
 """Probabilities below this (zeros of the wire's rounding) count as this in :func:`unsharpen`."""
-
-
-def simplex_projection(values: np.ndarray) -> np.ndarray:
-    """Each row of ``values`` [..., C] projected (Euclidean) onto the probability simplex:
-    max(v - theta, 0) with theta the one shift that makes the row sum to 1 (Duchi et al. 2008).
-    A row v + k (any k) whose entries would all stay positive becomes exactly v + k', sum 1."""
-    v = np.asarray(values, dtype=np.float64)
-    u = -np.sort(-v, axis=-1)
-    cumulative = np.cumsum(u, axis=-1) - 1.0
-    index = np.arange(1, v.shape[-1] + 1)
-    support = (u - cumulative / index > 0).sum(axis=-1, keepdims=True)  # rho >= 1 always
-    theta = np.take_along_axis(cumulative, support - 1, axis=-1) / support
-    return np.maximum(v - theta, 0.0)
 
 
 def unsharpen(probs: np.ndarray, temperature: float | None) -> np.ndarray:

@@ -11,7 +11,8 @@ import pytest
 from fedkd.config import ConfigError, load_config
 from fedkd.data import load_federation
 from fedkd.federation.server import ServerState, server_round
-from fedkd.privacy.debias import debias, pooled_estimate, project_simplex, released_onehots, rr_rates
+from fedkd.fusion import simplex_projection
+from fedkd.privacy.debias import debias, pooled_estimate, released_onehots, rr_rates
 from fedkd.privacy.release import label_release, randomized_response
 
 
@@ -59,11 +60,11 @@ def test_released_onehots_undo_smoothing():
 def test_simplex_projection_by_hand():
     """(2.7472, -0.582, -0.582, -0.582) projects to e_0; (0.8, 0.6, -0.4) to (0.6, 0.4, 0)
     (theta = (0.8 + 0.6 - 1)/2 = 0.2); a distribution is its own projection."""
-    np.testing.assert_allclose(project_simplex(np.array([[2.7472, -0.582, -0.582, -0.582]])), [[1, 0, 0, 0]])
-    np.testing.assert_allclose(project_simplex(np.array([0.8, 0.6, -0.4])), [0.6, 0.4, 0.0], atol=1e-12)
+    np.testing.assert_allclose(simplex_projection(np.array([[2.7472, -0.582, -0.582, -0.582]])), [[1, 0, 0, 0]])
+    np.testing.assert_allclose(simplex_projection(np.array([0.8, 0.6, -0.4])), [0.6, 0.4, 0.0], atol=1e-12)
     dist = np.array([[0.1, 0.2, 0.7]])
-    np.testing.assert_allclose(project_simplex(dist), dist)
-    rows = project_simplex(np.random.default_rng(1).normal(size=(50, 5)) * 3)
+    np.testing.assert_allclose(simplex_projection(dist), dist)
+    rows = simplex_projection(np.random.default_rng(1).normal(size=(50, 5)) * 3)
     assert np.all(rows >= 0) and np.allclose(rows.sum(axis=1), 1.0)
 
 

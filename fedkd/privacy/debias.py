@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedkd.fusion import simplex_projection
 from fedkd.privacy.release import keep_probability
 
 RELEASE_DEBIAS = ("off", "senders", "rounds")
@@ -71,26 +72,11 @@ def debias(onehots: np.ndarray, *, epsilon: float) -> np.ndarray:
     return (onehots - q) / (p - q)
 
 
-def project_simplex(rows: np.ndarray) -> np.ndarray:
-    """Euclidean projection of each row [..., C] onto {x >= 0, sum x = 1} (Duchi et al. 2008):
-    x = max(v - theta, 0) with theta = (sum_{i<=rho} u_i - 1) / rho, u sorted decreasing and
-    rho the largest index with u_rho - (sum_{i<=rho} u_i - 1) / rho > 0."""
-    v = np.asarray(rows, dtype=np.float64)
-    shape = v.shape
-    v = v.reshape(-1, shape[-1])
-    u = -np.sort(-v, axis=1)
-    cumulative = np.cumsum(u, axis=1) - 1.0
-    index = np.arange(1, shape[-1] + 1)
-    rho = np.count_nonzero(u - cumulative / index > 0, axis=1)
-    theta = cumulative[np.arange(len(v)), rho - 1] / rho
-    return np.maximum(v - theta[:, None], 0.0).reshape(shape)
-
-
 def pooled_estimate(knowledge: np.ndarray, *, epsilon: float, previous_sum: np.ndarray | None = None,
                     previous_count: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fused, sum, count)`` from the released rows ``knowledge`` [N, P, C] of N senders:
     sum = previous_sum + sum_j d_j [P, C], count = previous_count + N [P] (the running totals
-    over rounds; None = this round alone) and fused = project_simplex(sum / count) [P, C], the
+    over rounds; None = this round alone) and fused = simplex_projection(sum / count) [P, C], the
     projected unbiased estimate of the vote histogram pooled over senders and rounds."""
     knowledge = np.asarray(knowledge, dtype=np.float64)
     if knowledge.ndim != 3 or knowledge.shape[0] == 0:
@@ -100,4 +86,4 @@ def pooled_estimate(knowledge: np.ndarray, *, epsilon: float, previous_sum: np.n
     if previous_sum is not None:
         total = total + np.asarray(previous_sum, dtype=np.float64)
         count = count + np.asarray(previous_count, dtype=np.float64)
-    return project_simplex(total / count[:, None]), total, count
+    return simplex_projection(total / count[:, None]), total, count
