@@ -315,6 +315,45 @@ def test_only_the_teacher_reads_private_data_on_a_teacher_site(monkeypatch, priv
     assert scores["accuracy"] == scores["teacher-accuracy"]
 
 
+def _validated_teacher_round(fused, candidates):  # noqa: ANN001, ANN202
+    """One validated round of teacher site 0 (teacher bert-mini, student bert-tiny) with F_i
+    ``fused`` on the whole public set: ``(student, split, knowledge, metrics, scores)``."""
+    import fedkd.federation.site as site
+
+    config = site_config(**{"train.target-choice": "validated", "train.blend-candidates": candidates})
+    split = load_federation(config.data, config.seed)
+    student, teacher = site.build_site_model(config, split, 0), site.build_site_teacher(config, split, 0)
+    scores: dict = {}
+    knowledge, metrics = site.local_round(
+        model=student, config=config, client=0, round_number=2, data=split.clients[0],
+        public_x=split.public.x, release_positions=np.arange(len(split.public)), fused=fused,
+        fused_positions=np.arange(len(split.public)), teacher=teacher, target_scores=scores,
+    )
+    return student, split, knowledge, metrics, scores
+
+
+@needs_extra  # the default tokenizer
+def test_a_validated_teacher_site_chooses_the_students_share_of_the_federation():
+    """lambda = 0 on a teacher site: the student distils the teacher alone, so what it releases
+    does not depend on F_i; with candidates 0 and 1 both are scored and the student kept is
+    the one reported (its validation NLL is the chosen score)."""
+    from fedkd.targets import validation_nll
+
+    config = site_config()
+    p, c = len(load_federation(config.data, config.seed).public), len(TOPICS)
+    uniform = np.full((p, c), 1 / c, dtype=np.float32)
+    one_class = (0.9 * np.eye(c)[np.zeros(p, int)] + 0.1 / c).astype(np.float32)  # "everything is topic 0"
+    _, _, first, metrics, scores = _validated_teacher_round(uniform, "0")
+    _, _, second, _, _ = _validated_teacher_round(one_class, "0")
+    np.testing.assert_array_equal(first, second)
+    assert metrics["target-lambda"] == 0.0 and scores["0"][1] == 1
+    student, split, _, metrics, scores = _validated_teacher_round(one_class, "0,1")
+    assert set(scores) == {"0", "1"}
+    chosen = f"{metrics['target-lambda']:g}"
+    assert scores[chosen][0] == min(total for total, _ in scores.values())
+    assert metrics["val-nll"] == pytest.approx(validation_nll(student, split.clients[0].val))
+
+
 @needs_extra  # the default tokenizer
 def test_pii_scorer_flattens_the_knowledge_on_public_texts_with_personal_data():
     import fedkd.federation.site as site

@@ -319,6 +319,8 @@ def teacher_steps(
     metrics: dict[str, float],
     noise: NoiseSource | None = None,
     dp_stop: bool = False,
+    target_scores: dict[str, list[float]] | None = None,
+    consensus: np.ndarray | None = None,
 ) -> nn.Module:
     """A teacher site's training; returns the released model (``teacher.release``).
 
@@ -330,6 +332,13 @@ def teacher_steps(
        p(x) = softmax(z_teacher(x) / T), mixed with F_i where the student is released:
        p(x) = w p_teacher(x) + (1 - w) F_i(x) (w = ``teacher.weight``) on the positions F_i
        covers. Public inputs and the DP-trained teacher only: post-processing, no privacy cost.
+       With validated targets (``train.target-choice``; no DP) the student's share of the
+       federation is chosen as on every other site (:func:`choose_target`): p(x) =
+       w p_teacher(x) + (1 - w) T(x) for each candidate T of ``train.blend-candidates``
+       (lambda = 0: the teacher alone; lambda = 1: F_i, as without a choice; the consensus G
+       and G under the site's prior where G was sent), the student kept by its pooled
+       validation NLL. The teacher's training does not depend on F_i here, so a candidate
+       costs one student distillation, not a local round.
     """
     t, tc = config.train, config.teacher
     has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
@@ -347,14 +356,22 @@ def teacher_steps(
         _private_step(teacher, data.train, config=config, ledger=ledger, lr=tc.lr, seed=seed, metrics=metrics,
                       noise=noise or NoiseSource(), dp_stop=dp_stop)
     logits = torch.as_tensor(predict_logits(teacher, public_x))
-    target = torch.softmax(logits, dim=-1).numpy()
+    own = torch.softmax(logits, dim=-1).numpy()
     mixed = has_fused and not release_teacher
-    if mixed:
-        target[fused_positions] = tc.weight * target[fused_positions] + (1 - tc.weight) * fused
-    metrics["distil-loss" if mixed else "teacher-kd-loss"] = distil(
-        student, public_x, target, epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
-        temperature=t.kd_temperature, seed=seed,
-    )
+
+    def fit(lam: float | str, target: np.ndarray | None) -> float:
+        mix = own.copy()
+        if target is not None:
+            mix[fused_positions] = tc.weight * own[fused_positions] + (1 - tc.weight) * target
+        return distil(student, public_x, mix, epochs=t.distill_epochs, batch_size=t.batch_size, lr=t.lr,
+                      temperature=t.kd_temperature, seed=seed)
+
+    if mixed and config.validated_targets and ledger is None and target_scores is not None:
+        metrics["distil-loss"] = choose_target(
+            model=student, config=config, seed=seed, data=data, own=own[fused_positions], fused=fused,
+            consensus=consensus, fit=fit, scores=target_scores, metrics=metrics)
+    else:
+        metrics["distil-loss" if mixed else "teacher-kd-loss"] = fit(1.0, fused if mixed else None)
     metrics["teacher-val-accuracy"] = accuracy(teacher, data.val)
     metrics["student-val-accuracy"] = accuracy(student, data.val)
     return teacher if release_teacher else student
@@ -392,8 +409,9 @@ def local_round(
     gives the round's DP sampling and noise and its shielding noise
     (:class:`NoiseSource`).
 
-    With ``train.target-choice = "validated"`` (no DP, no teacher, sequential mode) steps a-b
-    run once per blend candidate and the site keeps the best (:func:`validated_steps`);
+    With ``train.target-choice = "validated"`` (no DP, sequential mode) steps a-b run once per
+    blend candidate and the site keeps the best (:func:`validated_steps`; on a teacher site the
+    student's distillation alone, :func:`teacher_steps`);
     ``target_scores`` (the site's pooled scores, updated in place) carries across rounds."""
     t = config.train
     noise = noise or NoiseSource()
@@ -406,7 +424,7 @@ def local_round(
         model = teacher_steps(
             student=model, teacher=teacher, config=config, seed=seed, data=data,
             public_x=public_x, fused=fused, fused_positions=fused_positions, ledger=ledger,
-            metrics=metrics, noise=noise, dp_stop=dp_stop,
+            metrics=metrics, noise=noise, dp_stop=dp_stop, target_scores=target_scores, consensus=consensus,
         )
     elif has_fused and t.mode == "joint":
         metrics["train-loss"] = train_joint(
@@ -556,22 +574,44 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     ``model`` ends as the candidate with the lowest pooled score. Costs one local round per
     candidate; reads only the site's own data (private train and validation)."""
     t = config.train
+    own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
+
+    def fit(lam: float | str, target: np.ndarray | None) -> float:
+        if target is not None:
+            distil(model, public_x[fused_positions], target, epochs=t.distill_epochs,
+                   batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
+        return train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed)
+
+    metrics["train-loss"] = choose_target(model=model, config=config, seed=seed, data=data, own=own, fused=fused,
+                                          consensus=consensus, fit=fit, scores=scores, metrics=metrics)
+
+
+def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientData, own: np.ndarray,
+                  fused: np.ndarray, consensus: np.ndarray | None, fit, scores: dict[str, list[float]],  # noqa: ANN001
+                  metrics: dict[str, float]) -> float:
+    """The validated choice of target (``train.target-choice``), the loop both kinds of site
+    share: for each candidate of ``train.blend-candidates`` (the consensus ones only where G
+    was sent), from the same start and randomness, ``fit(candidate, target)`` fits ``model``
+    (``target``: :func:`candidate_target` on F_i's positions, None for lambda = 0, where
+    ``own`` is the site's own prediction there) and returns a loss; the model's validation
+    NLL (and error, ``train.target-score = "error"``) is pooled into ``scores`` over rounds
+    (:func:`fedkd.targets.pooled_choice`), ``model`` ends as the chosen candidate, and its
+    loss is returned. ``metrics`` gains ``target-lambda`` (strings coded as negative
+    numbers) and ``val-nll``."""
+    t = config.train
     candidates = [c for c in parse_candidates(t.blend_candidates) if not isinstance(c, str) or consensus is not None]
     temperature = consensus_temperature(config)
     start = copy.deepcopy(model.state_dict())
-    own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
     trained, round_scores, round_errors, losses = {}, {}, {}, {}
     for lam in candidates:
         model.load_state_dict(start)
+        target = None
+        if isinstance(lam, str) or lam > 0:
+            target = candidate_target(lam, own=own, fused=fused, consensus=consensus, labels=data.train.y,
+                                      temperature=temperature)
         with torch.random.fork_rng():  # every candidate sees the same randomness
             torch.manual_seed(seed)
-            if isinstance(lam, str) or lam > 0:
-                target = candidate_target(lam, own=own, fused=fused, consensus=consensus, labels=data.train.y,
-                                          temperature=temperature)
-                distil(model, public_x[fused_positions], target, epochs=t.distill_epochs,
-                       batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
-            losses[lam] = train_supervised(model, data.train, epochs=t.local_epochs, batch_size=t.batch_size,
-                                           lr=t.lr, seed=seed)
+            losses[lam] = fit(lam, target)
         round_scores[lam] = validation_nll(model, data.val)
         if t.target_score == "error":
             round_errors[lam] = 1.0 - accuracy(model, data.val) if len(data.val) else float("nan")
@@ -581,10 +621,10 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
         scores.update(record_scores(scores, round_errors, prefix=ERROR))
     chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
     model.load_state_dict(trained[chosen])
-    metrics["train-loss"] = losses[chosen]
     codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0, MEAN: -3.0, LOCAL_MEAN: -4.0}  # metrics are numbers
     metrics["target-lambda"] = codes.get(chosen, chosen) if isinstance(chosen, str) else float(chosen)
     metrics["val-nll"] = round_scores[chosen]
+    return losses[chosen]
 
 
 def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Generator,
