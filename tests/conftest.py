@@ -4,32 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-SLOWEST_FIRST = (
-    "e2e/test_e2e_deployment.py",
-    "e2e/test_e2e_deployment_faults.py",
-    "e2e/test_e2e_simulation.py",
-    "e2e/test_e2e_resume.py",
-    "e2e/test_e2e_transports.py",
-)
-"""Test files that take minutes, longest first (measured on 2 cores, most of it waiting on
-Flower's heartbeat and process start-up)."""
-
-
-def pytest_collection_modifyitems(items):
-    """Run the slowest files first, then the other end-to-end files, then the unit tests. The
-    suite runs under pytest-xdist with ``--dist loadfile --no-loadscope-reorder``
-    (pyproject.toml): each file stays on one worker, in this order, so the long files start at
-    once on both workers instead of forming the suite's tail."""
-
-    def rank(item) -> int:  # noqa: ANN001
-        path = item.nodeid.split("::")[0]
-        for i, name in enumerate(SLOWEST_FIRST):
-            if path.endswith(name):
-                return i
-        return len(SLOWEST_FIRST) + (0 if "/e2e/" in path else 1)
-
-    items.sort(key=rank)
-
 
 @pytest.fixture(scope="session", autouse=True)
 def split_cache(tmp_path_factory):

@@ -15,7 +15,6 @@ documented deployment path, identities included: ``keys/sites.toml`` is the run'
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -28,10 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
-from fedkd.config import Config, load_config
-from fedkd.reporting import read_summary
+from fedkd.config import Config
 from fedkd.ops.deploy import (
     CA_CERT,
     Deployment,
@@ -268,91 +264,3 @@ def events(run_dir: Path, kind: str) -> list[dict]:
 
 def python() -> str:
     return sys.executable
-
-
-# --------------------------------------------------------------------------- what the deployment tests share
-
-SITES = 3
-ROUNDS = 3
-
-
-class HardTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float, what: str):  # noqa: ANN201
-    """Raise :class:`HardTimeout` in the main thread after ``seconds`` (SIGALRM); the
-    federation's teardown still kills every process."""
-
-    def expire(signum, frame):  # noqa: ANN001
-        raise HardTimeout(f"{what} ran past its {seconds:.0f}s limit")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture(autouse=True)
-def hard_timeout(request):  # noqa: ANN001, ANN201
-    """Each test's hard time limit: its ``limit(seconds)`` marker, else 120 s (a module that
-    imports this fixture gets it for every test)."""
-    marker = request.node.get_closest_marker("limit")
-    with time_limit(marker.args[0] if marker else 120, request.node.name):
-        yield
-
-
-def small_config(root: Path, name: str, **overrides) -> Config:  # noqa: ANN003
-    """A 3-site, 3-round run of one local and one distillation epoch, its run folder under
-    ``root/runs/name``."""
-    return load_config(overrides={
-        "output-dir": str(root / "runs"),
-        "run-name": name,
-        "data.num-clients": SITES,
-        "num-server-rounds": ROUNDS,
-        "eval-every": ROUNDS,
-        "min-clients": 2,
-        "train.local-epochs": 1,
-        "train.distill-epochs": 1,
-        "global-student.epochs": 1,
-        "round-timeout": 120.0,
-        **overrides,
-    })
-
-
-@contextlib.contextmanager
-def running_federation(root: Path, *, intruders: bool = False, extra_keys: tuple[str, ...] = ()):  # noqa: ANN201
-    """A SuperLink and :data:`SITES` registered SuperNodes, online, for the ``with`` block; every
-    process is stopped at its end. ``intruders``: two more SuperNodes, started beside the sites
-    so that their short retries overlap the first run: one speaks plaintext to the TLS
-    SuperLink (``plaintext-supernode``), one has a key nobody registered
-    (``unregistered-supernode``; needs ``"unregistered"`` in ``extra_keys``)."""
-    fed = LocalFederation(root, SITES)
-    try:
-        with time_limit(150, "federation set-up"):
-            fed.prepare(small_config(root, "prepare"), extra_keys=extra_keys)
-            fed.start_superlink()
-            fed.node_ids = {i: fed.register(fed.site_name(i)) for i in range(SITES)}
-            for i in range(SITES):
-                fed.start_supernode(i)
-            if intruders:
-                fed.start_supernode(0, insecure=True, name="plaintext-supernode", max_wait_time=8)
-                fed.start_supernode(1, key_name="unregistered", name="unregistered-supernode",
-                                    max_wait_time=8)
-            fed.wait_online(SITES)
-        yield fed
-    finally:
-        fed.close()
-
-
-def run_to_summary(fed: LocalFederation, config: Config, timeout: float) -> tuple[int, dict]:
-    """Submit ``config`` and wait for its ``summary.json``: ``(run id, summary)``."""
-    run_id = fed.submit(config)
-    run_dir = Path(config.output_dir) / config.run_name
-    wait_for(lambda: (run_dir / "summary.json").is_file(), timeout=timeout, what=f"run {config.run_name}",
-             poll=1.0)
-    return run_id, read_summary(run_dir)

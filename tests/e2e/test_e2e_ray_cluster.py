@@ -16,7 +16,7 @@ from fedkd.config import load_config
 from fedkd.reporting import read_events, read_summary
 
 from ray_cluster import LocalRayCluster
-from deploy_harness import time_limit
+from test_e2e_deployment import time_limit
 
 pytestmark = pytest.mark.e2e
 
