@@ -359,7 +359,7 @@ def teacher_steps(
     own = torch.softmax(logits, dim=-1).numpy()
     mixed = has_fused and not release_teacher
 
-    def fit(lam: float | str, target: np.ndarray | None) -> float:
+    def fit(target: np.ndarray | None) -> float:
         mix = own.copy()
         if target is not None:
             mix[fused_positions] = tc.weight * own[fused_positions] + (1 - tc.weight) * target
@@ -371,7 +371,7 @@ def teacher_steps(
             model=student, config=config, seed=seed, data=data, own=own[fused_positions], fused=fused,
             consensus=consensus, fit=fit, scores=target_scores, metrics=metrics)
     else:
-        metrics["distil-loss" if mixed else "teacher-kd-loss"] = fit(1.0, fused if mixed else None)
+        metrics["distil-loss" if mixed else "teacher-kd-loss"] = fit(fused if mixed else None)
     metrics["teacher-val-accuracy"] = accuracy(teacher, data.val)
     metrics["student-val-accuracy"] = accuracy(student, data.val)
     return teacher if release_teacher else student
@@ -576,7 +576,7 @@ def validated_steps(*, model: nn.Module, config: Config, seed: int, data: Client
     t = config.train
     own = torch.softmax(torch.as_tensor(predict_logits(model, public_x[fused_positions])), dim=-1).numpy()
 
-    def fit(lam: float | str, target: np.ndarray | None) -> float:
+    def fit(target: np.ndarray | None) -> float:
         if target is not None:
             distil(model, public_x[fused_positions], target, epochs=t.distill_epochs,
                    batch_size=t.batch_size, lr=t.lr, temperature=t.kd_temperature, seed=seed)
@@ -591,7 +591,7 @@ def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientDa
                   metrics: dict[str, float]) -> float:
     """The validated choice of target (``train.target-choice``), the loop both kinds of site
     share: for each candidate of ``train.blend-candidates`` (the consensus ones only where G
-    was sent), from the same start and randomness, ``fit(candidate, target)`` fits ``model``
+    was sent), from the same start and randomness, ``fit(target)`` fits ``model``
     (``target``: :func:`candidate_target` on F_i's positions, None for lambda = 0, where
     ``own`` is the site's own prediction there) and returns a loss; the model's validation
     NLL (and error, ``train.target-score = "error"``) is pooled into ``scores`` over rounds
@@ -611,7 +611,7 @@ def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientDa
                                       temperature=temperature)
         with torch.random.fork_rng():  # every candidate sees the same randomness
             torch.manual_seed(seed)
-            losses[lam] = fit(lam, target)
+            losses[lam] = fit(target)
         round_scores[lam] = validation_nll(model, data.val)
         if t.target_score == "error":
             round_errors[lam] = 1.0 - accuracy(model, data.val) if len(data.val) else float("nan")
