@@ -504,6 +504,21 @@ class PrivacyConfig:
     selection_rounds: int = option(
         3, low=1, help="selection: number of choices, spread evenly over rounds 2..num-server-rounds",
     )
+    student: str = option(
+        "auto", choices=("auto", "consensus", "off"),
+        help="under DP: 'consensus' keeps each site's DP model for private training and release only (it never "
+        "distils, so the sites' releases stay independent) and reports a student distilled on the public set "
+        "from softmax(log K_i + log M / privacy.student-temperature), K_i its DP model's prediction, M the "
+        "federation's mean (fedkd/dp_knowledge.py student_target); 'auto' = consensus for fusion.method expert "
+        "without privacy.selection",
+    )
+    student_temperature: float = option(
+        0.25, low=0, low_open=True,
+        help="student: tau in softmax(log K_i + log M / tau); smaller trusts the federation's mean more",
+    )
+    student_epochs: int = option(
+        20, low=1, help="student: distillation epochs each round, from the student's initial weights",
+    )
     distill_order: str = option(
         "before", choices=("before", "after"),
         help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "
@@ -737,6 +752,15 @@ class Config:
         return choice == "validated" or (choice == "auto" and self.fusion.method == "expert")
 
     @property
+    def dp_student(self) -> bool:
+        """Whether DP sites report a public-set student (``privacy.student`` resolved; False without DP)."""
+        choice = self.privacy.student
+        if not self.privacy.enabled or choice == "off":
+            return False
+        # auto: expert's sites, unless DP model selection was asked for (it chooses the one model's target)
+        return choice == "consensus" or (self.fusion.method == "expert" and self.privacy.selection == "off")
+
+    @property
     def dp_knowledge(self) -> str | None:
         """How the server fuses DP sites' knowledge (``fusion.dp-knowledge`` resolved: ``votes``,
         ``evidence`` or ``soft``; None without DP)."""
@@ -935,6 +959,13 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
             f"fusion.release-debias: {get('fusion.release-debias')!r} debiases randomized-response labels and "
             f"needs shield.release = 'label-rr'; got shield.release = {get('shield.release')!r} "
             "(set fusion.release-debias = 'off' or turn the release on)"
+        )
+    if valid("privacy.student", "fusion.consensus", "fusion.method") and get("privacy.student") == "consensus" \
+            and not (get("fusion.consensus") == "on" or (get("fusion.consensus") == "auto" and get("fusion.method") == "expert")):
+        problems.append(
+            "privacy.student: 'consensus' distils the federation's consensus G and needs it sent "
+            f"(fusion.consensus = 'on', or 'auto' with fusion.method = 'expert'); got fusion.consensus = "
+            f"{get('fusion.consensus')!r} with fusion.method = {get('fusion.method')!r}"
         )
     if valid("audit.enabled", "audit.site", "data.num-clients") and get("audit.enabled") \
             and get("audit.site") >= get("data.num-clients"):

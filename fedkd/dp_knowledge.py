@@ -88,3 +88,32 @@ def evidence_abstention(fused: np.ndarray, evidence: np.ndarray, *, entropy_cut:
     ``entropy_cut`` * log C."""
     answered = distillable_rows(evidence, uniform_entropy=entropy_cut)
     return np.where(answered[..., None], np.asarray(fused, dtype=np.float64), 1.0 / np.shape(fused)[-1])
+
+
+def student_target(own: np.ndarray, mean: np.ndarray | None, *, temperature: float) -> np.ndarray:
+    """A DP site's public-set student target [P, C] (``privacy.student = "consensus"``):
+
+        T_i(x) = softmax_c( log K_i(x, c) + log M(x, c) / tau ),
+
+    K_i the site's own DP model's prediction, M the federation's mean over every sender (the
+    consensus G unsharpened, :func:`fedkd.targets.unsharpen`), tau = ``temperature``: a product
+    of experts, K_i * M^(1/tau), normalised. Where the site is confident (a skewed site knows its
+    few classes) its own row decides; where its DP model is near-uniform (the IID sites: one
+    noisy epoch a round on a few hundred examples) the sharpened mean does, and the mean of ten
+    independently DP-trained models is far more accurate than any one of them (digits, epsilon
+    4, 20 rounds, alpha 1 / 100: each model 0.21 / 0.23 on the public set, their mean 0.56 /
+    0.38; docs/privacy.md). ``mean`` None (no consensus yet): T_i = K_i. Probabilities are
+    floored at 1e-12 before the logarithm, so a class the wire rounded to 0 keeps a tiny share.
+    Both inputs are post-processing of DP releases: the target costs no privacy."""
+    own = np.asarray(own, dtype=np.float64)
+    if not temperature > 0:
+        raise ValueError(f"privacy.student-temperature must be > 0; got {temperature!r}")
+    logits = np.log(np.maximum(own, 1e-12))
+    if mean is not None:
+        mean = np.asarray(mean, dtype=np.float64)
+        if mean.shape != own.shape:
+            raise ValueError(f"student_target: own {own.shape} and mean {mean.shape} must have the same shape")
+        logits = logits + np.log(np.maximum(mean, 1e-12)) / temperature
+    logits -= logits.max(axis=-1, keepdims=True)
+    rows = np.exp(logits)
+    return rows / rows.sum(axis=-1, keepdims=True)

@@ -289,3 +289,11 @@ def test_fusion_trust_accepts_claimed_and_names_the_choices():
         assert "fusion.trust: must be one of verified, claimed, off; got 'eigen'" in err.problems, err.problems
     else:
         raise AssertionError("fusion.trust = 'eigen' accepted")
+
+
+def test_a_dp_student_needs_the_consensus_sent():
+    with pytest.raises(ConfigError, match="privacy.student: 'consensus' .* needs it sent .* got fusion.consensus = 'auto' "
+                                          "with fusion.method = 'mean'"):
+        load_config(overrides={"privacy.student": "consensus", "fusion.method": "mean"})
+    assert load_config(overrides={"privacy.student": "consensus", "fusion.method": "mean", "fusion.consensus": "on",
+                                  "privacy.enabled": True}).dp_student

@@ -7,7 +7,8 @@ import pytest
 
 from fedkd.config import load_config
 from fedkd.data import load_federation
-from fedkd.dp_knowledge import abstain, distillable_rows, evidence_abstention, hard_votes, vote_consensus
+from fedkd.dp_knowledge import (abstain, distillable_rows, evidence_abstention, hard_votes, student_target,
+                                 vote_consensus)
 from fedkd.federation.server import ServerState, server_round
 
 
@@ -105,3 +106,21 @@ def test_evidence_abstention_by_hand():
     evidence = np.array([[0.9, 0.05, 0.05], [0.5, 0.3, 0.2]])
     np.testing.assert_allclose(evidence_abstention(fused, evidence, entropy_cut=0.5),
                                [[0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+
+
+def test_student_target_is_the_normalised_product_of_own_and_the_sharpened_mean():
+    """T = K * M^(1/tau) / sum: worked by hand. K = (1/2, 1/4, 1/4), M = (0.2, 0.4, 0.4),
+    tau = 1/2: K M^2 = (0.02, 0.04, 0.04) -> (0.2, 0.4, 0.4). A confident own row wins over a
+    weak mean: K = (0.9, 0.05, 0.05), M = (0.3, 0.4, 0.3), tau = 1 -> (0.27, 0.02, 0.015) / 0.305."""
+    own = np.array([[0.5, 0.25, 0.25], [0.9, 0.05, 0.05]])
+    np.testing.assert_allclose(student_target(own[:1], np.array([[0.2, 0.4, 0.4]]), temperature=0.5),
+                               [[0.2, 0.4, 0.4]], atol=1e-12)
+    np.testing.assert_allclose(student_target(own[1:], np.array([[0.3, 0.4, 0.3]]), temperature=1.0),
+                               [[0.27 / 0.305, 0.02 / 0.305, 0.015 / 0.305]], atol=1e-12)
+    np.testing.assert_allclose(student_target(own, None, temperature=0.25), own, atol=1e-12)  # no consensus yet
+    zero = student_target(np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]]), temperature=0.25)  # wire rounded to 0
+    assert np.isfinite(zero).all() and zero[0, 0] > 1 - 1e-12
+    with pytest.raises(ValueError, match="privacy.student-temperature must be > 0"):
+        student_target(own, own, temperature=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        student_target(own, own[:1], temperature=1.0)

@@ -207,7 +207,8 @@ def test_a_dp_site_leaves_abstained_rows_alone_and_selects_under_its_budget(part
     candidates) and eps_sel / decisions spent; the DP-SGD plan is calibrated for the rest."""
     config, split = parts
     private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
-                                     "privacy.accountant": "rdp", "num-server-rounds": 2})
+                                     "privacy.accountant": "rdp", "num-server-rounds": 2,
+                                     "privacy.student": "off"})  # the one-model DP site
     uniform = encode(np.full((len(split.public), split.num_classes), 1.0 / split.num_classes))
     models = []
     for fused in (uniform, None):
@@ -228,3 +229,44 @@ def test_a_dp_site_leaves_abstained_rows_alone_and_selects_under_its_budget(part
     assert reply.metrics["selection-choice"] in (0.0, 1.0) and reply.metrics["selection-epsilon"] == pytest.approx(2.0)
     assert reply.metrics["epsilon"] <= 6.0 + 1e-9
     assert state.target_scores["selection:choice"][1] == 1  # one decision taken, kept in the site's state
+
+
+def test_a_dp_site_with_a_student_keeps_its_private_model_apart_and_reports_the_student(parts):
+    """privacy.student = consensus: the DP model trains by DP-SGD only (bit for bit the model of a
+    round without any fused knowledge), releases knowledge, and the student, distilled from its
+    initial weights towards K_i * M^(1/tau), is what evaluation reports. With a consensus that
+    says class 3 on every public row the student says 3 on nearly all of them; the DP model does not."""
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "privacy.accountant": "rdp", "num-server-rounds": 2,
+                                     "model.architectures": "mlp-small"})
+    assert private.dp_student  # the default for expert
+    assert not load_config(overrides={**private.to_flat(), "privacy.selection": "noisy-max"}).dp_student
+    assert not load_config(overrides={**private.to_flat(), "privacy.enabled": False}).dp_student
+    p, c = len(split.public), split.num_classes
+    says_three = encode(np.eye(c)[np.full(p, 3)])
+    replies, states = [], []
+    for fused, consensus in ((encode(np.full((p, c), 1.0 / c)), says_three), (None, None)):
+        state = SiteState.fresh(config=private, split=split, client=0)
+        replies.append(site_round(config=private, split=split, client=0, state=state,
+                                  inbox=_inbox(private, split, round_number=2, fused=fused, consensus=consensus)))
+        states.append(state)
+    for name, tensor in states[0].model.state_dict().items():  # the DP model never distilled
+        torch.testing.assert_close(tensor, states[1].model.state_dict()[name], rtol=0, atol=0)
+    np.testing.assert_array_equal(replies[0].arrays["knowledge"], replies[1].arrays["knowledge"])
+    from fedkd.distillation import predict_logits
+
+    student_says = predict_logits(states[0].student, split.public.x).argmax(axis=1)
+    private_says = predict_logits(states[0].model, split.public.x).argmax(axis=1)
+    assert (student_says == 3).mean() > 0.9 > (private_says == 3).mean()
+    saved = states[0].state_dict()
+    assert set(saved) >= {"model", "student", "privacy"}
+    again = SiteState.fresh(config=private, split=split, client=0)
+    again.load_state_dict(saved)
+    scores = site_evaluation(config=private, split=split, client=0, state=again)
+    test = split.clients[0].test
+    assert scores["accuracy"] == pytest.approx(float(np.mean(predict_logits(states[0].student, test.x).argmax(1) == test.y)))
+    assert scores["private-accuracy"] == pytest.approx(float(np.mean(predict_logits(states[0].model, test.x).argmax(1) == test.y)))
+    with pytest.raises(KeyError, match="has no student"):
+        SiteState.fresh(config=load_config(overrides={**private.to_flat(), "privacy.student": "off"}), split=split,
+                        client=0).load_state_dict(saved)

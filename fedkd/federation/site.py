@@ -46,7 +46,7 @@ from fedkd.adversary import corrupt
 from fedkd.config import Config
 from fedkd.data import ClientData, FederatedSplit
 from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
-from fedkd.dp_knowledge import distillable_rows
+from fedkd.dp_knowledge import distillable_rows, student_target
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
@@ -157,13 +157,16 @@ class NoiseSource:
         return noise_rng_seed(self.kind, seed=seed, key=self.key)
 
 
-STATE_KEYS = frozenset({"model", "teacher", "privacy", "rounds-trained", "target-scores"})
+STATE_KEYS = frozenset({"model", "teacher", "student", "privacy", "rounds-trained", "target-scores"})
 
 
 @dataclass
 class SiteState:
-    """What a site keeps between rounds: its model, its teacher (teacher sites), its
-    privacy ledger (privacy on) and how many rounds it has trained.
+    """What a site keeps between rounds: its model, its teacher (teacher sites), its DP
+    student (``privacy.student``: the model a DP site reports, distilled each round from
+    ``student_init``, the student's initial weights, which :meth:`fresh` rebuilds and
+    :meth:`state_dict` leaves out), its privacy ledger (privacy on) and how many rounds it has
+    trained.
 
     :meth:`state_dict` gives plain values (tensors by name, the ledger as JSON text, an int);
     :meth:`load_state_dict` refuses unknown or missing keys, naming them, as Opacus's
@@ -172,6 +175,8 @@ class SiteState:
     model: nn.Module
     teacher: nn.Module | None = None
     ledger: PrivacyLedger | None = None
+    student: nn.Module | None = None
+    student_init: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     rounds_trained: int = 0
     target_scores: dict[str, list[float]] = field(default_factory=dict)
     noise: NoiseSource = field(default_factory=lambda: NoiseSource())
@@ -186,8 +191,13 @@ class SiteState:
         ledger = None
         if config.privacy.enabled:
             ledger = PrivacyLedger(site_privacy_plan(config, len(split.clients[client].train), client))
+        teacher = build_site_teacher(config, split, client)
+        student = student_init = None
+        if config.dp_student and teacher is None:  # a teacher site has its student already
+            student = build_site_model(config, split, client, architecture=architecture)
+            student_init = copy.deepcopy(student.state_dict())
         return cls(model=build_site_model(config, split, client, architecture=architecture),
-                   teacher=build_site_teacher(config, split, client), ledger=ledger,
+                   teacher=teacher, ledger=ledger, student=student, student_init=student_init,
                    noise=noise or NoiseSource())
 
     def state_dict(self) -> dict[str, Any]:
@@ -196,6 +206,8 @@ class SiteState:
             state["target-scores"] = json.dumps(self.target_scores)
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
+        if self.student is not None:
+            state["student"] = self.student.state_dict()
         if self.ledger is not None:
             state["privacy"] = self.ledger.to_json()
         return state
@@ -210,9 +222,13 @@ class SiteState:
                 raise KeyError(f"site state has no key '{key}'")
             if not present and key in state:
                 raise KeyError(f"site state has key '{key}' but this site has no {key}")
+        if "student" in state and self.student is None:
+            raise KeyError("site state has key 'student' but this site has no student")
         self.model.load_state_dict(state["model"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
+        if self.student is not None and "student" in state:  # absent before the site's first round
+            self.student.load_state_dict(state["student"])
         if self.ledger is not None:
             self.ledger.load_state_dict(json.loads(str(state["privacy"])))
         self.rounds_trained = int(state["rounds-trained"])
@@ -254,7 +270,7 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
         data=split.clients[client], public_x=split.public.x, release_positions=release,
         fused=fused, fused_positions=fused_positions, ledger=state.ledger, teacher=state.teacher,
         target_scores=state.target_scores, consensus=consensus,
-        noise=state.noise, dp_stop=inbox.dp_stop,
+        noise=state.noise, dp_stop=inbox.dp_stop, student=state.student, student_init=state.student_init,
     )
     state.rounds_trained += 1
     if config.shield.release != "none":  # the site's own count; the server keeps its own (ledger row)
@@ -271,7 +287,7 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
 def site_evaluation(*, config: Config, split: FederatedSplit, client: int, state: SiteState) -> dict[str, float]:
     """The site's evaluation reply metrics: :func:`evaluate_site` and its ``partition-id``."""
     scores = evaluate_site(state.model, split.clients[client], teacher=state.teacher,
-                           release=config.teacher.release)
+                           release=config.teacher.release, student=state.student)
     return {"partition-id": client, **scores}
 
 
@@ -395,6 +411,8 @@ def local_round(
     consensus: np.ndarray | None = None,
     noise: NoiseSource | None = None,
     dp_stop: bool = False,
+    student: nn.Module | None = None,
+    student_init: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Steps a-d above: returns the released knowledge ``[len(release_positions), C]`` and
     the round's metrics. ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
@@ -412,7 +430,10 @@ def local_round(
     With ``train.target-choice = "validated"`` (no DP, sequential mode) steps a-b run once per
     blend candidate and the site keeps the best (:func:`validated_steps`; on a teacher site the
     student's distillation alone, :func:`teacher_steps`);
-    ``target_scores`` (the site's pooled scores, updated in place) carries across rounds."""
+    ``target_scores`` (the site's pooled scores, updated in place) carries across rounds.
+
+    With a DP ``student`` (``privacy.student``) the model trains by DP-SGD only and releases
+    knowledge, and the student is distilled afresh from ``student_init`` (:func:`_dp_student`)."""
     t = config.train
     noise = noise or NoiseSource()
     seed = site_seed(config.seed, client, round_number)
@@ -447,6 +468,13 @@ def local_round(
         metrics["train-loss"] = train_supervised(
             model, data.train, epochs=t.local_epochs, batch_size=t.batch_size, lr=t.lr, seed=seed
         )
+    elif student is not None:
+        _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
+                      seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
+        _dp_student(student, init=student_init, model=model, config=config, public_x=public_x,
+                    positions=fused_positions if has_fused and consensus is not None else None,
+                    consensus=consensus, seed=seed, metrics=metrics)
+        metrics["student-val-accuracy"] = accuracy(student, data.val)
     elif has_fused and config.privacy.selection != "off" and target_scores is not None:
         _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
                       seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
@@ -479,6 +507,27 @@ def local_round(
     if config.shield.release != "none":
         metrics["release-flipped"] = stats.release_flipped
     return knowledge, metrics
+
+
+def _dp_student(student: nn.Module, *, init: Mapping[str, torch.Tensor] | None, model: nn.Module, config: Config,
+                public_x: np.ndarray, positions: np.ndarray | None, consensus: np.ndarray | None, seed: int,
+                metrics: dict[str, float]) -> None:
+    """A DP site's student (``privacy.student``): from its initial weights ``init``,
+    ``privacy.student-epochs`` epochs on the whole public set towards
+    :func:`fedkd.dp_knowledge.student_target` of the DP ``model``'s own prediction K_i and the
+    federation's mean M = ``unsharpen(consensus)`` on the consensus ``positions`` (K_i alone
+    elsewhere, and before the first consensus). Public inputs and DP releases only: no privacy
+    cost. The DP model itself never distils, so what the sites release stays independent."""
+    p, t = config.privacy, config.train
+    if init is not None:
+        student.load_state_dict(init)
+    own = torch.softmax(torch.as_tensor(predict_logits(model, public_x)), dim=-1).numpy().astype(np.float64)
+    target = own.copy()
+    if positions is not None and consensus is not None:
+        mean = unsharpen(consensus, consensus_temperature(config))
+        target[positions] = student_target(own[positions], mean, temperature=p.student_temperature)
+    metrics["student-loss"] = distil(student, public_x, target.astype(np.float32), epochs=p.student_epochs,
+                                     batch_size=t.batch_size, lr=t.lr, temperature=1.0, seed=seed)
 
 
 def _dp_distil(model: nn.Module, *, config: Config, public_x: np.ndarray, fused: np.ndarray, seed: int,
@@ -654,10 +703,15 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
 
 
 def evaluate_site(
-    model: nn.Module, data: ClientData, *, teacher: nn.Module | None = None, release: str = "student"
+    model: nn.Module, data: ClientData, *, teacher: nn.Module | None = None, release: str = "student",
+    student: nn.Module | None = None,
 ) -> dict[str, float]:
     """Accuracy on the site's own local test split; on a teacher site the released model's
-    (``release``), with ``student-accuracy`` and ``teacher-accuracy`` beside it."""
+    (``release``), with ``student-accuracy`` and ``teacher-accuracy`` beside it; on a site with
+    a DP ``student`` (``privacy.student``) the student's, with ``private-accuracy`` (its DP model) beside it."""
+    if student is not None:
+        return {"accuracy": accuracy(student, data.test), "num-examples": float(len(data.test)),
+                "private-accuracy": accuracy(model, data.test)}
     if teacher is None:
         return {"accuracy": accuracy(model, data.test), "num-examples": float(len(data.test))}
     student_acc, teacher_acc = accuracy(model, data.test), accuracy(teacher, data.test)
