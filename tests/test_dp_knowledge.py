@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from fedkd.config import load_config
@@ -124,3 +125,34 @@ def test_student_target_is_the_normalised_product_of_own_and_the_sharpened_mean(
         student_target(own, own, temperature=0.0)
     with pytest.raises(ValueError, match="same shape"):
         student_target(own, own[:1], temperature=1.0)
+
+
+def test_under_dp_with_students_the_global_student_distils_the_consensus_not_the_abstaining_fusion():
+    """DP sites with a student (privacy.student auto = consensus for expert): three senders put
+    0.5 on the public label y(x) and 0.5/9 elsewhere on 40 public rows. Their evidence has
+    entropy 1.79 > 0.25 log 10 = 0.58, so every F_i(x) abstains (uniform); the consensus G is
+    ERA's sharpened mean, near one-hot at y(x). The global student (30 epochs, lr 0.05) then
+    learns y on those rows; with privacy.student off it distils mean_i F_i = uniform rows and
+    stays near chance on them."""
+    flat = {"data.num-clients": 3, "fusion.method": "expert", "privacy.enabled": True,
+            "global-student.enabled": True, "global-student.model": "mlp-small", "global-student.epochs": 30,
+            "train.lr": 0.05}
+    config = load_config(overrides=flat)
+    assert config.dp_knowledge == "evidence" and config.dp_student
+    split = load_federation(config.data, config.seed)
+    release = np.arange(40)
+    labels = np.asarray(split.public.y[release])
+    rows = np.full((40, 10), 0.5 / 9)
+    rows[np.arange(40), labels] = 0.5
+    learnt = {}
+    for student in ("consensus", "off"):
+        state = ServerState()
+        run = load_config(overrides={**flat, "privacy.student": student})
+        server_round(config=run, split=split, state=state, round_number=1, release=release,
+                     accepted={j: rows for j in range(3)})
+        np.testing.assert_allclose(state.fused[0][1], np.full((40, 10), 0.1))  # F_i abstains in both runs
+        with torch.no_grad():
+            predicted = state.student(torch.as_tensor(split.public.x[release], dtype=torch.float32)).argmax(-1).numpy()
+        learnt[student] = float((predicted == labels).mean())
+    assert learnt["consensus"] >= 0.9
+    assert learnt["off"] <= 0.4

@@ -321,11 +321,12 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
                  release: np.ndarray, accepted: Mapping[int, np.ndarray]) -> RoundRecord:
     """Step 3: fuse the accepted knowledge K_j (partition id -> [len(release), C]), keep each
     site's F_i in ``state.fused``, and distil the global student (``global-student.*``) on
-    the mean of the fused knowledge, mean_i F_i (mean_j K_j when the method fuses nothing)."""
+    the mean of the fused knowledge, mean_i F_i (mean_j K_j when the method fuses nothing; the
+    consensus sent, mean_i G_i, when DP sites report a student, ``privacy.student``)."""
     clients = sorted(accepted)
     knowledge = np.stack([accepted[c] for c in clients])
     f = config.fusion
-    consensus_weights = None
+    consensus_weights, sent = None, None
     if config.dp_knowledge == "votes":  # DP-aware knowledge: fuse each site's top-1 vote (fedkd/dp_knowledge.py)
         knowledge = hard_votes(knowledge, smoothing=f.vote_smoothing)
     debiased = f.release_debias != "off"  # the config refuses it without shield.release = label-rr
@@ -351,15 +352,22 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
         if f.sends_consensus and result.consensus is not None:  # the method's own G_i per site
             state.consensus.update({client: result.consensus[row] for row, client in enumerate(clients)})
             consensus_weights = result.consensus_weights
+            sent = result.consensus.mean(axis=0)
         elif f.sends_consensus and config.dp_knowledge == "votes":  # G = the unsharpened vote mean, abstaining
             g, shares = abstain(vote_consensus(knowledge), threshold=f.vote_threshold)[0], np.full(len(clients), 1 / len(clients))
             state.consensus.update(dict.fromkeys(clients, g))
             consensus_weights = np.broadcast_to(shares, (len(clients), len(clients)))
+            sent = g
         elif f.sends_consensus:  # G = DS-FL's sharpened mean of every accepted K_j, sent beside F_i
             g, shares = consensus(knowledge=knowledge, uniform_entropy=f.uniform_entropy,
                                   temperature=f.era_temperature)
             state.consensus.update(dict.fromkeys(clients, g))
             consensus_weights = np.broadcast_to(shares, (len(clients), len(clients)))
+            sent = g
+        if config.dp_student and sent is not None:
+            # DP sites distil towards the consensus, not F_i (which abstains almost everywhere under DP):
+            # so does the global student
+            targets = sent
     entry: dict[str, Any] = {"round": round_number, "accepted": clients}
     g, t = config.global_student, config.train
     if g.enabled:
