@@ -519,6 +519,11 @@ class PrivacyConfig:
     student_epochs: int = option(
         20, low=1, help="student: distillation epochs each round, from the student's initial weights",
     )
+    student_correction: str = option(
+        "off", choices=("off", "prior"),
+        help="student: 'prior' divides M by its class marginal over the public rows before the product "
+        "(log M - log mean_x M), so that classes few sites hold are not out-voted",
+    )
     distill_order: str = option(
         "before", choices=("before", "after"),
         help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "

@@ -90,7 +90,8 @@ def evidence_abstention(fused: np.ndarray, evidence: np.ndarray, *, entropy_cut:
     return np.where(answered[..., None], np.asarray(fused, dtype=np.float64), 1.0 / np.shape(fused)[-1])
 
 
-def student_target(own: np.ndarray, mean: np.ndarray | None, *, temperature: float) -> np.ndarray:
+def student_target(own: np.ndarray, mean: np.ndarray | None, *, temperature: float,
+                   correction: str = "off") -> np.ndarray:
     """A DP site's public-set student target [P, C] (``privacy.student = "consensus"``):
 
         T_i(x) = softmax_c( log K_i(x, c) + log M(x, c) / tau ),
@@ -104,7 +105,13 @@ def student_target(own: np.ndarray, mean: np.ndarray | None, *, temperature: flo
     4, 20 rounds, alpha 1 / 100: each model 0.21 / 0.23 on the public set, their mean 0.56 /
     0.38; docs/privacy.md). ``mean`` None (no consensus yet): T_i = K_i. Probabilities are
     floored at 1e-12 before the logarithm, so a class the wire rounded to 0 keeps a tiny share.
-    Both inputs are post-processing of DP releases: the target costs no privacy."""
+    Both inputs are post-processing of DP releases: the target costs no privacy.
+
+    ``correction = "prior"`` (``privacy.student-correction``) divides M by its class marginal
+    over the rows given, m(c) = mean_x M(x, c), before the product: log M(x, c) - log m(c), the
+    federation's evidence with its own label mix removed (the prior correction of the expert
+    fusion, L_j = log K_j - log pi_j), so a class that few senders hold is not out-voted on
+    the rows where it is the answer; the site's own prior stays in K_i."""
     own = np.asarray(own, dtype=np.float64)
     if not temperature > 0:
         raise ValueError(f"privacy.student-temperature must be > 0; got {temperature!r}")
@@ -113,7 +120,12 @@ def student_target(own: np.ndarray, mean: np.ndarray | None, *, temperature: flo
         mean = np.asarray(mean, dtype=np.float64)
         if mean.shape != own.shape:
             raise ValueError(f"student_target: own {own.shape} and mean {mean.shape} must have the same shape")
-        logits = logits + np.log(np.maximum(mean, 1e-12)) / temperature
+        if correction not in ("off", "prior"):
+            raise ValueError(f"privacy.student-correction must be one of 'off', 'prior'; got {correction!r}")
+        evidence = np.log(np.maximum(mean, 1e-12))
+        if correction == "prior":
+            evidence = evidence - np.log(np.maximum(mean.mean(axis=0, keepdims=True), 1e-12))
+        logits = logits + evidence / temperature
     logits -= logits.max(axis=-1, keepdims=True)
     rows = np.exp(logits)
     return rows / rows.sum(axis=-1, keepdims=True)

@@ -127,6 +127,19 @@ def test_student_target_is_the_normalised_product_of_own_and_the_sharpened_mean(
         student_target(own, own[:1], temperature=1.0)
 
 
+def test_student_target_with_the_prior_correction_divides_the_mean_by_its_class_marginal():
+    """correction 'prior', by hand: K uniform on two rows, M = (0.8, 0.2), (0.4, 0.6), tau = 1:
+    m = mean_x M = (0.6, 0.4); M / m = (4/3, 1/2) -> (8/11, 3/11) and (2/3, 3/2) -> (4/13, 9/13).
+    Without the correction the second row stays (0.4, 0.6)."""
+    own = np.full((2, 2), 0.5)
+    mean = np.array([[0.8, 0.2], [0.4, 0.6]])
+    np.testing.assert_allclose(student_target(own, mean, temperature=1.0, correction="prior"),
+                               [[8 / 11, 3 / 11], [4 / 13, 9 / 13]], atol=1e-12)
+    np.testing.assert_allclose(student_target(own, mean, temperature=1.0), mean, atol=1e-12)
+    with pytest.raises(ValueError, match="privacy.student-correction must be one of 'off', 'prior'; got 'x'"):
+        student_target(own, mean, temperature=1.0, correction="x")
+
+
 def test_under_dp_with_students_the_global_student_distils_the_consensus_not_the_abstaining_fusion():
     """DP sites with a student (privacy.student auto = consensus for expert): three senders put
     0.5 on the public label y(x) and 0.5/9 elsewhere on 40 public rows. Their evidence has

@@ -525,7 +525,8 @@ def _dp_student(student: nn.Module, *, init: Mapping[str, torch.Tensor] | None, 
     target = own.copy()
     if positions is not None and consensus is not None:
         mean = unsharpen(consensus, consensus_temperature(config))
-        target[positions] = student_target(own[positions], mean, temperature=p.student_temperature)
+        target[positions] = student_target(own[positions], mean, temperature=p.student_temperature,
+                                           correction=p.student_correction)
     metrics["student-loss"] = distil(student, public_x, target.astype(np.float32), epochs=p.student_epochs,
                                      batch_size=t.batch_size, lr=t.lr, temperature=1.0, seed=seed)
 
