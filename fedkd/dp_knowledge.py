@@ -115,13 +115,13 @@ def student_target(own: np.ndarray, mean: np.ndarray | None, *, temperature: flo
     own = np.asarray(own, dtype=np.float64)
     if not temperature > 0:
         raise ValueError(f"privacy.student-temperature must be > 0; got {temperature!r}")
+    if correction not in ("off", "prior"):
+        raise ValueError(f"privacy.student-correction must be one of 'off', 'prior'; got {correction!r}")
     logits = np.log(np.maximum(own, 1e-12))
     if mean is not None:
         mean = np.asarray(mean, dtype=np.float64)
         if mean.shape != own.shape:
             raise ValueError(f"student_target: own {own.shape} and mean {mean.shape} must have the same shape")
-        if correction not in ("off", "prior"):
-            raise ValueError(f"privacy.student-correction must be one of 'off', 'prior'; got {correction!r}")
         evidence = np.log(np.maximum(mean, 1e-12))
         if correction == "prior":
             evidence = evidence - np.log(np.maximum(mean.mean(axis=0, keepdims=True), 1e-12))

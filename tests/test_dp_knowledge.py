@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
 
 from fedkd.config import load_config
 from fedkd.data import load_federation
+from fedkd.distillation import predict_logits
 from fedkd.dp_knowledge import (abstain, distillable_rows, evidence_abstention, hard_votes, student_target,
                                  vote_consensus)
 from fedkd.federation.server import ServerState, server_round
@@ -136,8 +136,9 @@ def test_student_target_with_the_prior_correction_divides_the_mean_by_its_class_
     np.testing.assert_allclose(student_target(own, mean, temperature=1.0, correction="prior"),
                                [[8 / 11, 3 / 11], [4 / 13, 9 / 13]], atol=1e-12)
     np.testing.assert_allclose(student_target(own, mean, temperature=1.0), mean, atol=1e-12)
-    with pytest.raises(ValueError, match="privacy.student-correction must be one of 'off', 'prior'; got 'x'"):
-        student_target(own, mean, temperature=1.0, correction="x")
+    for consensus in (mean, None):  # refused with or without a consensus yet
+        with pytest.raises(ValueError, match="privacy.student-correction must be one of 'off', 'prior'; got 'x'"):
+            student_target(own, consensus, temperature=1.0, correction="x")
 
 
 def test_under_dp_with_students_the_global_student_distils_the_consensus_not_the_abstaining_fusion():
@@ -164,8 +165,7 @@ def test_under_dp_with_students_the_global_student_distils_the_consensus_not_the
         server_round(config=run, split=split, state=state, round_number=1, release=release,
                      accepted={j: rows for j in range(3)})
         np.testing.assert_allclose(state.fused[0][1], np.full((40, 10), 0.1))  # F_i abstains in both runs
-        with torch.no_grad():
-            predicted = state.student(torch.as_tensor(split.public.x[release], dtype=torch.float32)).argmax(-1).numpy()
+        predicted = predict_logits(state.student, split.public.x[release]).argmax(-1)
         learnt[student] = float((predicted == labels).mean())
     assert learnt["consensus"] >= 0.9
     assert learnt["off"] <= 0.4
