@@ -672,6 +672,10 @@ class AuditConfig:
     exposure_candidates: int = option(
         10000, low=10, help="text: random secret fillings the secret is ranked against"
     )
+    release_draws: int = option(
+        100, low=1, help="text: independent draws of a random release (logit noise, label-rr) "
+        "over which the exposure through it is averaged (one draw is a random variable)"
+    )
     bootstrap: int = option(
         10000, low=0, help="bootstrap replicates of the metric intervals (10,000 keep their ends "
         "within 0.01 between seeds at ~100 members / 100 non-members)"
