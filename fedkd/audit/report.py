@@ -318,11 +318,11 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
         "Each cell: LOSS attack / LiRA online (each fixed in advance) / the strongest attack on "
         "that target and its name (chosen by the highest TPR@1%FPR lower bound: a maximum over "
         "attacks, biased upwards at chance level; each run's audit.md gives its Bonferroni "
-        "intervals). Global student: LOSS / strongest. ε LB: largest one-run lower "
+        "intervals). Global student and site student (a DP site's public-set student): LOSS / strongest. ε LB: largest one-run lower "
         "bound over targets and attacks (each valid at 95% on its own). Accuracy: ALMA, the "
         "audited site's local test accuracy, the global student's.", "",
-        "| setting | shield T0 | noise | release | DP ε (accountant) | released knowledge AUC | TPR@1%FPR | site model AUC | TPR@1%FPR | global student AUC | ε LB | ALMA | site acc | global acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | shield T0 | noise | release | DP ε (accountant) | released knowledge AUC | TPR@1%FPR | site model AUC | TPR@1%FPR | site student AUC | global student AUC | ε LB | ALMA | site acc | global acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         a = row["audit"]
@@ -332,6 +332,7 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
             f"{_release_cell(a['shield'])} | {_f(p['epsilon'], '.2f') if p['enabled'] else 'off'} | "
             f"{_pair(row, 'released-knowledge', 'auc')} | {_pair(row, 'released-knowledge', 'tpr_at_1pct')} | "
             f"{_pair(row, 'site-model', 'auc')} | {_pair(row, 'site-model', 'tpr_at_1pct')} | "
+            f"{_f(_metric(row, 'site-student', 'loss'))} / {_strongest(row, 'site-student', 'auc')} | "
             f"{_f(_metric(row, 'global-student', 'loss'))} / {_strongest(row, 'global-student', 'auc')} | "
             f"{a['epsilon-lower-bound']['max']:.2f} | "
             f"{_f(acc['alma'])} | {_f(acc['site'])} | {_f(acc['global'])} |"

@@ -67,7 +67,11 @@ SURROGATE_PASSES = 30
 THREAT_MODELS = {
     "released-knowledge": "honest-but-curious server: every knowledge array the site released, "
                           "distilled into a surrogate",
-    "site-model": "the site's final model (stolen or published)",
+    "site-model": "the site's final model (stolen or published); under DP with a site student, "
+                  "the DP-trained model whose predictions the site releases",
+    "site-student": "a DP site's public-set student (privacy.student), the model it reports "
+                    "and keeps: distilled from its DP model and the server's consensus on public "
+                    "inputs (post-processing); LOSS and the trained attacks (no reference students)",
     "global-student": "curious site: the server's global student",
 }
 
@@ -129,6 +133,14 @@ def load_inputs(run_dir: str | Path, overrides: dict[str, Any] | None = None) ->
         )
     else:
         inputs.models["site-model"] = _load_state(_site_model(config, split, site), arrays)
+
+    student = load_site_state_arrays(state_dir, run_name=config.run_name, site=site, record="student") \
+        if arrays is not None else None
+    if student is not None:
+        inputs.models["site-student"] = _load_state(_site_model(config, split, site), student)
+    else:
+        inputs.skipped["site-student"] = ("the site kept no DP student (privacy.student is off, "
+                                          "privacy is off, or it is a teacher site)")
 
     if config.global_student.enabled:
         from fedkd.checkpoint import CheckpointError, read_server_checkpoint

@@ -73,6 +73,7 @@ def test_audited_run_then_fedkd_audit_writes_the_report(tmp_path, capsys):
         low, high = best["tpr_at_1pct_ci_simultaneous"]
         assert low <= best["tpr_at_1pct_ci"][0] and high >= best["tpr_at_1pct_ci"][1]  # wider at 1 - 0.05/k
     assert result["privacy"]["enabled"] is False
+    assert "kept no DP student" in result["targets"]["site-student"]["skipped"]  # no DP: one site model
 
     # audit-time settings only
     assert cli_main(["audit", str(run_dir), "--set", "audit.site=0"]) == 2
@@ -90,3 +91,30 @@ def test_fedkd_audit_refuses_a_run_recorded_without_auditing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "was not recorded with auditing on" in err and "audit.enabled=true" in err
     assert "Traceback" not in err
+
+
+def test_a_dp_sites_student_is_audited_beside_its_dp_model(tmp_path, capsys):
+    """Under DP with a site student (privacy.student, auto for expert), the site keeps two
+    models: the DP-trained one whose predictions it releases (site-model) and the public-set
+    student it reports (site-student). The audit attacks both; the student has no reference
+    models, so LOSS and the trained attacks."""
+    settings = {
+        "output-dir": str(tmp_path / "runs"), "run-name": "dp", "data.num-clients": 3,
+        "num-server-rounds": 2, "global-student.epochs": 1, "privacy.enabled": "true",
+        "privacy.target-epsilon": 8, "privacy.student-epochs": 2, "audit.enabled": "true",
+        "audit.site": 1, "audit.canaries": 60, "audit.canary-labels": "mislabeled",
+    }
+    argv = ["simulate"] + [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+    assert cli_main(argv) == 0
+    run_dir = tmp_path / "runs" / "dp"
+    capsys.readouterr()
+    argv = ["audit", str(run_dir), "--quiet", "--set", "audit.reference-models=0", "--set", "audit.bootstrap=20"]
+    assert cli_main(argv) == 0
+    result = json.loads((run_dir / "audit" / "audit.json").read_text())
+    assert result["privacy"]["enabled"] is True and result["privacy"]["epsilon"] <= 8.0
+    student, model = result["targets"]["site-student"], result["targets"]["site-model"]
+    assert "public-set student" in student["threat-model"]
+    assert set(student["attacks"]) == {"loss", "trained-rf", "trained-gb"} == set(model["attacks"])
+    scores = np.load(run_dir / "audit" / "audit_scores.npz")
+    assert not np.allclose(scores["site-student__loss"], scores["site-model__loss"])  # two models
+    assert "site-student" in (run_dir / "audit" / "audit.md").read_text()
