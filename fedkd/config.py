@@ -520,7 +520,7 @@ class PrivacyConfig:
         20, low=1, help="student: distillation epochs each round, from the student's initial weights",
     )
     student_correction: str = option(
-        "off", choices=("off", "prior"),
+        "prior", choices=("off", "prior"),
         help="student: 'prior' divides M by its class marginal over the public rows before the product "
         "(log M - log mean_x M), so that classes few sites hold are not out-voted",
     )
