@@ -431,3 +431,10 @@ def test_each_target_gets_a_verdict_line():
     quiet = {"attacks": {"loss": {"auc_ci": [0.40, 0.55]}}}
     assert target_verdict("final model", quiet) == (
         "- **final model**: no evidence of membership leakage: every AUC CI (loss) includes 0.5.")
+
+
+def test_an_exposure_averaged_over_release_draws_shows_its_spread():
+    from fedkd.audit.report import _exposure_cell
+
+    assert _exposure_cell({"rank": 1.904, "rank-q05": 0.82, "rank-q95": 3.951, "draws": 100}) == "1.90 [0.82, 3.95]"
+    assert _exposure_cell({"rank": 9.37}) == "9.37"  # a deterministic release: one draw, no spread
