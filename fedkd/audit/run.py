@@ -291,7 +291,8 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
     (the secret, the control and the random fillings) in the public set.
 
     Two release channels. ``release-on-probes``: one round's release. ``release-on-probes-
-    all-rounds``: every round the site released in (R = ``len(inputs.released)``), the
+    all-rounds`` (random releases only: a deterministic one repeats the same row): every round
+    the site released in (R = ``len(inputs.released)``), the
     attacker summing the R per-round losses -log p_r(label) (for one-hot releases, ranking
     by how often the secret's label came out), each round drawn from the final model (the
     only model the audit has). When the release is random (:func:`release_is_random`) one
@@ -324,26 +325,28 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
     if "site-model" not in models:
         return result
     logits = predict_logits(models["site-model"], x)
-    rounds = max(1, len(inputs.released))
-    draws = a.release_draws if release_is_random(config) else 1
-    per_draw: dict[str, list[dict]] = {"release-on-probes": [], "release-on-probes-all-rounds": []}
+    random = release_is_random(config)
+    draws = a.release_draws if random else 1
+    # a channel's rounds; reading every round adds nothing when each round's release is the same
+    channels = {"release-on-probes": 1}
+    if random and len(inputs.released) > 1:
+        channels["release-on-probes-all-rounds"] = len(inputs.released)
+    per_draw: dict[str, list[dict]] = {name: [] for name in channels}
     for d in range(draws):
         losses = [
             -np.log(np.clip(release(config, logits, rng=np.random.default_rng([config.seed, 4242, d, r]),
                                     inputs=x)[np.arange(len(x)), labels], 1e-12, 1.0))
-            for r in range(rounds)
+            for r in range(max(channels.values()))
         ]
-        per_draw["release-on-probes"].append(measure(losses[0]))
-        per_draw["release-on-probes-all-rounds"].append(measure(np.sum(losses, axis=0)))
+        for name, rounds in channels.items():
+            per_draw[name].append(measure(np.sum(losses[:rounds], axis=0)))
     for name, entries in per_draw.items():
-        if name.endswith("all-rounds") and rounds == 1:
-            continue
         result["targets"][name] = {
             which: {
                 **{key: float(np.mean([e[which][key] for e in entries])) for key in ("rank", "skewnorm", "loss")},
                 "rank-q05": float(np.quantile([e[which]["rank"] for e in entries], 0.05)),
                 "rank-q95": float(np.quantile([e[which]["rank"] for e in entries], 0.95)),
-                "draws": draws, "rounds": rounds if name.endswith("all-rounds") else 1,
+                "draws": draws, "rounds": channels[name],
             } for which in ("secret", "control")
         }
     return result
