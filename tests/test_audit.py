@@ -287,6 +287,10 @@ def test_exposure_known_answers():
     losses = rng.normal(5, 1, 2000)
     assert exposure_by_skewnorm(canary_loss=5.0, candidate_losses=losses) == pytest.approx(1.0, abs=0.15)
     assert exposure_by_skewnorm(canary_loss=-1.0, candidate_losses=losses) > 20  # beyond the sample
+    # several canaries at once (one fit): the same values, in their shape; N(5, 1)'s CDF at 4 is 0.1587
+    both = exposure_by_skewnorm(canary_loss=np.array([5.0, 4.0]), candidate_losses=losses)
+    assert both.shape == (2,) and both[0] == pytest.approx(1.0, abs=0.15)
+    assert both[1] == pytest.approx(-math.log2(0.1587), abs=0.2)
     fills, size = candidate_fillings(fmt="pin {} {}", exclude=[(4, 2)], max_candidates=1000, seed=0)
     assert size == 100 and len(fills) == 99 and (4, 2) not in fills
     fills, size = candidate_fillings(fmt="pin {} {} {} {}", exclude=[(1, 2, 3, 4)], max_candidates=50, seed=0)

@@ -43,13 +43,19 @@ def exposure_by_rank(*, canary_loss: float, candidate_losses: np.ndarray, space_
     return float(math.log2(space_size) - math.log2(rank))
 
 
-def exposure_by_skewnorm(*, canary_loss: float, candidate_losses: np.ndarray) -> float:
-    """-log2 F(loss(canary)), F the skew-normal CDF fitted to the candidates' losses."""
+def exposure_by_skewnorm(*, canary_loss: float | np.ndarray, candidate_losses: np.ndarray) -> float | np.ndarray:
+    """-log2 F(loss(canary)), F the skew-normal CDF fitted to the candidates' losses.
+
+    ``canary_loss`` may be a scalar or an array of losses (e.g. the secret and the control):
+    the fit, the expensive part, is done once for all of them and the result has their shape."""
+    canary = np.asarray(canary_loss, dtype=np.float64)
     losses = np.asarray(candidate_losses, dtype=np.float64)
     if losses.size < 3 or np.ptp(losses) == 0:
-        return 0.0
-    a, loc, scale = skewnorm.fit(losses)
-    return float(-skewnorm.logcdf(canary_loss, a, loc, scale) / math.log(2))
+        out = np.zeros_like(canary)
+    else:
+        a, loc, scale = skewnorm.fit(losses)
+        out = -skewnorm.logcdf(canary, a, loc, scale) / math.log(2)
+    return float(out) if out.ndim == 0 else out
 
 
 def format_slots(fmt: str) -> int:

@@ -311,9 +311,10 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
     labels = np.full(len(x), a.secret_label, dtype=np.int64)
 
     def measure(loss: np.ndarray) -> dict[str, dict[str, float]]:
+        skew = exposure_by_skewnorm(canary_loss=loss[:2], candidate_losses=loss[2:])  # one fit for both
         return {which: {
             "rank": exposure_by_rank(canary_loss=loss[index], candidate_losses=loss[2:], space_size=space),
-            "skewnorm": exposure_by_skewnorm(canary_loss=loss[index], candidate_losses=loss[2:]),
+            "skewnorm": float(skew[index]),
             "loss": float(loss[index]),
         } for which, index in (("secret", 0), ("control", 1))}
 
