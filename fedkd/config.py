@@ -313,6 +313,12 @@ class TrainConfig:
         help="what 'validated' compares, pooled over rounds: 'nll' (validation negative log-likelihood) or "
              "'error' (validation error rate, ties broken by the NLL)",
     )
+    target_margin: float = option(
+        0.0, low=0,
+        help="'validated' with target-score 'nll': keep the federation's target (G, else F_i) unless another "
+             "candidate's pooled validation NLL is lower by more than this many paired standard errors "
+             "(fedkd/targets.py margin_choice; 0 = the lowest pooled NLL)",
+    )
     blend_candidates: str = option(
         "0,1,consensus,consensus-local", check=_check_blend_candidates,
         help="what 'validated' tries: l = blend (1-l) K_i + l F_i (0 = no distillation, 1 = F_i), "
@@ -975,6 +981,12 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
             "privacy.student: 'consensus' distils the federation's consensus G and needs it sent "
             f"(fusion.consensus = 'on', or 'auto' with fusion.method = 'expert'); got fusion.consensus = "
             f"{get('fusion.consensus')!r} with fusion.method = {get('fusion.method')!r}"
+        )
+    if valid("train.target-margin", "train.target-score") and get("train.target-margin") > 0 \
+            and get("train.target-score") != "nll":
+        problems.append(
+            "train.target-margin: compares per-example validation NLLs and needs train.target-score = 'nll'; "
+            f"got train.target-score = {get('train.target-score')!r} (set train.target-margin = 0 or the score to 'nll')"
         )
     if valid("audit.enabled", "audit.site", "data.num-clients") and get("audit.enabled") \
             and get("audit.site") >= get("data.num-clients"):

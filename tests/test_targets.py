@@ -54,6 +54,60 @@ def test_pooled_choice_pools_rounds_and_breaks_ties_upwards():
     assert pooled_choice(record_scores({}, {0.0: 0.3, "consensus": 0.1}), (0.0, "consensus")) == "consensus"
 
 
+def test_margin_choice_keeps_the_reference_unless_the_paired_bound_is_an_improvement():
+    """d = nll_c - nll_G per validation example: mean -0.25, sample sd sqrt(2.25 / 3) = 0.866,
+    se = 0.433 (worked out by hand). margin 0 and 0.5: bounds -0.25 and -0.033 < 0, local (0)
+    is kept; margin 1: +0.183 >= 0, the consensus G stays."""
+    from fedkd.targets import margin_choice, record_example_scores
+
+    reference = np.array([1.0, 1.0, 1.0, 1.0])
+    scores = record_example_scores({}, {"consensus": reference, 0.0: reference + np.array([-1.0, 0.5, -1.0, 0.5]),
+                                        1.0: reference + 0.1})
+    candidates = (0.0, 1.0, "consensus")
+    assert margin_choice(scores, candidates, margin=0.0) == 0.0
+    assert margin_choice(scores, candidates, margin=0.5) == 0.0
+    assert margin_choice(scores, candidates, margin=1.0) == "consensus"
+    # a uniform gain has se = 0 and passes any margin; 1.0 is worse everywhere and never chosen
+    steady = record_example_scores({}, {"consensus": reference, 0.0: reference - 0.05, 1.0: reference + 0.1})
+    assert margin_choice(steady, candidates, margin=10.0) == 0.0
+
+
+def test_margin_choice_pools_rounds_per_example_and_falls_back_without_a_reference():
+    from fedkd.targets import EXAMPLES, margin_choice, record_example_scores, reference_candidate
+
+    scores = record_example_scores({}, {"consensus": np.array([1.0, 1.0]), 0.0: np.array([0.0, 0.0])})
+    scores = record_example_scores(scores, {"consensus": np.array([1.0, 1.0]), 0.0: np.array([4.0, 4.0])})
+    assert scores[EXAMPLES + "0"] == [2.0, 4.0, 4.0] and scores[EXAMPLES + "consensus"] == [2.0, 2.0, 2.0]
+    assert margin_choice(scores, (0.0, "consensus"), margin=0.0) == "consensus"  # pooled: 2 against 1
+    restarted = record_example_scores(scores, {0.0: np.array([1.0, 1.0, 1.0])})  # the split changed
+    assert restarted[EXAMPLES + "0"] == [1.0, 1.0, 1.0, 1.0]
+    assert record_example_scores({}, {0.0: np.array([np.nan, 1.0])}) == {}
+    pooled = record_scores({}, {0.0: 0.1, 1.0: 0.3})  # no per-example record: the pooled NLL decides
+    assert margin_choice(pooled, (0.0, 1.0), margin=1.0) == 0.0
+    assert reference_candidate((0.0, 1.0, "consensus-local", "consensus")) == "consensus"
+    assert reference_candidate((0.0, 0.5, 1.0)) == 1.0
+
+
+def test_validated_site_with_a_margin_records_every_example():
+    from fedkd.targets import EXAMPLES
+
+    model, split, metrics, scores = _validated_round_on_site_2(**{"train.target-margin": 1.0})
+    n = len(split.clients[2].val)
+    assert {EXAMPLES + "0", EXAMPLES + "1"} <= set(scores)
+    assert all(len(scores[EXAMPLES + k]) == n + 1 and scores[EXAMPLES + k][0] == 1.0 for k in ("0", "1"))
+    for k in ("0", "1"):  # the per-example record averages to the pooled NLL of the same round
+        assert np.mean(scores[EXAMPLES + k][1:]) == pytest.approx(scores[k][0], rel=1e-5)
+    assert metrics["val-nll"] == pytest.approx(validation_nll(model, split.clients[2].val))
+
+
+def test_target_margin_needs_the_nll_score():
+    from fedkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.target-margin.*target-score = 'error'"):
+        load_config(overrides={"train.target-margin": 1.0, "train.target-score": "error"})
+    assert load_config(overrides={"train.target-margin": 1.0}).train.target_margin == 1.0
+
+
 def test_validation_nll_by_hand():
     model = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():

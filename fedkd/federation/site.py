@@ -55,7 +55,8 @@ from fedkd.privacy.release import composed_release_epsilon, label_release
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import shield
 from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, local_prior, parse_candidates,
-                           pooled_choice, record_scores, under_prior, unsharpen, validation_nll)
+                           margin_choice, pooled_choice, record_example_scores, record_scores, under_prior, unsharpen,
+                           validation_nll, validation_nlls)
 
 
 class SiteRefusal(ValueError):
@@ -652,7 +653,7 @@ def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientDa
     candidates = [c for c in parse_candidates(t.blend_candidates) if not isinstance(c, str) or consensus is not None]
     temperature = consensus_temperature(config)
     start = copy.deepcopy(model.state_dict())
-    trained, round_scores, round_errors, losses = {}, {}, {}, {}
+    trained, round_scores, round_errors, round_nlls, losses = {}, {}, {}, {}, {}
     for lam in candidates:
         model.load_state_dict(start)
         target = None
@@ -663,13 +664,19 @@ def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientDa
             torch.manual_seed(seed)
             losses[lam] = fit(target)
         round_scores[lam] = validation_nll(model, data.val)
+        if t.target_margin > 0:
+            round_nlls[lam] = validation_nlls(model, data.val)
         if t.target_score == "error":
             round_errors[lam] = 1.0 - accuracy(model, data.val) if len(data.val) else float("nan")
         trained[lam] = copy.deepcopy(model.state_dict())
     scores.update(record_scores(scores, round_scores))
     if t.target_score == "error":
         scores.update(record_scores(scores, round_errors, prefix=ERROR))
-    chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
+    if t.target_margin > 0:
+        scores.update(record_example_scores(scores, round_nlls))
+        chosen = margin_choice(scores, candidates, margin=t.target_margin)
+    else:
+        chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
     model.load_state_dict(trained[chosen])
     codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0, MEAN: -3.0, LOCAL_MEAN: -4.0}  # metrics are numbers
     metrics["target-lambda"] = codes.get(chosen, chosen) if isinstance(chosen, str) else float(chosen)
