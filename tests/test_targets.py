@@ -70,6 +70,12 @@ def test_margin_choice_keeps_the_reference_unless_the_paired_bound_is_an_improve
     # a uniform gain has se = 0 and passes any margin; 1.0 is worse everywhere and never chosen
     steady = record_example_scores({}, {"consensus": reference, 0.0: reference - 0.05, 1.0: reference + 0.1})
     assert margin_choice(steady, candidates, margin=10.0) == 0.0
+    # the ranking stays the pooled NLL's: a steadier but smaller gain (1.0: -0.05, se 0) does
+    # not replace a best candidate that fails the margin; the reference stays
+    mixed = record_example_scores(scores, {})
+    mixed = record_example_scores({k: v for k, v in mixed.items() if k != "x:1"}, {1.0: reference - 0.05})
+    assert margin_choice(mixed, candidates, margin=1.0) == "consensus"
+    assert margin_choice(mixed, candidates, margin=0.0) == 0.0
 
 
 def test_margin_choice_pools_rounds_per_example_and_falls_back_without_a_reference():
@@ -84,6 +90,8 @@ def test_margin_choice_pools_rounds_per_example_and_falls_back_without_a_referen
     assert record_example_scores({}, {0.0: np.array([np.nan, 1.0])}) == {}
     pooled = record_scores({}, {0.0: 0.1, 1.0: 0.3})  # no per-example record: the pooled NLL decides
     assert margin_choice(pooled, (0.0, 1.0), margin=1.0) == 0.0
+    # pooling the mean NLLs leaves the per-example records whole
+    assert record_scores(scores, {0.0: 0.5})[EXAMPLES + "0"] == [2.0, 4.0, 4.0]
     assert reference_candidate((0.0, 1.0, "consensus-local", "consensus")) == "consensus"
     assert reference_candidate((0.0, 0.5, 1.0)) == 1.0
 
