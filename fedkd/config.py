@@ -319,11 +319,6 @@ class TrainConfig:
              "candidate's pooled validation NLL is lower by more than this many paired standard errors "
              "(fedkd/targets.py margin_choice; 0 = the lowest pooled NLL)",
     )
-    target_margin_scale: str = option(
-        "fixed", choices=("fixed", "label-mix"),
-        help="train.target-margin as set ('fixed') or times the site's label mix H(pi_i) / log C "
-             "('label-mix': no margin for a one-class site, the full margin for uniform labels)",
-    )
     blend_candidates: str = option(
         "0,1,consensus,consensus-local", check=_check_blend_candidates,
         help="what 'validated' tries: l = blend (1-l) K_i + l F_i (0 = no distillation, 1 = F_i), "

@@ -111,16 +111,6 @@ def local_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return (counts + 1.0) / (counts.sum() + num_classes)
 
 
-def label_mix(labels: np.ndarray, num_classes: int) -> float:
-    """H(pi_i) / log C in [0, 1]: the entropy of the site's label frequencies (unsmoothed)
-    relative to uniform labels; 0 for a one-class site (or no labels, or C = 1)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    if counts.sum() <= 0 or num_classes < 2:
-        return 0.0
-    p = counts[counts > 0] / counts.sum()
-    return max(0.0, float(-(p * np.log(p)).sum() / math.log(num_classes)))
-
-
 def under_prior(probs: np.ndarray, prior: np.ndarray) -> np.ndarray:
     """Rows p(c) pi(c) / sum_c' p(c') pi(c') [P, C] (a label-shift correction)."""
     shifted = np.asarray(probs, dtype=np.float64) * prior[None, :]

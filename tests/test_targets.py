@@ -108,17 +108,6 @@ def test_validated_site_with_a_margin_records_every_example():
     assert metrics["val-nll"] == pytest.approx(validation_nll(model, split.clients[2].val))
 
 
-def test_label_mix_by_hand():
-    """H(pi) / log C: one class 0, two equal classes of ten log 2 / log 10 = 0.30103, ten equal 1."""
-    from fedkd.targets import label_mix
-
-    assert label_mix(np.array([3, 3, 3]), 10) == 0.0
-    assert label_mix(np.array([0, 1]), 10) == pytest.approx(math.log(2) / math.log(10))
-    assert label_mix(np.arange(10), 10) == pytest.approx(1.0)
-    assert label_mix(np.array([0, 0, 0, 1]), 2) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2))
-    assert label_mix(np.array([], dtype=int), 10) == 0.0
-
-
 def test_target_margin_needs_the_nll_score():
     from fedkd.config import ConfigError
 

@@ -54,9 +54,9 @@ from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, trai
 from fedkd.privacy.release import composed_release_epsilon, label_release
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import shield
-from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, label_mix, local_prior,
-                           margin_choice, parse_candidates, pooled_choice, record_example_scores, record_scores,
-                           under_prior, unsharpen, validation_nll, validation_nlls)
+from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, local_prior, parse_candidates,
+                           margin_choice, pooled_choice, record_example_scores, record_scores, under_prior, unsharpen,
+                           validation_nll, validation_nlls)
 
 
 class SiteRefusal(ValueError):
@@ -674,10 +674,7 @@ def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientDa
         scores.update(record_scores(scores, round_errors, prefix=ERROR))
     if t.target_margin > 0:
         scores.update(record_example_scores(scores, round_nlls))
-        margin = t.target_margin
-        if t.target_margin_scale == "label-mix":
-            margin *= label_mix(data.train.y, own.shape[1])
-        chosen = margin_choice(scores, candidates, margin=margin)
+        chosen = margin_choice(scores, candidates, margin=t.target_margin)
     else:
         chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
     model.load_state_dict(trained[chosen])
