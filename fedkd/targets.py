@@ -17,7 +17,8 @@ copy of its model per candidate from the same start and seed, scores each on its
 validation split by the negative log-likelihood, and keeps the candidate whose score
 *pooled over the rounds so far* is lowest (validation splits are 4-54 examples here, so one
 round's score is noisy: pooling compares candidates on every round's paired runs). Ties go to
-the larger lambda. This is the validated mixing of APFL / FedALA / FedFomo, reduced to a
+the larger lambda (``train.target-margin`` > 0: the best candidate must also beat G by a
+paired test on the per-example NLLs, :func:`margin_choice`). This is the validated mixing of APFL / FedALA / FedFomo, reduced to a
 small grid and a paired, pooled score. Since ALMA averages the sites and each site can fall
 back to lambda = 0, a validated site should not lose to local training on average.
 
@@ -212,9 +213,8 @@ def margin_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[Ca
 
     i.e. a site leaves the federation's target only when the upper confidence bound of the
     best candidate's NLL change is an improvement (a one-sided paired z-test at ``margin``
-    standard errors; shrinking the choice towards r, as the issue's "shrink towards" asks,
-    rather than re-ranking by the bound, which would favour low-variance candidates over
-    good ones). At margin 0 it is the lowest pooled NLL with ties to r. Validation splits of
+    standard errors; it shrinks the choice towards r rather than re-ranking by the bound,
+    which would favour low-variance candidates over good ones). At margin 0 it is the lowest pooled NLL with ties to r. Validation splits of
     4-54 examples rank candidates a few test examples apart by chance (docs/benchmarks.md);
     the margin makes chance favour the federation's target, while at strong skew a local
     candidate's gain is large enough to pass. Falls back to :func:`pooled_choice` where the
