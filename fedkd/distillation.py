@@ -223,3 +223,45 @@ def accuracy(model: nn.Module, data: ArrayDataset) -> float:
     if len(data) == 0:
         return float("nan")
     return float((predict_logits(model, data.x).argmax(axis=1) == data.y).mean())
+
+
+def prior_weighted_accuracy(predictions: np.ndarray, labels: np.ndarray, *, prior: np.ndarray) -> float:
+    """Accuracy on a test set re-weighted to a label distribution ``prior`` [C]:
+
+        A_pi = sum_c pi(c) acc_c / sum_{c present} pi(c),   acc_c = mean_{x: y(x) = c} 1[pred(x) = c]
+
+    the expected accuracy on test inputs drawn with the labels in proportion ``prior``
+    (importance weighting under label shift, w(x) = pi(y) / p_test(y); Saerens et al. 2002,
+    Lipton et al. 2018). Classes absent from the test set drop out and the rest of ``prior``
+    is renormalised. With ``prior`` equal to the test set's own label frequencies this is the
+    plain accuracy. nan when no class with prior mass is present.
+
+    fedkd uses it as a higher-power companion of a site's local test accuracy in
+    simulations: the site's label mix, measured on the shared held-out test set, which has
+    far more examples than a site's 4-54-example local test split."""
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.ndim != 1 or np.any(~np.isfinite(prior)) or np.any(prior < 0):
+        raise ValueError(f"prior must be a 1-d array of finite non-negative weights; got {prior!r}")
+    if predictions.shape != labels.shape:
+        raise ValueError(f"predictions {predictions.shape} and labels {labels.shape} differ in shape")
+    total = weight = 0.0
+    for c in np.flatnonzero(prior > 0):
+        held = labels == c
+        if held.any():
+            total += prior[c] * float((predictions[held] == c).mean())
+            weight += prior[c]
+    return total / weight if weight > 0 else float("nan")
+
+
+def label_prior(labels: np.ndarray, *, num_classes: int) -> np.ndarray:
+    """Label frequencies [num_classes] of ``labels`` (zeros for none)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return counts / counts.sum() if counts.sum() > 0 else counts
+
+
+def prior_accuracy(model: nn.Module, data: ArrayDataset, *, prior: np.ndarray) -> float:
+    """:func:`prior_weighted_accuracy` of ``model`` on ``data`` (nan for an empty set)."""
+    if len(data) == 0:
+        return float("nan")
+    return prior_weighted_accuracy(predict_logits(model, data.x).argmax(axis=1), data.y, prior=prior)

@@ -70,6 +70,16 @@ def alma_summary(accuracy: Mapping[int, float], examples: Mapping[int, float]) -
     return {"alma": float(acc.mean()), "alma-weighted": weighted, "worst": float(acc.min())}
 
 
+def prior_alma(prior_accuracy: Mapping[int, float]) -> float:
+    """ALMA on the shared test set: the unweighted mean over sites of each site's accuracy
+    there re-weighted to its own label mix (``prior-accuracy``,
+    :func:`fedkd.distillation.prior_weighted_accuracy`), over the finite ones (nan if none).
+    It estimates the same quantity as ALMA (each site's accuracy on its own label
+    distribution) from the shared test set's examples instead of 4-54 local ones."""
+    values = [prior_accuracy[c] for c in sorted(prior_accuracy) if math.isfinite(prior_accuracy[c])]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer, np.floating)):
         return value.item()

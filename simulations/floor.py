@@ -42,6 +42,7 @@ from fedkd.federation.site import (
     SiteState,
     build_site_model,
     evaluate_site,
+    prior_test,
     site_evaluation,
     site_round,
 )
@@ -221,7 +222,7 @@ def _run_fedavg(config: Config, architecture: str) -> Path:
         entry: dict = {"round": r, "accepted": list(range(n)) if sample is None else sorted(sample),
                        "global-accuracy": accuracy(global_model, split.test)}
         if r % config.eval_every == 0 or r == config.num_server_rounds:
-            replies = [Reply(node=c, metrics={"partition-id": c, **evaluate_site(global_model, split.clients[c])})
+            replies = [Reply(node=c, metrics={"partition-id": c, **evaluate_site(global_model, split.clients[c], **prior_test(split, c))})
                        for c in range(n)]
             entry.update(record_evaluation(config=config, recorder=recorder, round_number=r, replies=replies))
         entry["seconds"] = time.monotonic() - round_start

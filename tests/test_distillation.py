@@ -15,7 +15,9 @@ from fedkd.distillation import (
     accuracy,
     distil,
     kd_loss,
+    label_prior,
     predict_logits,
+    prior_weighted_accuracy,
     soften,
     train_joint,
     train_supervised,
@@ -259,3 +261,29 @@ def test_training_without_dp_does_not_import_the_torch_compiler():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False"]
+
+
+# ------------------------------------------------------------ prior-weighted accuracy
+
+
+def test_prior_weighted_accuracy_known_answers():
+    labels = np.array([0, 0, 1, 1, 2])
+    predictions = np.array([0, 1, 1, 1, 0])  # per class: 1/2, 2/2, 0/1
+    assert prior_weighted_accuracy(predictions, labels, prior=np.array([0.5, 0.5, 0.0])) == pytest.approx(0.75)
+    assert prior_weighted_accuracy(predictions, labels, prior=np.array([0.2, 0.3, 0.5])) == pytest.approx(0.4)
+    # the test set's own label frequencies give the plain accuracy, 3 / 5
+    assert prior_weighted_accuracy(predictions, labels, prior=np.array([2, 2, 1]) / 5) == pytest.approx(0.6)
+    # a class the test set lacks drops out, the rest renormalised: class 0 alone, 1/2
+    assert prior_weighted_accuracy(predictions, labels, prior=np.array([0.5, 0.0, 0.0, 0.5])) == pytest.approx(0.5)
+    assert np.isnan(prior_weighted_accuracy(predictions, labels, prior=np.array([0.0, 0.0, 0.0, 1.0])))
+
+
+@pytest.mark.parametrize("prior", [np.array([0.5, -0.1, 0.6]), np.array([np.nan, 1.0, 0.0]), np.ones((2, 3))])
+def test_prior_weighted_accuracy_refuses_bad_priors(prior):
+    with pytest.raises(ValueError, match="prior must be"):
+        prior_weighted_accuracy(np.array([0, 1]), np.array([0, 1]), prior=prior)
+
+
+def test_label_prior_is_the_frequencies():
+    assert label_prior(np.array([2, 2, 0, 2]), num_classes=4).tolist() == [0.25, 0.0, 0.75, 0.0]
+    assert label_prior(np.array([], dtype=np.int64), num_classes=2).tolist() == [0.0, 0.0]

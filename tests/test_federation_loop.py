@@ -189,6 +189,40 @@ def test_duplicate_and_malformed_evaluations_are_left_out(parts, tmp_path):
     summary = run_federation(config=one_round, split=split, transport=transport,
                              recorder=RunRecorder(tmp_path / "run", one_round.to_toml()))
     assert summary["final"]["alma"] == 1.0 and summary["final"]["worst"] == 1.0  # only site 0's first reply
+    assert "alma-prior" not in summary["final"]  # no site reported a prior-accuracy
+
+
+def test_alma_prior_is_the_mean_of_every_sites_prior_accuracy(parts, tmp_path):
+    config, split = parts
+
+    def evaluations(round_number):  # noqa: ANN001, ANN202
+        return [Reply(node=100 + s, metrics={"partition-id": s, "accuracy": 0.5, "num-examples": 5.0,
+                                             "prior-accuracy": p})
+                for s, p in enumerate((0.2, 0.4, 0.9, float("nan")))]
+
+    one_round = load_config(overrides={**config.to_flat(), "num-server-rounds": 1})
+    transport = Scripted(lambda r, a: [_train(s) for s in range(4)], evaluations=evaluations)
+    recorder = RunRecorder(tmp_path / "run", one_round.to_toml())
+    summary = run_federation(config=one_round, split=split, transport=transport, recorder=recorder)
+    assert summary["final"]["alma-prior"] == pytest.approx(0.5)  # (0.2 + 0.4 + 0.9) / 3, the NaN left out
+    recorded = {e["client"]: e.get("prior-accuracy") for e in read_events(recorder.run_dir, "client-eval")}
+    assert recorded[0] == 0.2 and recorded[2] == 0.9
+
+
+def test_an_out_of_range_prior_accuracy_refuses_the_reply(parts, tmp_path):
+    config, split = parts
+
+    def evaluations(round_number):  # noqa: ANN001, ANN202
+        return [Reply(node=100, metrics={"partition-id": 0, "accuracy": 1.0, "num-examples": 5.0,
+                                         "prior-accuracy": 0.7}),
+                Reply(node=101, metrics={"partition-id": 1, "accuracy": 0.0, "num-examples": 5.0,
+                                         "prior-accuracy": 1.5})]
+
+    one_round = load_config(overrides={**config.to_flat(), "num-server-rounds": 1})
+    transport = Scripted(lambda r, a: [_train(s) for s in range(4)], evaluations=evaluations)
+    summary = run_federation(config=one_round, split=split, transport=transport,
+                             recorder=RunRecorder(tmp_path / "run", one_round.to_toml()))
+    assert summary["final"]["alma"] == 1.0 and summary["final"]["alma-prior"] == pytest.approx(0.7)
     assert summary["history"][0]["evaluated-sites"] == 1  # ALMA over 1 of the round's 4 sites, said so
 
 

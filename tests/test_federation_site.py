@@ -125,6 +125,18 @@ def test_evaluation_is_the_local_test_accuracy(parts):
     test = split.clients[2].test
     with torch.no_grad():
         predicted = state.model(torch.as_tensor(test.x, dtype=torch.float32)).argmax(1).numpy()
+    shared = split.test
+    with torch.no_grad():
+        on_shared = state.model(torch.as_tensor(shared.x, dtype=torch.float32)).argmax(1).numpy()
+    # prior-accuracy, worked out independently: importance weights w(x) = pi(y) / p_test(y)
+    # over the shared test set, pi the site's label frequencies over its three splits
+    data = split.clients[2]
+    labels = np.concatenate([data.train.y, data.val.y, data.test.y])
+    pi = np.array([(labels == c).mean() for c in range(split.num_classes)])
+    p_test = np.array([(shared.y == c).mean() for c in range(split.num_classes)])
+    w = pi[shared.y] / p_test[shared.y]
+    expected = float((w * (on_shared == shared.y)).sum() / w.sum())
+    assert scores.pop("prior-accuracy") == pytest.approx(expected, abs=1e-12)
     assert scores == {"partition-id": 2, "accuracy": float((predicted == test.y).mean()),
                       "num-examples": float(len(test))}
 

@@ -45,6 +45,7 @@ from fedkd.federation.server import (
     ServerState,
     accept_reply,
     evaluation_scores,
+    prior_score,
     privacy_row,
     release_positions,
     reply_client,
@@ -56,7 +57,7 @@ from fedkd.federation.server import (
 from fedkd.federation.site import SiteInbox
 from fedkd.identity import Identities, IdentityError
 from fedkd.wire import InvalidPayload
-from fedkd.reporting import RunRecorder, alma_summary
+from fedkd.reporting import RunRecorder, alma_summary, prior_alma
 from fedkd.seeds import round_sample
 
 logger = logging.getLogger("fedkd")
@@ -318,7 +319,9 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
                       replies: list[Reply], expected: int | None = None, identities: Identities | None = None,
                       state: ServerState | None = None, transport: Transport | None = None) -> dict[str, float]:
     """Each site's accuracy on its local test split (one ``client-eval`` record each) ->
-    ALMA, example-weighted mean, worst (:func:`fedkd.reporting.alma_summary`). A failed or
+    ALMA, example-weighted mean, worst (:func:`fedkd.reporting.alma_summary`), and, where
+    every evaluated site reported its ``prior-accuracy``, ``alma-prior``
+    (:func:`fedkd.reporting.prior_alma`). A failed or
     malformed reply, or a second reply for the same site, is left out with a log line.
     With ``identities`` a reply not signed by the claimed partition's key is refused (before
     the duplicate check: an impostor answering first does not shut the site out) and
@@ -327,6 +330,7 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
     scores say so (``evaluated-sites``) and a warning names both counts."""
     acc: dict[int, float] = {}
     examples: dict[int, float] = {}
+    prior: dict[int, float] = {}
     for reply in replies:
         if reply.error is not None:
             logger.warning("fedkd round %d: evaluation failed on node %d: %s", round_number, reply.node,
@@ -347,14 +351,20 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
             if client in acc:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
             accuracy, num_examples = evaluation_scores(reply.metrics)
+            prior_acc = prior_score(reply.metrics)
         except Exception as err:  # noqa: BLE001  a bad evaluation reply is skipped, not fatal
             logger.warning("fedkd round %d: evaluation reply from node %d ignored: %s",
                            round_number, reply.node, err)
             continue
         acc[client], examples[client] = accuracy, num_examples
+        extra = {} if prior_acc is None else {"prior-accuracy": prior_acc}
+        if prior_acc is not None:
+            prior[client] = prior_acc
         recorder.record("client-eval", round=round_number, client=client, accuracy=accuracy,
-                        **{"num-examples": num_examples})
+                        **{"num-examples": num_examples}, **extra)
     scores = alma_summary(acc, examples)
+    if acc and set(prior) == set(acc):  # every evaluated site measured on the shared test set
+        scores["alma-prior"] = prior_alma(prior)
     if expected is not None and len(acc) < expected:
         logger.warning("fedkd round %d: ALMA over %d of the round's %d sites (evaluations lost)",
                        round_number, len(acc), expected)

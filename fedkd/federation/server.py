@@ -43,7 +43,7 @@ from fedkd.privacy.release import release_ledger, with_combined
 from fedkd.privacy.selection import selection_ledger
 from fedkd.seeds import public_subset
 
-FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy")
+FINAL_METRICS = ("alma", "alma-weighted", "worst", "global-accuracy", "alma-prior")
 STATE_KEYS = frozenset({"fused-clients", "student", "bytes-up", "bytes-down", "dropouts", "history",
                         "privacy", "resumed-from"})
 
@@ -257,8 +257,10 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
 
 def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
     """``(accuracy, num-examples)`` of an evaluation reply, checked
-    (:func:`fedkd.wire.validate_metrics`; accuracy in [0, 1], NaN only over no examples)."""
-    checked = validate_metrics(metrics, allow_nan=frozenset({"accuracy", "student-accuracy", "teacher-accuracy"}))
+    (:func:`fedkd.wire.validate_metrics`; accuracy in [0, 1], NaN only over no examples;
+    ``prior-accuracy``, where present, in [0, 1] or NaN: :func:`prior_score`)."""
+    checked = validate_metrics(metrics, allow_nan=EVAL_NAN)
+    prior_score(checked)
     for key in ("accuracy", "num-examples"):
         if key not in checked:
             raise InvalidPayload(f"evaluation metrics need '{key}'")
@@ -267,6 +269,22 @@ def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
         raise InvalidPayload(f"accuracy must be in [0, 1] (NaN only over 0 examples); got {accuracy_} "
                              f"over {examples:g} examples")
     return accuracy_, examples
+
+
+EVAL_NAN = frozenset({"accuracy", "student-accuracy", "teacher-accuracy", "prior-accuracy"})
+"""Evaluation metrics that may be NaN (an empty test split, no class of the prior present)."""
+
+
+def prior_score(metrics: Mapping[str, Any] | None) -> float | None:
+    """An evaluation reply's ``prior-accuracy`` (the site's accuracy on the shared test set
+    re-weighted to its label mix), None where the reply has none; a value outside [0, 1]
+    (NaN allowed) is refused with :class:`InvalidPayload`."""
+    if not metrics or "prior-accuracy" not in metrics:
+        return None
+    value = validate_metrics({"prior-accuracy": metrics["prior-accuracy"]}, allow_nan=EVAL_NAN)["prior-accuracy"]
+    if not (np.isnan(value) or 0.0 <= value <= 1.0):
+        raise InvalidPayload(f"prior-accuracy must be in [0, 1] or NaN; got {value}")
+    return float(value)
 
 
 # ------------------------------------------------------------------ the round

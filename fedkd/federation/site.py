@@ -44,8 +44,9 @@ from torch import nn
 
 from fedkd.adversary import corrupt
 from fedkd.config import Config
-from fedkd.data import ClientData, FederatedSplit
-from fedkd.distillation import accuracy, distil, predict_logits, train_joint, train_supervised
+from fedkd.data import ArrayDataset, ClientData, FederatedSplit
+from fedkd.distillation import (accuracy, distil, label_prior, predict_logits, prior_accuracy, train_joint,
+                                train_supervised)
 from fedkd.dp_knowledge import distillable_rows, student_target
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
@@ -288,8 +289,20 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
 def site_evaluation(*, config: Config, split: FederatedSplit, client: int, state: SiteState) -> dict[str, float]:
     """The site's evaluation reply metrics: :func:`evaluate_site` and its ``partition-id``."""
     scores = evaluate_site(state.model, split.clients[client], teacher=state.teacher,
-                           release=config.teacher.release, student=state.student)
+                           release=config.teacher.release, student=state.student,
+                           **prior_test(split, client))
     return {"partition-id": client, **scores}
+
+
+def prior_test(split: FederatedSplit, client: int) -> dict[str, Any]:
+    """:func:`evaluate_site`'s ``reference`` (the federation's shared test set, where it has
+    one: simulations) and ``prior`` (the site's label frequencies over its train, validation
+    and test splits), for its ``prior-accuracy``; empty where there is no shared test set."""
+    if len(split.test) == 0:
+        return {}
+    data = split.clients[client]
+    labels = np.concatenate([np.asarray(part.y) for part in (data.train, data.val, data.test)])
+    return {"reference": split.test, "prior": label_prior(labels, num_classes=split.num_classes)}
 
 
 def _seeded(round_fn):  # noqa: ANN001, ANN202
@@ -712,20 +725,30 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
 
 def evaluate_site(
     model: nn.Module, data: ClientData, *, teacher: nn.Module | None = None, release: str = "student",
-    student: nn.Module | None = None,
+    student: nn.Module | None = None, reference: ArrayDataset | None = None, prior: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Accuracy on the site's own local test split; on a teacher site the released model's
     (``release``), with ``student-accuracy`` and ``teacher-accuracy`` beside it; on a site with
-    a DP ``student`` (``privacy.student``) the student's, with ``private-accuracy`` (its DP model) beside it."""
+    a DP ``student`` (``privacy.student``) the student's, with ``private-accuracy`` (its DP model) beside it.
+    With a ``reference`` test set and the site's label ``prior``, ``prior-accuracy`` is the
+    evaluated model's accuracy there re-weighted to the site's label mix
+    (:func:`fedkd.distillation.prior_weighted_accuracy`)."""
     if student is not None:
-        return {"accuracy": accuracy(student, data.test), "num-examples": float(len(data.test)),
-                "private-accuracy": accuracy(model, data.test)}
-    if teacher is None:
-        return {"accuracy": accuracy(model, data.test), "num-examples": float(len(data.test))}
-    student_acc, teacher_acc = accuracy(model, data.test), accuracy(teacher, data.test)
-    return {
-        "accuracy": teacher_acc if release == "teacher" else student_acc,
-        "num-examples": float(len(data.test)),
-        "student-accuracy": student_acc,
-        "teacher-accuracy": teacher_acc,
-    }
+        evaluated = student
+        scores = {"accuracy": accuracy(student, data.test), "num-examples": float(len(data.test)),
+                  "private-accuracy": accuracy(model, data.test)}
+    elif teacher is None:
+        evaluated = model
+        scores = {"accuracy": accuracy(model, data.test), "num-examples": float(len(data.test))}
+    else:
+        evaluated = teacher if release == "teacher" else model
+        student_acc, teacher_acc = accuracy(model, data.test), accuracy(teacher, data.test)
+        scores = {
+            "accuracy": teacher_acc if release == "teacher" else student_acc,
+            "num-examples": float(len(data.test)),
+            "student-accuracy": student_acc,
+            "teacher-accuracy": teacher_acc,
+        }
+    if reference is not None and prior is not None and len(reference) > 0:
+        scores["prior-accuracy"] = prior_accuracy(evaluated, reference, prior=prior)
+    return scores

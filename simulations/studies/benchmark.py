@@ -176,10 +176,12 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
                 if not summaries:
                     continue
                 alma = _mean_std([s["final"].get("alma") for s in summaries])
+                prior = _mean_std([s["final"].get("alma-prior") for s in summaries])
                 rows.append({
                     "dp": dp, "method": method, "label": method_label(method, args.out / names[0]), "alpha": alpha,
                     "seeds": len(summaries),
                     "alma": alma[0], "alma-std": alma[1],
+                    "alma-prior": prior[0], "alma-prior-std": prior[1],
                     "worst": _mean_std([s["final"].get("worst") for s in summaries])[0],
                     "global": _mean_std([s["final"].get("global-accuracy") for s in summaries])[0],
                     "max-epsilon": max((e["epsilon-spent"] for s in summaries
@@ -215,6 +217,20 @@ def accuracy_table(rows: list[dict], alphas: Iterable[float]) -> str:
                              f"{_cell(r['alma'], r['alma-std'], r['seeds'])} / {_cell(r['worst'])} / "
                              f"{_cell(r['global'])}")
             out.append(f"| {_label(subset, method)} | " + " | ".join(cells) + " |")
+        if any(math.isfinite(r.get("alma-prior", float("nan"))) for r in subset):
+            out.append("")
+            out.append("ALMA on the shared test set, each site's accuracy re-weighted to its own label mix "
+                       "(`alma-prior`; mean ± std over seeds):")
+            out.append("")
+            out.append("| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |")
+            out.append("|---|" + "---|" * len(alphas))
+            for method in dict.fromkeys(r["method"] for r in subset):
+                cells = []
+                for a in alphas:
+                    r = next((r for r in subset if r["method"] == method and r["alpha"] == a), None)
+                    cells.append("-" if r is None else
+                                 _cell(r.get("alma-prior", float("nan")), r.get("alma-prior-std"), r["seeds"]))
+                out.append(f"| {_label(subset, method)} | " + " | ".join(cells) + " |")
         seeds = sorted({r["seeds"] for r in subset})
         rounds = sorted({r["rounds"] for r in subset})
         out.append("")
