@@ -236,9 +236,12 @@ def prior_weighted_accuracy(predictions: np.ndarray, labels: np.ndarray, *, prio
     is renormalised. With ``prior`` equal to the test set's own label frequencies this is the
     plain accuracy. nan when no class with prior mass is present.
 
-    fedkd uses it as a higher-power companion of a site's local test accuracy in
-    simulations: the site's label mix, measured on the shared held-out test set, which has
-    far more examples than a site's 4-54-example local test split."""
+    fedkd uses it as a companion of a site's local test accuracy in simulations: the site's
+    label mix, measured on the shared held-out test set, which has far more examples than a
+    site's 4-54-example local test split. It corrects for label shift only: where a site's
+    inputs differ from the others' too (digits: each site holds contiguous blocks of the
+    dataset, i.e. its own writers), the shared test set also measures how the site's model
+    does on inputs from other sites, which its local test split does not."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     prior = np.asarray(prior, dtype=np.float64)
     if prior.ndim != 1 or np.any(~np.isfinite(prior)) or np.any(prior < 0):

@@ -74,8 +74,9 @@ def prior_alma(prior_accuracy: Mapping[int, float]) -> float:
     """ALMA on the shared test set: the unweighted mean over sites of each site's accuracy
     there re-weighted to its own label mix (``prior-accuracy``,
     :func:`fedkd.distillation.prior_weighted_accuracy`), over the finite ones (nan if none).
-    It estimates the same quantity as ALMA (each site's accuracy on its own label
-    distribution) from the shared test set's examples instead of 4-54 local ones."""
+    It matches ALMA's label mix on the shared test set's examples instead of 4-54 local
+    ones; it matches ALMA's inputs only where the sites' inputs are alike (it corrects label
+    shift, not feature shift: docs/benchmarks.md, "ALMA on the shared test set")."""
     values = [prior_accuracy[c] for c in sorted(prior_accuracy) if math.isfinite(prior_accuracy[c])]
     return float(np.mean(values)) if values else float("nan")
 

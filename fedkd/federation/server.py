@@ -255,6 +255,10 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
     return with_combined({**(row or {}), **extra})
 
 
+EVAL_NAN = frozenset({"accuracy", "student-accuracy", "teacher-accuracy", "prior-accuracy"})
+"""Evaluation metrics that may be NaN (an empty test split, no class of the prior present)."""
+
+
 def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
     """``(accuracy, num-examples)`` of an evaluation reply, checked
     (:func:`fedkd.wire.validate_metrics`; accuracy in [0, 1], NaN only over no examples;
@@ -269,10 +273,6 @@ def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
         raise InvalidPayload(f"accuracy must be in [0, 1] (NaN only over 0 examples); got {accuracy_} "
                              f"over {examples:g} examples")
     return accuracy_, examples
-
-
-EVAL_NAN = frozenset({"accuracy", "student-accuracy", "teacher-accuracy", "prior-accuracy"})
-"""Evaluation metrics that may be NaN (an empty test split, no class of the prior present)."""
 
 
 def prior_score(metrics: Mapping[str, Any] | None) -> float | None:
