@@ -34,6 +34,11 @@ def test_accuracy_grid_runs_resumes_and_reports_mean_and_std(tmp_path, capsys):
     table = (out / "table.md").read_text()
     assert "knfu (agreement, hellinger)" in table and "±" in table
     assert (out / "accuracy.png").is_file()
+    # the shared-test view: each run's alma-prior, their mean in the second table
+    priors = [read_summary(runs[s])["final"]["alma-prior"] for s in (0, 1)]
+    assert all(0.0 <= p <= 1.0 for p in priors)
+    assert rows["knfu"]["alma-prior"] == pytest.approx(np.mean(priors))
+    assert "(`alma-prior`" in table and f"{np.mean(priors):.3f} ± {np.std(priors, ddof=1):.3f}" in table
 
     # a second call runs nothing: finished grid points are skipped, not redone
     stamps = {key: (run / "summary.json").stat().st_mtime_ns for key, run in runs.items()}

@@ -198,7 +198,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 
 def accuracy_table(rows: list[dict], alphas: Iterable[float]) -> str:
-    """Markdown: one table per DP setting, methods as rows, alpha as column groups."""
+    """Markdown: one table per DP setting, methods as rows, alpha as column groups; a second
+    table of ``alma-prior`` where the runs report it."""
     alphas = list(alphas)
     out = []
     for dp in sorted({r["dp"] for r in rows}):
@@ -207,36 +208,33 @@ def accuracy_table(rows: list[dict], alphas: Iterable[float]) -> str:
         out.append(f"**{'with DP-SGD (max ε spent ' + format(eps, '.2f') + ')' if dp else 'without DP'}** "
                    "— each cell: ALMA mean ± std over seeds / worst site / global student")
         out.append("")
-        out.append("| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |")
-        out.append("|---|" + "---|" * len(alphas))
-        for method in dict.fromkeys(r["method"] for r in subset):
-            cells = []
-            for a in alphas:
-                r = next((r for r in subset if r["method"] == method and r["alpha"] == a), None)
-                cells.append("-" if r is None else
-                             f"{_cell(r['alma'], r['alma-std'], r['seeds'])} / {_cell(r['worst'])} / "
-                             f"{_cell(r['global'])}")
-            out.append(f"| {_label(subset, method)} | " + " | ".join(cells) + " |")
+        out += _method_table(subset, alphas, lambda r: f"{_cell(r['alma'], r['alma-std'], r['seeds'])} / "
+                                                       f"{_cell(r['worst'])} / {_cell(r['global'])}")
         if any(math.isfinite(r.get("alma-prior", float("nan"))) for r in subset):
             out.append("")
             out.append("ALMA on the shared test set, each site's accuracy re-weighted to its own label mix "
                        "(`alma-prior`; mean ± std over seeds):")
             out.append("")
-            out.append("| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |")
-            out.append("|---|" + "---|" * len(alphas))
-            for method in dict.fromkeys(r["method"] for r in subset):
-                cells = []
-                for a in alphas:
-                    r = next((r for r in subset if r["method"] == method and r["alpha"] == a), None)
-                    cells.append("-" if r is None else
-                                 _cell(r.get("alma-prior", float("nan")), r.get("alma-prior-std"), r["seeds"]))
-                out.append(f"| {_label(subset, method)} | " + " | ".join(cells) + " |")
+            out += _method_table(subset, alphas, lambda r: _cell(r.get("alma-prior", float("nan")),
+                                                                 r.get("alma-prior-std"), r["seeds"]))
         seeds = sorted({r["seeds"] for r in subset})
         rounds = sorted({r["rounds"] for r in subset})
         out.append("")
         out.append(f"Seeds per cell: {', '.join(map(str, seeds))}; rounds: {', '.join(map(str, rounds))}.")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _method_table(subset: list[dict], alphas: list[float], cell: Callable[[dict], str]) -> list[str]:
+    """Markdown lines: methods as rows, one ``cell(row)`` per alpha ("-" where none ran)."""
+    lines = ["| method | " + " | ".join(f"α = {a:g}" for a in alphas) + " |", "|---|" + "---|" * len(alphas)]
+    for method in dict.fromkeys(r["method"] for r in subset):
+        cells = []
+        for a in alphas:
+            r = next((r for r in subset if r["method"] == method and r["alpha"] == a), None)
+            cells.append("-" if r is None else cell(r))
+        lines.append(f"| {_label(subset, method)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _label(rows: list[dict], method: str) -> str:

@@ -50,7 +50,7 @@ def test_three_sites_two_rounds_write_a_complete_run_directory(tmp_path):
     assert summary["rounds-completed"] == 2
     assert summary["method"] == "expert"  # the default method
     final = summary["final"]
-    for key in ("alma", "alma-weighted", "worst", "global-accuracy"):
+    for key in ("alma", "alma-weighted", "worst", "global-accuracy", "alma-prior"):  # alma-prior: through Flower too
         assert 0.0 <= final[key] <= 1.0
     assert final["worst"] <= final["alma"]
     # knowledge is 540 x 10 float16 = 10,800 bytes up; down, round 2 sends F_i and the
