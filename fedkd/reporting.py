@@ -331,6 +331,7 @@ def _compare_rows(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
             "alma": final.get("alma"),
             "worst": final.get("worst"),
             "global-accuracy": final.get("global-accuracy"),
+            "alma-prior": final.get("alma-prior"),  # json only: the text table keeps its columns
             # a label-rr run without DP-SGD has ledger rows with no epsilon-spent
             "max-epsilon": max((e["epsilon-spent"] for e in ledger.values() if "epsilon-spent" in e), default=None),
             "bytes-per-client-round": s["bytes"]["total-per-client-round"],

@@ -126,6 +126,7 @@ def test_python_api_inprocess_run_and_compare(small_run_config):
     assert result.metrics["alma"] == result.history[-1]["alma"]
     rows = json.loads(fedkd.compare(result.run_dir.parent, format="json"))
     assert [(r["run"], r["status"], r["sites-responding"]) for r in rows] == [("api", "completed", 3)]
+    assert rows[0]["alma-prior"] == result.metrics["alma-prior"]
     assert fedkd.compare([result.run_dir], format="csv").splitlines()[0].startswith("run,method,rounds,ALMA")
     with pytest.raises(ConfigError, match="runner: must be one of flower, inprocess; got 'ray'"):
         fedkd.simulate(small_run_config("x"), runner="ray")
