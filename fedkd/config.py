@@ -219,6 +219,15 @@ class DataConfig:
     test_fraction: float = option(
         0.15, low=0, high=0.5, low_open=True, help="share of all data held out as global test set"
     )
+    public_copies: int = option(
+        0, low=0, high=100,
+        help="jittered copies of each public example added to the transfer set (fedkd/data/splits.py "
+        "augment_public): more points for knowledge to travel on, no privacy cost; knowledge, "
+        "distillation and wire bytes grow by the same factor (float features only)",
+    )
+    public_jitter: float = option(
+        0.5, low=0, help="std of the copies' Gaussian jitter, in each feature's std over the public set",
+    )
     val_fraction: float = option(0.1, low=0, high=0.5, help="share of a client's data for validation")
     local_test_fraction: float = option(
         0.2, low=0, high=0.5, low_open=True, help="share of a client's data for its local test"
@@ -1032,6 +1041,10 @@ def _data_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[
         problems.append(
             f"data.standardize: text data (data.dataset '{dataset}') is token ids; must be 'none'; "
             f"got {get('data.standardize')!r}")
+    if valid("data.public-copies") and get("data.public-copies") > 0 and is_text_dataset(dataset):
+        problems.append(
+            f"data.public-copies: text data (data.dataset '{dataset}') is token ids, which cannot be jittered; "
+            f"must be 0; got {get('data.public-copies')}")
     if dataset == "synthetic":
         problems.extend(_synthetic_checks(get, valid))
     return problems

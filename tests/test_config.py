@@ -202,6 +202,15 @@ def test_cross_check_fractions():
     assert "data.val-fraction + data.local-test-fraction" in err.value.problems[1]
 
 
+def test_jittered_public_copies_are_refused_for_token_ids():
+    with pytest.raises(ConfigError) as err:
+        build_config({"data.dataset": "topics", "data.public-copies": 2, "model.architectures": "bert-tiny",
+                      "global-student.model": "bert-tiny"})
+    assert err.value.problems == ["data.public-copies: text data (data.dataset 'topics') is token ids, "
+                                  "which cannot be jittered; must be 0; got 2"]
+    assert build_config({"data.public-copies": 2}).data.public_copies == 2
+
+
 # ----------------------------------------------------------------- files
 
 

@@ -3,12 +3,14 @@ public set's fingerprint."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
 import pytest
 
-from fedkd.data import load_source, partition_indices, public_fingerprint, split_federation
+from fedkd.data import augment_public, load_source, partition_indices, public_fingerprint, split_federation
+from fedkd.data.splits import TRANSFER_COPY_ID
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,46 @@ def test_public_fingerprint_covers_the_inputs(split):
     assert public_fingerprint(ids, x.astype(np.float64)) == split.public_fingerprint  # as loaded anywhere
     for bad in (np.zeros_like(x), np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x)):
         assert public_fingerprint(ids, bad) != split.public_fingerprint  # same ids, other inputs
+
+
+# ----------------------------------------------------------------- the transfer set (augment_public)
+
+
+def test_jittered_copies_follow_the_public_set_with_the_stated_noise(split):
+    public = split.public
+    n = len(public)
+    out = augment_public(public, copies=3, jitter=0.5, seed=7)
+    assert len(out) == 4 * n and out.x.dtype == np.float32
+    np.testing.assert_array_equal(out.x[:n], public.x.astype(np.float32))  # the public set first, as it was
+    np.testing.assert_array_equal(out.ids[:n], public.ids)
+    np.testing.assert_array_equal(out.y, np.tile(public.y, 4))  # copy m of example j keeps j's label
+    assert list(out.ids[n:n + 2]) == [TRANSFER_COPY_ID, TRANSFER_COPY_ID - 1] and len(np.unique(out.ids)) == 4 * n
+    # the jitter, by hand: per copy and feature, (copy - source) / (0.5 * public std) is N(0, 1)
+    flat = public.x.reshape(n, -1).astype(np.float64)
+    std = flat.std(axis=0)
+    noise = out.x[n:].reshape(3, n, -1).astype(np.float64) - flat[None]
+    moving = std > 0.05
+    np.testing.assert_array_equal(noise[:, :, std == 0], 0.0)  # constant pixels stay as they are
+    z = noise[:, :, moving] / (0.5 * std[moving])
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1.0) < 0.02  # ~30k draws: 5 standard errors
+    assert abs(np.corrcoef(z[0].ravel(), z[1].ravel())[0, 1]) < 0.03  # the copies are independent
+
+
+def test_jittered_copies_are_seeded_and_zero_copies_is_the_public_set(split):
+    a = augment_public(split.public, copies=2, jitter=0.3, seed=1)
+    b = augment_public(split.public, copies=2, jitter=0.3, seed=1)
+    c = augment_public(split.public, copies=2, jitter=0.3, seed=2)
+    np.testing.assert_array_equal(a.x, b.x)
+    assert not np.array_equal(a.x, c.x)
+    assert public_fingerprint(a.ids, a.x) != public_fingerprint(c.ids, c.x)  # sites would refuse the other draw
+    assert augment_public(split.public, copies=0, jitter=0.5, seed=1) is split.public
+    float64 = dataclasses.replace(split.public, x=split.public.x.astype(np.float64))
+    np.testing.assert_array_equal(augment_public(float64, copies=2, jitter=0.3, seed=1).x, a.x)  # as read from a file
+
+
+def test_jittered_copies_refuse_token_ids_and_bad_knobs(split):
+    tokens = dataclasses.replace(split.public, x=np.zeros((len(split.public), 8), np.int64))
+    with pytest.raises(ValueError, match="data.public-copies: jittered copies need float features"):
+        augment_public(tokens, copies=1, jitter=0.5, seed=0)
+    with pytest.raises(ValueError, match="data.public-copies must be >= 0"):
+        augment_public(split.public, copies=-1, jitter=0.5, seed=0)

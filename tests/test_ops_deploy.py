@@ -184,6 +184,23 @@ def test_exported_files_reproduce_the_split_exactly(exported):
         assert (view.num_classes, view.input_shape) == (split.num_classes, split.input_shape)
 
 
+def test_a_site_reading_the_files_draws_the_simulations_jittered_copies(tmp_path):
+    """data.public-copies: export writes the public set without the copies; a site reading
+    public.npz draws the same copies as the simulation's split (same fingerprint), before
+    the same standardisation."""
+    config = load_config(overrides={"data.num-clients": 3, "data.public-copies": 2, "data.standardize": "public"})
+    export_partitions(config, tmp_path)
+    split = load_federation(config.data, config.seed)
+    plain = load_federation(dataclasses.replace(config.data, public_copies=0), config.seed)
+    with np.load(tmp_path / "public.npz") as f:
+        assert len(f["ids"]) == len(plain.public) == len(split.public) // 3
+    node = {"partition-id": 1, "public-path": str(tmp_path / "public.npz"), "data-path": str(tmp_path / "site-1.npz")}
+    view = load_site_split(config, site_settings(node, num_clients=3))
+    assert view.public_fingerprint == split.public_fingerprint
+    np.testing.assert_allclose(view.public.x, split.public.x, atol=1e-5)
+    np.testing.assert_allclose(view.clients[1].train.x, split.clients[1].train.x, atol=1e-5)
+
+
 def test_exported_files_are_unscaled_and_a_site_scales_them_as_the_simulation(tmp_path):
     """data.standardize: export writes the data as read; a site reading the files with
     "public" gets exactly the simulation's scaled data (the statistics of the shared

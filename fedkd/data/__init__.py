@@ -30,6 +30,7 @@ from fedkd.data.sources import (
     load_source,
     split_cache_path,
     synthetic_source,
+    transfer_set,
 )
 from fedkd.data.splits import (
     SPLIT_PARTS,
@@ -38,6 +39,7 @@ from fedkd.data.splits import (
     DataUnavailableError,
     FederatedSplit,
     SiteDataError,
+    augment_public,
     partition_indices,
     public_fingerprint,
     split_federation,
@@ -52,6 +54,7 @@ __all__ = [
     "FederatedSplit",
     "SiteDataError",
     "SyntheticSpec",
+    "augment_public",
     "load_federation",
     "load_public_file",
     "load_site_file",
@@ -63,5 +66,6 @@ __all__ = [
     "site_view",
     "split_cache_path",
     "split_federation",
+    "transfer_set",
     "synthetic_source",
 ]

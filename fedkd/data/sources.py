@@ -33,6 +33,7 @@ from fedkd.data.splits import (
     ClientData,
     DataUnavailableError,
     FederatedSplit,
+    augment_public,
     split_federation,
 )
 from fedkd.data.own import dataset_arrays, encode_labels, read_own_data, scale_features, standardize_split
@@ -302,11 +303,20 @@ def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (
         )
         if cache is not None:
             _write_split(cache, split)
+    split = dataclasses.replace(split, public=transfer_set(split.public, data_config, seed))  # after the cache
     if data_config.standardize != "none":  # after the cache: the cache keeps the split as read
         split = standardize_split(split, fit_on=data_config.standardize)
     if is_text_dataset(data_config.dataset):
         split = dataclasses.replace(split, text=vocab_info(data_config.tokenizer))
     return split
+
+
+def transfer_set(public: ArrayDataset, data_config, seed: int) -> ArrayDataset:  # noqa: ANN001 (DataConfig)
+    """The public set the federation distils on: ``public`` and ``data.public-copies``
+    jittered copies of it (:func:`fedkd.data.splits.augment_public`, ``data.public-jitter``,
+    the run's ``seed``). Applied to the raw public inputs, before standardisation, by every
+    process (the simulation's split, a site reading the public file), so all agree."""
+    return augment_public(public, copies=data_config.public_copies, jitter=data_config.public_jitter, seed=seed)
 
 
 # ------------------------------------------------------------------ split cache

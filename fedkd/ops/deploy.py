@@ -581,7 +581,7 @@ def export_partitions(config, out_dir: str | Path, *, overwrite: bool = False) -
     targets = [out / PUBLIC_FILE] + [out / site_file_name(i) for i in range(config.data.num_clients)]
     _refuse_overwrite(targets, overwrite)
     # as read, unscaled: each site applies data.standardize to what it holds (fedkd.ops.node)
-    split = load_federation(dataclasses.replace(config.data, standardize="none"), config.seed)
+    split = load_federation(dataclasses.replace(config.data, standardize="none", public_copies=0), config.seed)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for target in targets:

@@ -152,7 +152,7 @@ def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
     training part (the pooled private data of a simulation is on no single host). Whichever way, the train handler compares the public set's
     fingerprint with the server's and refuses to take part when they differ.
     """
-    from fedkd.data import load_federation, load_public_file, load_site_file, site_view
+    from fedkd.data import load_federation, load_public_file, load_site_file, site_view, transfer_set
     from fedkd.data.own import standardize_split
 
     client = settings.partition_id
@@ -167,8 +167,9 @@ def _load_site_split(config: Config, settings: SiteSettings) -> FederatedSplit:
             path=settings.dataset_path or (config.data.path if not settings.dataset else ""),
         )
         split = load_federation(data_config, config.seed)
-    if settings.public_path:
+    if settings.public_path:  # the file holds the public set as exported, without the jittered copies
         public, num_classes = load_public_file(settings.public_path)
+        public = transfer_set(public, config.data, config.seed)
     else:
         public, num_classes = split.public, split.num_classes
     if settings.data_path:
