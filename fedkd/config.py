@@ -368,6 +368,12 @@ class ShieldConfig:
         0.0, low=0, high=0.99,
         help="label-rr: released row = (1 - s) one-hot + s/K (post-processing, free)",
     )
+    release_rows: str = option(
+        "all", choices=("all", "pii"),
+        help="label-rr: the rows it randomizes: 'all', or 'pii' (text data: only rows whose public "
+        "input has a PII-like match, e.g. numbers, names; the others are released as shielded "
+        "probabilities with no guarantee)",
+    )
 
 
 @dataclass(frozen=True)
@@ -984,6 +990,11 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
             f"needs shield.release = 'label-rr'; got shield.release = {get('shield.release')!r} "
             "(set fusion.release-debias = 'off' or turn the release on)"
         )
+    if valid("shield.release-rows", "shield.release") and get("shield.release-rows") != "all" \
+            and get("shield.release") != "label-rr":
+        problems.append(
+            f"shield.release-rows: {get('shield.release-rows')!r} chooses the rows label-rr randomizes and "
+            f"needs shield.release = 'label-rr'; got shield.release = {get('shield.release')!r}")
     if valid("privacy.student", "fusion.consensus", "fusion.method") and get("privacy.student") == "consensus" \
             and not (get("fusion.consensus") == "on" or (get("fusion.consensus") == "auto" and get("fusion.method") == "expert")):
         problems.append(
@@ -1041,6 +1052,10 @@ def _data_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[
         problems.append(
             f"data.standardize: text data (data.dataset '{dataset}') is token ids; must be 'none'; "
             f"got {get('data.standardize')!r}")
+    if valid("shield.release-rows") and get("shield.release-rows") == "pii" and not is_text_dataset(dataset):
+        problems.append(
+            f"shield.release-rows: 'pii' reads the public inputs as text and needs a text dataset; "
+            f"got data.dataset '{dataset}' (use 'all')")
     if valid("data.public-copies") and get("data.public-copies") > 0 and is_text_dataset(dataset):
         problems.append(
             f"data.public-copies: text data (data.dataset '{dataset}') is token ids, which cannot be jittered; "

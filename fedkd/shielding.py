@@ -80,6 +80,14 @@ def pii_hits(text: str) -> int:
     return sum(len(pattern.findall(text)) for pattern in PII_PATTERNS.values())
 
 
+def pii_rows(texts: Sequence[str]) -> np.ndarray:
+    """``[P]`` bool: the inputs with at least one PII-like match (:func:`pii_hits` > 0, lower-cased).
+
+    A function of the public inputs alone, so choosing rows by it reveals nothing about a
+    site's private data (``shield.release-rows = "pii"``, :mod:`fedkd.privacy.release`)."""
+    return np.array([pii_hits(t.lower()) > 0 for t in texts], dtype=bool)
+
+
 @SENSITIVITY_SCORERS.register("pii")
 def pii_sensitivity(
     probs: np.ndarray, reference: np.ndarray | None, texts: Sequence[str] | None = None

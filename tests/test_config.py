@@ -211,6 +211,21 @@ def test_jittered_public_copies_are_refused_for_token_ids():
     assert build_config({"data.public-copies": 2}).data.public_copies == 2
 
 
+def test_release_rows_need_label_rr_and_pii_rows_need_text():
+    with pytest.raises(ConfigError) as err:
+        build_config({"shield.release-rows": "pii"})
+    assert err.value.problems == [
+        "shield.release-rows: 'pii' chooses the rows label-rr randomizes and needs shield.release = 'label-rr'; "
+        "got shield.release = 'none'",
+        "shield.release-rows: 'pii' reads the public inputs as text and needs a text dataset; "
+        "got data.dataset 'digits' (use 'all')"]
+    text = {"data.dataset": "topics", "model.architectures": "bert-tiny", "global-student.model": "bert-tiny",
+            "shield.release": "label-rr", "shield.release-rows": "pii"}
+    assert build_config(text).shield.release_rows == "pii"
+    with pytest.raises(ConfigError, match="shield.release-rows: must be one of all, pii"):
+        build_config({**text, "shield.release-rows": "names"})
+
+
 # ----------------------------------------------------------------- files
 
 

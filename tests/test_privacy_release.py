@@ -135,3 +135,67 @@ def test_release_draws_from_the_site_noise_source():
     c, _ = label_release(probs, epsilon=1.0, rng=np.random.default_rng(6))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+# ---------------------------------------------------------------- targeted rows (release-rows)
+
+
+def test_label_release_randomizes_only_the_chosen_rows():
+    """Unchosen rows come back unchanged; chosen rows are one-hots whose labels follow the
+    k-ary RR distribution (chi-square against the hand-computed e^eps/(e^eps+K-1))."""
+    k, eps, p = 4, math.log(3), 6000  # keep = 3 / (3 + 3) = 1/2, each other class 1/6
+    probs = np.tile([0.1, 0.6, 0.2, 0.1], (p, 1))
+    chosen = np.arange(p) % 3 == 0
+    out, flipped = label_release(probs, epsilon=eps, rng=np.random.default_rng(0), rows=chosen)
+    np.testing.assert_array_equal(out[~chosen], probs[~chosen])
+    onehots = out[chosen]
+    assert set(np.unique(onehots)) == {0.0, 1.0}
+    counts = np.bincount(onehots.argmax(axis=1), minlength=k)
+    n = int(chosen.sum())
+    expected = n * np.array([1 / 6, 1 / 2, 1 / 6, 1 / 6])
+    assert chisquare(counts, expected).pvalue > 1e-3
+    # the flipped share counts chosen rows only, over all rows
+    assert flipped == pytest.approx(np.mean(onehots.argmax(axis=1) != 1) * n / p)
+
+
+def test_label_release_rows_do_not_change_the_draws_of_the_chosen_rows():
+    """Choosing fewer rows leaves the released labels of the rows still chosen as they were."""
+    probs = np.random.default_rng(1).dirichlet(np.ones(6), size=200)
+    every, _ = label_release(probs, epsilon=1.0, rng=np.random.default_rng(3))
+    some = np.random.default_rng(2).random(200) < 0.4
+    part, _ = label_release(probs, epsilon=1.0, rng=np.random.default_rng(3), rows=some)
+    np.testing.assert_array_equal(part[some], every[some])
+
+
+def test_label_release_refuses_a_mask_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"rows must be a \[P\] = \[5\] boolean mask"):
+        label_release(np.full((5, 3), 1 / 3), epsilon=1.0, rng=np.random.default_rng(0), rows=np.ones(4, bool))
+
+
+def test_release_ledger_names_the_rows_it_covers():
+    assert release_ledger(previous=None, epsilon_per_round=1.0)["release-rows"] == "all"
+    row = release_ledger(previous=None, epsilon_per_round=1.0, rows="pii")
+    assert row["release-rows"] == "pii" and row["release-epsilon"] == 1.0
+    with pytest.raises(ValueError, match="shield.release-rows must be one of all, pii; got 'some'"):
+        release_ledger(previous=None, epsilon_per_round=1.0, rows="some")
+
+
+def test_site_release_with_pii_rows_randomizes_exactly_the_pii_inputs():
+    """The site's release step on text: rows whose detokenized public input has a PII-like
+    match are one-hots, the others the shielded probabilities (softmax of the logits)."""
+    from fedkd.config import load_config
+    from fedkd.data.text import tokenize
+    from fedkd.federation.site import release_knowledge
+    from fedkd.fusion import softmax
+
+    config = load_config(overrides={"data.dataset": "topics", "model.architectures": "bert-tiny",
+                                    "global-student.model": "bert-tiny", "shield.release": "label-rr",
+                                    "shield.release-rows": "pii", "shield.release-epsilon": 1.0})
+    texts = ["my pin is 4 8 1 5", "the printer is broken", "hi, this is dana from billing", "where is my parcel"]
+    ids = tokenize(texts, tokenizer=config.data.tokenizer, max_length=config.data.max_length)
+    logits = np.random.default_rng(0).normal(size=(4, 6))
+    out, stats = release_knowledge(config, logits, rng=np.random.default_rng(1), public_x=ids)
+    np.testing.assert_allclose(out[[1, 3]], softmax(logits[[1, 3]]), atol=1e-12)
+    for row in out[[0, 2]]:
+        assert sorted(row) == [0.0] * 5 + [1.0]
+    assert 0.0 <= stats.release_flipped <= 0.5

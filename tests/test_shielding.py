@@ -15,6 +15,7 @@ from fedkd.shielding import (
     confidence_sensitivity,
     divergence_sensitivity,
     pii_hits,
+    pii_rows,
     pii_sensitivity,
     shield,
     top_k_release,
@@ -249,6 +250,11 @@ def test_pii_sensitivity_is_one_minus_half_per_hit_and_raises_temperature():
     # the clean row keeps T0; rows with personal data are flatter
     np.testing.assert_allclose(released[0], softmax(z[:1])[0], rtol=1e-12)
     assert _effective_temperature(z[2], released[2]) == pytest.approx(2.5)
+
+
+def test_pii_rows_flag_the_inputs_with_a_match_case_blind():
+    texts = ["the router is down", "My PIN is 4 8 1 5", "Hi, this is Dana", "ref 7", ""]
+    np.testing.assert_array_equal(pii_rows(texts), [False, True, True, False, False])
 
 
 def test_pii_scorer_needs_texts():

@@ -87,7 +87,7 @@ def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], ep
 
 def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config:
     """``base`` with the setting's shielding and DP, auditing on, named ``sweep/setting``."""
-    release = {"release": "none"} if setting.release_epsilon is None else {
+    release = {"release": "none", "release_rows": "all"} if setting.release_epsilon is None else {
         "release": "label-rr", "release_epsilon": setting.release_epsilon}
     shield = dataclasses.replace(base.shield, temperature=setting.temperature, noise_std=setting.noise_std,
                                  **release)

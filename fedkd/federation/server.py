@@ -248,7 +248,7 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
     extra: dict[str, Any] = {}
     if releasing:
         extra.update(release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon,
-                                    site_claim=_claim(metrics, "release-epsilon")))
+                                    site_claim=_claim(metrics, "release-epsilon"), rows=config.shield.release_rows))
     if selecting:  # DP model selection (fedkd/privacy/selection.py): its whole budget, from round 1 on
         extra.update(selection_ledger(previous=previous, selection_epsilon=config.privacy.selection_epsilon,
                                       site_claim=_claim(metrics, "selection-epsilon")))

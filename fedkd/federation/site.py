@@ -54,7 +54,7 @@ from fedkd.fusion import entropy
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.privacy.release import composed_release_epsilon, label_release
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
-from fedkd.shielding import shield
+from fedkd.shielding import pii_rows, shield
 from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, local_prior, parse_candidates,
                            margin_choice, pooled_choice, record_example_scores, record_scores, under_prior, unsharpen,
                            validation_nll, validation_nlls)
@@ -706,19 +706,26 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
     shielded rows then go through k-ary randomized response on their top-1 label
     (:func:`fedkd.privacy.release.label_release`, ``shield.release-epsilon`` per row, drawn
     from the same ``rng``, i.e. the site's noise source) and the released rows are one-hot
-    (smoothed by ``shield.release-smoothing``). The wire format's rounding comes after
+    (smoothed by ``shield.release-smoothing``); with ``shield.release-rows = "pii"`` only the
+    rows whose public text has a PII-like match (:func:`fedkd.shielding.pii_rows`). The wire format's rounding comes after
     (:func:`fedkd.wire.site_record`)."""
     s = config.shield
     texts = None
-    if s.scorer == "pii" and public_x is not None:  # the scorer reads the public inputs as text
+    wants_text = s.scorer == "pii" or (s.release == "label-rr" and s.release_rows == "pii")
+    if wants_text and public_x is not None:  # the pii scorer and the pii rows read the public inputs as text
         from fedkd.data.text import detokenize
 
         texts = detokenize(public_x, tokenizer=config.data.tokenizer)
     knowledge, stats = shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,
                               scorer=s.scorer, reference=reference, top_k=s.top_k, rng=rng, texts=texts)
     if s.release == "label-rr":
+        rows = None
+        if s.release_rows == "pii":
+            if texts is None:
+                raise ValueError("shield.release-rows = 'pii' needs the public inputs (text) to choose its rows")
+            rows = pii_rows(texts)
         knowledge, flipped = label_release(knowledge, epsilon=s.release_epsilon, rng=rng,
-                                           smoothing=s.release_smoothing)
+                                           smoothing=s.release_smoothing, rows=rows)
         stats = dataclasses.replace(stats, mean_entropy=float(entropy(knowledge).mean()), release_flipped=flipped)
     return knowledge, stats
 

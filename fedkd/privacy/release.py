@@ -54,6 +54,18 @@ RELEASES = ("none", "label-rr")
 """Values of ``shield.release``: ``none`` (release the shielded probabilities) or
 ``label-rr`` (k-ary randomized response on each row's top-1 label)."""
 
+RELEASE_ROWS = ("all", "pii")
+"""Values of ``shield.release-rows``, the rows label-rr randomizes: ``all`` (every released
+row) or ``pii`` (only rows whose public input has a PII-like match,
+:func:`fedkd.shielding.pii_rows`, text data; the others are released as shielded
+probabilities, with no guarantee). Targeted release. The choice of rows is a function of
+the public inputs alone, so it reveals nothing about the site's data, and each chosen row
+keeps the full eps-DP guarantee below; rows not chosen have none. It protects secrets that
+look like personal data (numbers, digit runs, e-mail addresses, names after "this is" or
+"my name is": the Secret Sharer's canaries are of this kind), the Swing Distillation idea
+(Li et al. 2023: protect the examples that carry private information) with a guarantee
+in place of a temperature; a secret the patterns miss is released as without label-rr."""
+
 
 def _check(*, epsilon: float, num_classes: int) -> None:
     if not (isinstance(epsilon, (int, float, np.integer, np.floating)) and math.isfinite(epsilon) and epsilon > 0):
@@ -91,21 +103,28 @@ def randomized_response(labels: np.ndarray, *, epsilon: float, num_classes: int,
 
 
 def label_release(probs: np.ndarray, *, epsilon: float, rng: np.random.Generator,
-                  smoothing: float = 0.0) -> tuple[np.ndarray, float]:
+                  smoothing: float = 0.0, rows: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Released rows [P, K] from probability rows [P, K]: (1 - s) onehot(RR(argmax_c p_c)) + s / K,
     and the fraction of rows whose released label differs from the top-1. Ties in the
-    argmax go to the lowest class index."""
+    argmax go to the lowest class index. ``rows`` ([P] bool, default all): only these rows
+    are randomized; the others are returned as they came (``shield.release-rows``), and the
+    randomness drawn does not depend on which rows they are (the same draws for every P)."""
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [P, K]; got {probs.shape}")
     if not (0.0 <= smoothing < 1.0):
         raise ValueError(f"shield.release-smoothing must be in [0, 1); got {smoothing!r}")
+    chosen = np.ones(len(probs), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    if chosen.shape != (len(probs),):
+        raise ValueError(f"rows must be a [P] = [{len(probs)}] boolean mask; got shape {chosen.shape}")
     num_classes = probs.shape[1]
     top = probs.argmax(axis=1)
     released = randomized_response(top, epsilon=epsilon, num_classes=num_classes, rng=rng)
-    rows = np.full(probs.shape, smoothing / num_classes)
-    rows[np.arange(len(rows)), released] += 1.0 - smoothing
-    return rows, float(np.mean(released != top)) if len(top) else 0.0
+    onehots = np.full(probs.shape, smoothing / num_classes)
+    onehots[np.arange(len(onehots)), released] += 1.0 - smoothing
+    out = np.where(chosen[:, None], onehots, probs)
+    flipped = chosen & (released != top)
+    return out, float(np.mean(flipped)) if len(top) else 0.0
 
 
 def mechanism_epsilon(*, epsilon: float, num_classes: int) -> float:
@@ -132,17 +151,21 @@ def combined_epsilon(*, dp_epsilon: float, dp_delta: float, release_epsilon: flo
     return float(dp_epsilon) + float(release_epsilon), float(dp_delta)
 
 
-def release_ledger(*, previous: dict | None, epsilon_per_round: float, site_claim: float | None = None) -> dict:
+def release_ledger(*, previous: dict | None, epsilon_per_round: float, site_claim: float | None = None,
+                   rows: str = "all") -> dict:
     """The release fields of a site's ledger row after one more accepted round: ``release``,
     ``release-epsilon-round``, ``release-rounds`` (the server's own count), ``release-epsilon``
-    = max(rounds * eps, the site's claim, the previous row's), ``release-delta`` 0. Never
+    = max(rounds * eps, the site's claim, the previous row's), ``release-delta`` 0, and
+    ``release-rows`` (the rows the epsilon covers, :data:`RELEASE_ROWS`). Never
     decreases. :func:`with_combined` adds the composition with DP-SGD."""
+    if rows not in RELEASE_ROWS:
+        raise ValueError(f"shield.release-rows must be one of {', '.join(RELEASE_ROWS)}; got {rows!r}")
     prev = dict(previous or {})
     rounds = int(prev.get("release-rounds", 0)) + 1
     spent = max(composed_release_epsilon(epsilon_per_round=epsilon_per_round, rounds=rounds),
                 float(site_claim or 0.0), float(prev.get("release-epsilon", 0.0)))
     return {"release": "label-rr", "release-epsilon-round": float(epsilon_per_round),
-            "release-rounds": rounds, "release-epsilon": spent, "release-delta": 0.0}
+            "release-rounds": rounds, "release-epsilon": spent, "release-delta": 0.0, "release-rows": rows}
 
 
 def with_combined(row: dict) -> dict:
