@@ -355,10 +355,11 @@ class ShieldConfig:
     noise_std: float = option(0.0, low=0, help="std of Gaussian noise added to logits")
     top_k: int = option(0, low=0, help="release only the k largest probabilities (0 = all)")
     release: str = option(
-        "none", choices=("none", "label-rr"),
+        "none", choices=("none", "label-rr", "withhold"),
         help="release mechanism with a guarantee: 'label-rr' releases a one-hot of k-ary randomized "
         "response on each row's top-1 label (pure eps-DP per public example and round on the "
-        "site's prediction, charged to its ledger); 'none' releases the shielded probabilities",
+        "site's prediction, charged to its ledger); 'withhold' releases nothing (eps 0) on the rows "
+        "shield.release-rows chooses, and no site distils on them; 'none' releases the shielded probabilities",
     )
     release_epsilon: float = option(
         2.0, low=0, low_open=True,
@@ -370,7 +371,7 @@ class ShieldConfig:
     )
     release_rows: str = option(
         "all", choices=("all", "pii"),
-        help="label-rr: the rows it randomizes: 'all', or 'pii' (text data: only rows whose public "
+        help="the rows the release mechanism acts on: 'all', or 'pii' (text data: only rows whose public "
         "input has a PII-like match, e.g. numbers, names; the others are released as shielded "
         "probabilities with no guarantee)",
     )
@@ -991,10 +992,15 @@ def _cross_checks(flat: Mapping[str, Any], rejected: set[str]) -> list[str]:
             "(set fusion.release-debias = 'off' or turn the release on)"
         )
     if valid("shield.release-rows", "shield.release") and get("shield.release-rows") != "all" \
-            and get("shield.release") != "label-rr":
+            and get("shield.release") == "none":
         problems.append(
-            f"shield.release-rows: {get('shield.release-rows')!r} chooses the rows label-rr randomizes and "
-            f"needs shield.release = 'label-rr'; got shield.release = {get('shield.release')!r}")
+            f"shield.release-rows: {get('shield.release-rows')!r} chooses the rows a release mechanism acts on and "
+            f"needs shield.release = 'label-rr' or 'withhold'; got shield.release = 'none'")
+    if valid("shield.release-rows", "shield.release") and get("shield.release") == "withhold" \
+            and get("shield.release-rows") == "all":
+        problems.append(
+            "shield.release: 'withhold' on every row releases nothing; set shield.release-rows = 'pii' "
+            "(withhold the rows whose public text looks like personal data) or use 'label-rr'")
     if valid("privacy.student", "fusion.consensus", "fusion.method") and get("privacy.student") == "consensus" \
             and not (get("fusion.consensus") == "on" or (get("fusion.consensus") == "auto" and get("fusion.method") == "expert")):
         problems.append(

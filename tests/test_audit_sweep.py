@@ -20,7 +20,7 @@ def test_every_kind_in_a_fixed_order_with_its_parameters():
     names = [s.name for s in _settings()]
     assert names == ["none", "shield-T4", "shield-T16", "shield-noise1", "shield-T4-noise1", "dp-eps1",
                      "dp-eps4", "dp-eps16", "both-T4-noise1-eps4", "release-rr1", "release-rr4",
-                     "dp-eps4-rr1"]
+                     "dp-eps4-rr1", "withhold-pii"]
     by_name = {s.name: s for s in _settings()}
     assert by_name["release-rr4"].release_epsilon == 4 and by_name["release-rr4"].epsilon is None
     # DP at the middle epsilon (4) with the first release epsilon (1)
@@ -64,6 +64,30 @@ def test_the_sweep_table_names_the_release_mechanism():
     lines = [line for line in table.splitlines() if line.startswith("| none") or line.startswith("| release")]
     assert lines[0].split(" | ")[3] == "-"
     assert lines[1].split(" | ")[3] == "label-rr ε2"
+    pii = row("release-rr1", "label-rr", 1.0)
+    pii["audit"]["shield"]["release_rows"] = "pii"
+    held = row("withhold-pii", "withhold", 2.0)
+    held["audit"]["shield"]["release_rows"] = "pii"
+    table = sweep_markdown([pii, held], command="c")
+    cells = [line.split(" | ")[3] for line in table.splitlines() if line.startswith(("| release", "| withhold"))]
+    assert cells == ["label-rr ε1 on pii rows", "withhold pii rows"]
+
+
+def test_withhold_setting_withholds_pii_rows_and_the_others_keep_or_reset_the_rows():
+    """--set shield.release=label-rr --set shield.release-rows=pii on a text base: the label-rr
+    settings randomize the pii rows only, the withhold setting withholds them, the settings
+    without a release mechanism go back to all rows (pii rows without a mechanism are refused)."""
+    text = {"data.dataset": "topics", "model.architectures": "bert-tiny", "global-student.model": "bert-tiny"}
+    base = load_config(None, overrides={**text, "shield.release": "label-rr", "shield.release-rows": "pii"})
+    by_name = {s.name: s for s in _settings()}
+    held = setting_config(base, by_name["withhold-pii"], sweep_name="s")
+    assert (held.shield.release, held.shield.release_rows, held.privacy.enabled) == ("withhold", "pii", False)
+    assert held.fusion.release_debias == "off" and held.run_name == "s/withhold-pii"
+    rr = setting_config(base, by_name["release-rr1"], sweep_name="s")
+    assert (rr.shield.release, rr.shield.release_rows, rr.shield.release_epsilon) == ("label-rr", "pii", 1)
+    for name in ("none", "dp-eps4", "shield-T4"):
+        cfg = setting_config(base, by_name[name], sweep_name="s")
+        assert (cfg.shield.release, cfg.shield.release_rows) == ("none", "all")
 
 
 def test_release_debias_applies_to_the_release_settings_only():

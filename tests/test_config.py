@@ -215,8 +215,8 @@ def test_release_rows_need_label_rr_and_pii_rows_need_text():
     with pytest.raises(ConfigError) as err:
         build_config({"shield.release-rows": "pii"})
     assert err.value.problems == [
-        "shield.release-rows: 'pii' chooses the rows label-rr randomizes and needs shield.release = 'label-rr'; "
-        "got shield.release = 'none'",
+        "shield.release-rows: 'pii' chooses the rows a release mechanism acts on and needs shield.release = "
+        "'label-rr' or 'withhold'; got shield.release = 'none'",
         "shield.release-rows: 'pii' reads the public inputs as text and needs a text dataset; "
         "got data.dataset 'digits' (use 'all')"]
     text = {"data.dataset": "topics", "model.architectures": "bert-tiny", "global-student.model": "bert-tiny",
@@ -224,6 +224,12 @@ def test_release_rows_need_label_rr_and_pii_rows_need_text():
     assert build_config(text).shield.release_rows == "pii"
     with pytest.raises(ConfigError, match="shield.release-rows: must be one of all, pii"):
         build_config({**text, "shield.release-rows": "names"})
+    with pytest.raises(ConfigError) as err:
+        build_config({**text, "shield.release": "withhold", "shield.release-rows": "all"})
+    assert err.value.problems == [
+        "shield.release: 'withhold' on every row releases nothing; set shield.release-rows = 'pii' "
+        "(withhold the rows whose public text looks like personal data) or use 'label-rr'"]
+    assert build_config({**text, "shield.release": "withhold", "shield.release-rows": "pii"}).shield.release == "withhold"
 
 
 # ----------------------------------------------------------------- files

@@ -11,6 +11,7 @@ from scipy.stats import chisquare
 from fedkd.privacy.release import (
     combined_epsilon,
     composed_release_epsilon,
+    epsilon_per_round,
     keep_probability,
     label_release,
     mechanism_epsilon,
@@ -18,6 +19,7 @@ from fedkd.privacy.release import (
     release_ledger,
     response_distribution,
     with_combined,
+    withhold_rows,
 )
 
 
@@ -199,3 +201,68 @@ def test_site_release_with_pii_rows_randomizes_exactly_the_pii_inputs():
     for row in out[[0, 2]]:
         assert sorted(row) == [0.0] * 5 + [1.0]
     assert 0.0 <= stats.release_flipped <= 0.5
+
+
+# ---------------------------------------------------------------- withhold
+
+
+def test_withhold_rows_release_the_uniform_row_there_and_nothing_else_changes():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    out = withhold_rows(probs, rows=np.array([False, True, False]))
+    np.testing.assert_array_equal(out[[0, 2]], probs[[0, 2]])
+    np.testing.assert_array_equal(out[1], [1 / 3, 1 / 3, 1 / 3])
+    # the output on a withheld row is the same for any input row: 0-DP there
+    other = withhold_rows(np.array([[0.7, 0.2, 0.1], [1.0, 0.0, 0.0], [0.6, 0.3, 0.1]]),
+                          rows=np.array([False, True, False]))
+    np.testing.assert_array_equal(out[1], other[1])
+    from fedkd.fusion import informative_rows
+
+    np.testing.assert_array_equal(informative_rows(out[None], 0.95)[0], [True, False, True])
+    with pytest.raises(ValueError, match="a \\[P\\] boolean mask"):
+        withhold_rows(probs, rows=np.ones(2, bool))
+
+
+def test_epsilon_per_round_by_mechanism_and_the_withhold_ledger():
+    assert epsilon_per_round(release="label-rr", epsilon=1.5) == 1.5
+    assert epsilon_per_round(release="withhold", epsilon=1.5) == 0.0
+    assert epsilon_per_round(release="none", epsilon=1.5) == 0.0
+    with pytest.raises(ValueError, match="shield.release must be one of none, label-rr, withhold; got 'rr'"):
+        epsilon_per_round(release="rr", epsilon=1.0)
+    row = release_ledger(previous=None, epsilon_per_round=0.0, release="withhold", rows="pii")
+    row = release_ledger(previous=row, epsilon_per_round=0.0, release="withhold", rows="pii")
+    assert (row["release"], row["release-rounds"], row["release-epsilon"], row["release-rows"]) == ("withhold", 2, 0.0, "pii")
+    with pytest.raises(ValueError, match="needs a release mechanism"):
+        release_ledger(previous=None, epsilon_per_round=0.0, release="none")
+
+
+def test_a_withholding_site_neither_releases_nor_distils_on_pii_rows():
+    """Through the site's round on the embedded text data: the released rows whose public
+    text has a PII-like match are uniform, the others are not; the fused rows a site distils
+    on exclude those rows (the helper that drops them, checked against pii_rows by hand)."""
+    from fedkd.config import load_config
+    from fedkd.data import load_federation
+    from fedkd.data.text import detokenize
+    from fedkd.federation.site import SiteInbox, SiteState, _without_withheld_rows, site_round
+    from fedkd.shielding import pii_rows
+
+    config = load_config(overrides={"data.dataset": "topics", "data.text-examples": 240, "data.num-clients": 2,
+                                    "model.architectures": "bert-tiny", "global-student.model": "bert-tiny",
+                                    "train.local-epochs": 1, "train.distill-epochs": 1,
+                                    "shield.release": "withhold", "shield.release-rows": "pii"})
+    split = load_federation(config.data, config.seed)
+    flagged = pii_rows(detokenize(split.public.x, tokenizer=config.data.tokenizer))
+    assert 0 < flagged.sum() < len(flagged)
+    state = SiteState.fresh(config=config, split=split, client=0)
+    inbox = SiteInbox(round_number=1, public_fingerprint=split.public_fingerprint, config_digest=config.digest())
+    reply = site_round(config=config, split=split, client=0, state=state, inbox=inbox)
+    knowledge = reply.arrays["knowledge"].astype(np.float64)
+    c = knowledge.shape[1]
+    np.testing.assert_allclose(knowledge[flagged], 1.0 / c, atol=1e-3)  # float16 on the wire
+    assert np.all(knowledge[~flagged].max(axis=1) > 1.0 / c + 1e-3)
+    assert reply.metrics["release-epsilon"] == 0.0 and "release-flipped" not in reply.metrics
+    positions = np.arange(len(flagged))
+    fused = np.random.default_rng(0).dirichlet(np.ones(c), size=len(flagged))
+    kept, kept_positions, consensus = _without_withheld_rows(config, split.public.x, fused, positions, fused)
+    np.testing.assert_array_equal(kept_positions, positions[~flagged])
+    np.testing.assert_array_equal(kept, fused[~flagged])
+    np.testing.assert_array_equal(consensus, fused[~flagged])

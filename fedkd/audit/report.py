@@ -316,10 +316,15 @@ def _pair(row: Mapping[str, Any], target: str, key: str) -> str:
 
 
 def _release_cell(shield: Mapping[str, Any]) -> str:
-    """The release mechanism of a run: ``-`` or e.g. ``label-rr ε1`` (per label and round)."""
-    if shield.get("release", "none") == "none":
+    """The release mechanism of a run: ``-``, e.g. ``label-rr ε1`` (per label and round), with
+    `` on pii rows`` where ``shield.release-rows`` chose them; ``withhold pii rows``."""
+    release = shield.get("release", "none")
+    if release == "none":
         return "-"
-    return f"{shield['release']} ε{shield['release_epsilon']:g}"
+    rows = " on pii rows" if shield.get("release_rows", "all") == "pii" else ""
+    if release == "withhold":
+        return "withhold pii rows"
+    return f"{release} ε{shield['release_epsilon']:g}{rows}"
 
 
 def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:

@@ -279,9 +279,10 @@ def reference_logits(inputs: AuditInputs, *, progress: bool) -> References:
 
 
 def release_is_random(config: Config) -> bool:
-    """Whether the run's release step draws randomness (logit noise or randomized response):
+    """Whether the run's release step draws randomness (logit noise or randomized response;
+    ``withhold`` is deterministic):
     then one release is a random variable, and its exposure is averaged over draws."""
-    return config.shield.noise_std > 0 or config.shield.release != "none"
+    return config.shield.noise_std > 0 or config.shield.release == "label-rr"
 
 
 def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[str, Any]:

@@ -6,8 +6,11 @@ one run per level); ``noise`` (logit noise only, one run per level); ``shield``
 (shielding only: the first temperature and the first noise level together); ``dp``
 (DP-SGD only, one run per epsilon); ``both`` (the ``shield`` setting plus DP at the
 middle epsilon); ``release`` (the guaranteed release mechanism, ``shield.release =
-"label-rr"``, one run per release epsilon: :mod:`fedkd.privacy.release`); ``dp-release``
-(DP-SGD at the middle epsilon plus label-rr at the first release epsilon). Every run has
+"label-rr"``, one run per release epsilon: :mod:`fedkd.privacy.release`; on the rows the
+base's ``shield.release-rows`` chooses); ``dp-release`` (DP-SGD at the middle epsilon plus
+label-rr at the first release epsilon); ``withhold`` (text data: nothing released on the
+rows whose public text looks like personal data, ``shield.release = "withhold"`` with
+``shield.release-rows = "pii"``). Every run has
 ``audit.enabled``; everything else comes from the base config, so the runs differ only in
 ``shield.*`` and ``privacy.*``.
 
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from fedkd.config import Config
 
-SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both", "release", "dp-release")
+SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both", "release", "dp-release", "withhold")
 
 DIGITS_SWEEP = {
     "num-server-rounds": 10,
@@ -51,7 +54,9 @@ class Setting:
     noise_std: float = 0.0
     epsilon: float | None = None
     release_epsilon: float | None = None
-    """label-rr's epsilon per released label and round; None = no release mechanism."""
+    """label-rr's epsilon per released label and round; None = no label-rr."""
+    withhold: bool = False
+    """``shield.release = "withhold"`` on the pii rows (the ``withhold`` kind)."""
 
 
 def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], epsilons: Sequence[float],
@@ -82,13 +87,19 @@ def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], ep
     if "dp-release" in kinds and epsilons and release_epsilons:
         r0 = release_epsilons[0]
         out.append(Setting(f"dp-eps{middle:g}-rr{r0:g}", "dp-release", epsilon=middle, release_epsilon=r0))
+    if "withhold" in kinds:
+        out.append(Setting("withhold-pii", "withhold", withhold=True))
     return out
 
 
 def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config:
     """``base`` with the setting's shielding and DP, auditing on, named ``sweep/setting``."""
-    release = {"release": "none", "release_rows": "all"} if setting.release_epsilon is None else {
-        "release": "label-rr", "release_epsilon": setting.release_epsilon}
+    if setting.withhold:
+        release = {"release": "withhold", "release_rows": "pii"}
+    elif setting.release_epsilon is not None:
+        release = {"release": "label-rr", "release_epsilon": setting.release_epsilon}
+    else:
+        release = {"release": "none", "release_rows": "all"}
     shield = dataclasses.replace(base.shield, temperature=setting.temperature, noise_std=setting.noise_std,
                                  **release)
     privacy = dataclasses.replace(base.privacy, enabled=setting.epsilon is not None,
@@ -97,7 +108,7 @@ def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config
     if setting.epsilon is not None and train.mode == "joint":
         train = dataclasses.replace(train, mode="sequential")
     audit = dataclasses.replace(base.audit, enabled=True)
-    fusion = base.fusion if setting.release_epsilon is not None else dataclasses.replace(
+    fusion = base.fusion if setting.release_epsilon is not None and not setting.withhold else dataclasses.replace(
         base.fusion, release_debias="off")  # fusion.release-debias acts on label-rr settings only
     return dataclasses.replace(base, shield=shield, privacy=privacy, train=train, audit=audit, fusion=fusion,
                                run_name=f"{sweep_name}/{setting.name}")

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--release-epsilons", default="1,4",
                    help="--sweep: label-rr epsilons per released label and round (default: %(default)s)")
     p.add_argument("--settings", default="none,temperature,noise,shield,dp,both,release,dp-release",
-                   help="--sweep: which kinds of settings to run (default: %(default)s)")
+                   help="--sweep: which kinds of settings to run (default: %(default)s; also "
+                   "'withhold', text data only: nothing released on rows whose text looks like personal data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_audit)
 

@@ -39,7 +39,7 @@ from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_know
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
 from fedkd.privacy.debias import pooled_estimate
-from fedkd.privacy.release import release_ledger, with_combined
+from fedkd.privacy.release import epsilon_per_round, release_ledger, with_combined
 from fedkd.privacy.selection import selection_ledger
 from fedkd.seeds import public_subset
 
@@ -247,7 +247,8 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
         return row
     extra: dict[str, Any] = {}
     if releasing:
-        extra.update(release_ledger(previous=previous, epsilon_per_round=config.shield.release_epsilon,
+        per_round = epsilon_per_round(release=config.shield.release, epsilon=config.shield.release_epsilon)
+        extra.update(release_ledger(previous=previous, epsilon_per_round=per_round, release=config.shield.release,
                                     site_claim=_claim(metrics, "release-epsilon"), rows=config.shield.release_rows))
     if selecting:  # DP model selection (fedkd/privacy/selection.py): its whole budget, from round 1 on
         extra.update(selection_ledger(previous=previous, selection_epsilon=config.privacy.selection_epsilon,

@@ -52,7 +52,7 @@ from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
 from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
-from fedkd.privacy.release import composed_release_epsilon, label_release
+from fedkd.privacy.release import composed_release_epsilon, epsilon_per_round, label_release, withhold_rows
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import pii_rows, shield
 from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, local_prior, parse_candidates,
@@ -276,8 +276,8 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
     )
     state.rounds_trained += 1
     if config.shield.release != "none":  # the site's own count; the server keeps its own (ledger row)
-        metrics["release-epsilon"] = composed_release_epsilon(epsilon_per_round=config.shield.release_epsilon,
-                                                              rounds=state.rounds_trained)
+        per_round = epsilon_per_round(release=config.shield.release, epsilon=config.shield.release_epsilon)
+        metrics["release-epsilon"] = composed_release_epsilon(epsilon_per_round=per_round, rounds=state.rounds_trained)
     arrays = {"knowledge": knowledge}
     if client in config.adversaries:
         arrays = corrupt(knowledge, config.adversaries[client], np.random.default_rng(client))
@@ -407,6 +407,20 @@ def teacher_steps(
     return teacher if release_teacher else student
 
 
+def _without_withheld_rows(config: Config, public_x: np.ndarray, fused: np.ndarray, fused_positions: np.ndarray,
+                           consensus: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """F_i, its positions and the consensus without the rows every site withholds
+    (``shield.release = "withhold"``: the rows :func:`fedkd.shielding.pii_rows` flags, where
+    nobody released anything and F_i is only the receiver's prior): a site does not distil
+    towards its own prior there."""
+    from fedkd.data.text import detokenize
+
+    keep = ~pii_rows(detokenize(public_x[fused_positions], tokenizer=config.data.tokenizer))
+    if consensus is not None and len(consensus) != len(fused_positions):
+        raise ValueError(f"consensus has {len(consensus)} rows for {len(fused_positions)} fused positions")
+    return fused[keep], fused_positions[keep], None if consensus is None else consensus[keep]
+
+
 @_seeded
 def local_round(
     *,
@@ -452,6 +466,9 @@ def local_round(
     noise = noise or NoiseSource()
     seed = site_seed(config.seed, client, round_number)
     metrics: dict[str, float] = {}
+    reference, reference_positions = fused, fused_positions  # last round's F_i: the release's divergence reference
+    if config.shield.release == "withhold" and fused is not None and fused_positions is not None:
+        fused, fused_positions, consensus = _without_withheld_rows(config, public_x, fused, fused_positions, consensus)
     has_fused = fused is not None and fused_positions is not None and len(fused_positions) > 0
     if ledger is not None and t.mode == "joint":
         raise ValueError("train.mode 'joint' mixes public KD into the DP step; use 'sequential'")
@@ -507,7 +524,8 @@ def local_round(
     knowledge, stats = release_knowledge(
         config, predict_logits(model, public_x[release_positions]),
         rng=np.random.default_rng(noise.round_seed(seed)), public_x=public_x[release_positions],
-        reference=fused if has_fused and np.array_equal(fused_positions, release_positions) else None,
+        reference=reference if reference is not None and reference_positions is not None
+        and np.array_equal(reference_positions, release_positions) else None,
     )
     metrics.update(
         {
@@ -518,7 +536,7 @@ def local_round(
             "shield-entropy": stats.mean_entropy,
         }
     )
-    if config.shield.release != "none":
+    if config.shield.release == "label-rr":
         metrics["release-flipped"] = stats.release_flipped
     return knowledge, metrics
 
@@ -711,19 +729,22 @@ def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Gene
     (:func:`fedkd.wire.site_record`)."""
     s = config.shield
     texts = None
-    wants_text = s.scorer == "pii" or (s.release == "label-rr" and s.release_rows == "pii")
+    wants_text = s.scorer == "pii" or s.release_rows == "pii"
     if wants_text and public_x is not None:  # the pii scorer and the pii rows read the public inputs as text
         from fedkd.data.text import detokenize
 
         texts = detokenize(public_x, tokenizer=config.data.tokenizer)
     knowledge, stats = shield(logits, temperature=s.temperature, gamma=s.gamma, noise_std=s.noise_std,
                               scorer=s.scorer, reference=reference, top_k=s.top_k, rng=rng, texts=texts)
+    rows = None
+    if s.release != "none" and s.release_rows == "pii":
+        if texts is None:
+            raise ValueError("shield.release-rows = 'pii' needs the public inputs (text) to choose its rows")
+        rows = pii_rows(texts)
+    if s.release == "withhold":
+        knowledge = withhold_rows(knowledge, rows=rows)
+        stats = dataclasses.replace(stats, mean_entropy=float(entropy(knowledge).mean()))
     if s.release == "label-rr":
-        rows = None
-        if s.release_rows == "pii":
-            if texts is None:
-                raise ValueError("shield.release-rows = 'pii' needs the public inputs (text) to choose its rows")
-            rows = pii_rows(texts)
         knowledge, flipped = label_release(knowledge, epsilon=s.release_epsilon, rng=rng,
                                            smoothing=s.release_smoothing, rows=rows)
         stats = dataclasses.replace(stats, mean_entropy=float(entropy(knowledge).mean()), release_flipped=flipped)

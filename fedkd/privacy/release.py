@@ -50,12 +50,14 @@ import math
 
 import numpy as np
 
-RELEASES = ("none", "label-rr")
-"""Values of ``shield.release``: ``none`` (release the shielded probabilities) or
-``label-rr`` (k-ary randomized response on each row's top-1 label)."""
+RELEASES = ("none", "label-rr", "withhold")
+"""Values of ``shield.release``: ``none`` (release the shielded probabilities),
+``label-rr`` (k-ary randomized response on each row's top-1 label) or ``withhold`` (release
+nothing on the chosen rows: the uniform row, which fusion reads as no evidence; eps = 0
+there; needs ``shield.release-rows = "pii"``, since withholding every row releases nothing)."""
 
 RELEASE_ROWS = ("all", "pii")
-"""Values of ``shield.release-rows``, the rows label-rr randomizes: ``all`` (every released
+"""Values of ``shield.release-rows``, the rows the release mechanism acts on: ``all`` (every released
 row) or ``pii`` (only rows whose public input has a PII-like match,
 :func:`fedkd.shielding.pii_rows`, text data; the others are released as shielded
 probabilities, with no guarantee). Targeted release. The choice of rows is a function of
@@ -127,6 +129,28 @@ def label_release(probs: np.ndarray, *, epsilon: float, rng: np.random.Generator
     return out, float(np.mean(flipped)) if len(top) else 0.0
 
 
+def withhold_rows(probs: np.ndarray, *, rows: np.ndarray) -> np.ndarray:
+    """``probs`` [P, K] with the ``rows`` ([P] bool) replaced by the uniform row 1/K: nothing
+    is released there (``shield.release = "withhold"``). The output on a chosen row is the
+    same whatever the site's data, so it is 0-DP there; fusion marks a uniform row as not
+    informative (:func:`fedkd.fusion.informative_rows`), and the sites skip such rows when
+    they distil (:func:`fedkd.federation.site.local_round`)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    chosen = np.asarray(rows, dtype=bool)
+    if probs.ndim != 2 or chosen.shape != (len(probs),):
+        raise ValueError(f"need probs [P, K] and a [P] boolean mask; got {probs.shape} and {chosen.shape}")
+    return np.where(chosen[:, None], 1.0 / probs.shape[1], probs)
+
+
+def epsilon_per_round(*, release: str, epsilon: float) -> float:
+    """The epsilon one round's release costs on each row it acts on: ``epsilon`` for
+    ``label-rr``, 0 for ``withhold`` (nothing released there) and for ``none`` (no release
+    mechanism, no guarantee)."""
+    if release not in RELEASES:
+        raise ValueError(f"shield.release must be one of {', '.join(RELEASES)}; got {release!r}")
+    return float(epsilon) if release == "label-rr" else 0.0
+
+
 def mechanism_epsilon(*, epsilon: float, num_classes: int) -> float:
     """The mechanism's epsilon from its output distributions: max over outputs o and label
     pairs (y, y') of ln P[o | y] / P[o | y'] (= ``epsilon``, module doc)."""
@@ -152,10 +176,11 @@ def combined_epsilon(*, dp_epsilon: float, dp_delta: float, release_epsilon: flo
 
 
 def release_ledger(*, previous: dict | None, epsilon_per_round: float, site_claim: float | None = None,
-                   rows: str = "all") -> dict:
+                   rows: str = "all", release: str = "label-rr") -> dict:
     """The release fields of a site's ledger row after one more accepted round: ``release``,
     ``release-epsilon-round``, ``release-rounds`` (the server's own count), ``release-epsilon``
-    = max(rounds * eps, the site's claim, the previous row's), ``release-delta`` 0, and
+    = max(rounds * eps, the site's claim, the previous row's), ``release-delta`` 0, ``release``
+    the mechanism (:data:`RELEASES`), and
     ``release-rows`` (the rows the epsilon covers, :data:`RELEASE_ROWS`). Never
     decreases. :func:`with_combined` adds the composition with DP-SGD."""
     if rows not in RELEASE_ROWS:
@@ -164,7 +189,9 @@ def release_ledger(*, previous: dict | None, epsilon_per_round: float, site_clai
     rounds = int(prev.get("release-rounds", 0)) + 1
     spent = max(composed_release_epsilon(epsilon_per_round=epsilon_per_round, rounds=rounds),
                 float(site_claim or 0.0), float(prev.get("release-epsilon", 0.0)))
-    return {"release": "label-rr", "release-epsilon-round": float(epsilon_per_round),
+    if release not in RELEASES[1:]:
+        raise ValueError(f"a release ledger needs a release mechanism ({', '.join(RELEASES[1:])}); got {release!r}")
+    return {"release": release, "release-epsilon-round": float(epsilon_per_round),
             "release-rounds": rounds, "release-epsilon": spent, "release-delta": 0.0, "release-rows": rows}
 
 
