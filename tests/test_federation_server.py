@@ -8,6 +8,7 @@ import pytest
 from fedkd.config import load_config
 from fedkd.data import load_federation
 from fedkd.federation.server import (
+    global_student_rows,
     ServerState,
     accept_reply,
     privacy_row,
@@ -189,3 +190,16 @@ def test_consensus_is_the_sharpened_mean_and_travels_beside_f_i(parts):
     plain = ServerState()
     server_round(config=config, split=split, state=plain, round_number=1, release=np.arange(2), accepted={0: a, 1: b})
     assert plain.consensus == {}
+
+
+def test_global_student_skips_the_rows_every_sender_withheld():
+    """Under shield.release = withhold a row that every sender released as uniform (1/C) is
+    not distilled; a row one sender spoke on is; without withhold every row is."""
+    u = np.full(4, 0.25)
+    spoke = np.array([0.7, 0.1, 0.1, 0.1])
+    knowledge = np.stack([np.stack([u, spoke, u]), np.stack([u, u, spoke])])  # [2 senders, 3 rows, 4]
+    held = load_config(overrides={"data.dataset": "topics", "model.architectures": "bert-tiny",
+                                  "global-student.model": "bert-tiny", "shield.release": "withhold",
+                                  "shield.release-rows": "pii"})
+    np.testing.assert_array_equal(global_student_rows(config=held, knowledge=knowledge), [1, 2])
+    np.testing.assert_array_equal(global_student_rows(config=load_config(), knowledge=knowledge), [0, 1, 2])

@@ -34,7 +34,7 @@ from fedkd.data import FederatedSplit
 from fedkd.distillation import accuracy, distil
 from fedkd.federation.site import SiteInbox
 from fedkd.dp_knowledge import abstain, evidence_abstention, hard_votes, vote_consensus
-from fedkd.fusion import FusionResult, consensus, fuse
+from fedkd.fusion import FusionResult, consensus, fuse, informative_rows
 from fedkd.wire import InvalidPayload, encode, validate_client_id, validate_knowledge, validate_metrics
 from fedkd.models import build_model
 from fedkd.privacy import LEDGER_METRICS, ledger_row, previous_history
@@ -336,12 +336,24 @@ def _debiased(knowledge: np.ndarray, *, config: Config, state: ServerState, rele
                         consensus_weights=np.full((n, n), 1.0 / n))
 
 
+def global_student_rows(*, config: Config, knowledge: np.ndarray) -> np.ndarray:
+    """The rows of a round's release [N, P, C] the global student distils on: all of them,
+    but under ``shield.release = "withhold"`` not those where every sender's row is
+    uninformative (:func:`fedkd.fusion.informative_rows`): nobody spoke there, and the fused
+    knowledge is only the receivers' priors."""
+    rows = np.arange(knowledge.shape[1])
+    if config.shield.release == "withhold":
+        rows = rows[informative_rows(knowledge, config.fusion.uniform_entropy).any(axis=0)]
+    return rows
+
+
 def server_round(*, config: Config, split: FederatedSplit, state: ServerState, round_number: int,
                  release: np.ndarray, accepted: Mapping[int, np.ndarray]) -> RoundRecord:
     """Step 3: fuse the accepted knowledge K_j (partition id -> [len(release), C]), keep each
     site's F_i in ``state.fused``, and distil the global student (``global-student.*``) on
     the mean of the fused knowledge, mean_i F_i (mean_j K_j when the method fuses nothing; the
-    consensus sent, mean_i G_i, when DP sites report a student, ``privacy.student``)."""
+    consensus sent, mean_i G_i, when DP sites report a student, ``privacy.student``); under
+    ``shield.release = "withhold"`` not on the rows every sender withheld."""
     clients = sorted(accepted)
     knowledge = np.stack([accepted[c] for c in clients])
     f = config.fusion
@@ -391,7 +403,8 @@ def server_round(*, config: Config, split: FederatedSplit, state: ServerState, r
     g, t = config.global_student, config.train
     if g.enabled:
         student = state.global_student(config, split)
-        distil(student, split.public.x[release], targets, epochs=g.epochs, batch_size=t.batch_size,
+        rows = global_student_rows(config=config, knowledge=knowledge)
+        distil(student, split.public.x[release[rows]], targets[rows], epochs=g.epochs, batch_size=t.batch_size,
                lr=t.lr, temperature=t.kd_temperature, seed=config.seed + round_number)
         entry["global-accuracy"] = accuracy(student, split.test)
     return RoundRecord(clients=clients, weights=result.weights, entry=entry, consensus_weights=consensus_weights)
