@@ -99,3 +99,25 @@ def test_release_debias_applies_to_the_release_settings_only():
     assert setting_config(base, by_name["dp-eps1"], sweep_name="s").fusion.release_debias == "off"
     assert setting_config(base, by_name["release-rr1"], sweep_name="s").fusion.release_debias == "rounds"
     assert setting_config(base, by_name["dp-eps4-rr1"], sweep_name="s").fusion.release_debias == "rounds"
+
+
+def test_sweep_report_plots_exposure_against_accuracy_when_a_secret_was_audited(tmp_path):
+    from fedkd.audit.report import _probe_exposure, write_sweep_report
+
+    def row(setting, alma, bits):
+        audit = {"shield": {"release": "none", "temperature": 1.0, "noise_std": 0.0},
+                 "privacy": {"enabled": False, "epsilon": None},
+                 "accuracy": {"alma": alma, "site": 0.8, "global": 0.7}, "targets": {},
+                 "epsilon-lower-bound": {"max": 0.0}}
+        if bits is not None:
+            entry = {"rank": bits, "skewnorm": bits}
+            audit["exposure"] = {"targets": {"release-on-probes": {"secret": entry, "control": entry}}}
+        return {"setting": setting, "kind": "none" if setting == "none" else "withhold", "audit": audit}
+
+    rows = [row("none", 0.83, 9.4), row("withhold-pii", 0.82, 1.0)]
+    assert _probe_exposure(rows[1]) == 1.0 and _probe_exposure(row("x", 0.5, None)) is None
+    written = write_sweep_report(tmp_path / "a", rows, command="c")
+    assert (tmp_path / "a" / "exposure_vs_accuracy.png") in written
+    assert (tmp_path / "a" / "exposure_vs_accuracy.png").stat().st_size > 0
+    written = write_sweep_report(tmp_path / "b", [row("none", 0.83, None)], command="c")
+    assert not (tmp_path / "b" / "exposure_vs_accuracy.png").exists()

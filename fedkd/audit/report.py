@@ -9,6 +9,7 @@ One run (:func:`write_audit_report`, into ``<run dir>/audit/``):
 
 A sweep (:func:`write_sweep_report`): ``sweep.json``, ``sweep.md`` and
 ``leakage_vs_shielding.png`` (AUC against shielding temperature and noise),
+``exposure_vs_accuracy.png`` (text: each setting's ALMA against the secret's exposure),
 ``leakage_vs_epsilon.png`` (AUC against DP epsilon), ``accuracy_vs_epsilon.png``,
 ``epsilon_bound_vs_accountant.png``.
 """
@@ -368,6 +369,38 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
     return "\n".join(lines)
 
 
+def _probe_exposure(row: Mapping[str, Any]) -> float | None:
+    """The secret's exposure through the release on probes (bits, by rank) of a sweep row."""
+    target = (row["audit"].get("exposure") or {}).get("targets", {}).get("release-on-probes")
+    return None if target is None else target["secret"]["rank"]
+
+
+def _exposure_plot(plt: Any, out: Path, rows: Sequence[Mapping[str, Any]]) -> list[Path]:  # noqa: ANN401
+    """``exposure_vs_accuracy.png`` (text sweeps with a secret): each setting's ALMA against
+    the secret's exposure through the release on probes, with the level 80% below the
+    unprotected setting's exposure (issue 15's target) when a ``none`` setting ran."""
+    pts = [(r["audit"]["accuracy"]["alma"], _probe_exposure(r), r["setting"]) for r in rows]
+    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    if not pts:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    for alma, bits, name in pts:
+        ax.annotate(name, (alma, bits), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    base = [p for p in pts if p[2] == "none"]
+    if base:
+        ax.axhline(0.2 * base[0][1], color="black", linestyle=":", linewidth=1, label="80% below no protection")
+        ax.axvline(base[0][0] - 0.01, color="grey", linestyle="--", linewidth=1, label="1 point of ALMA below it")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="ALMA", ylabel="secret exposure via release on probes (bits)", ylim=(0, None),
+           title="Canary exposure against accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "exposure_vs_accuracy.png", dpi=110)
+    plt.close(fig)
+    return [out / "exposure_vs_accuracy.png"]
+
+
 def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], *, command: str) -> list[Path]:
     """``sweep.json``, ``sweep.md`` and the trade-off plots (module doc)."""
     plt = _plt()
@@ -425,6 +458,7 @@ def write_sweep_report(out_dir: str | Path, rows: Sequence[Mapping[str, Any]], *
          [("ALMA", lambda r: r["audit"]["accuracy"]["alma"]),
           ("audited site", lambda r: r["audit"]["accuracy"]["site"]),
           ("global student", lambda r: r["audit"]["accuracy"]["global"])], "accuracy", log=True)
+    written += _exposure_plot(plt, out, rows)
     dp_rows = [r for r in rows if r["audit"]["privacy"]["enabled"]]
     if dp_rows:
         fig, ax = plt.subplots(figsize=(5, 4.5))
