@@ -228,6 +228,12 @@ class DataConfig:
     public_jitter: float = option(
         0.5, low=0, help="std of the copies' Gaussian jitter, in each feature's std over the public set",
     )
+    public_redact: str = option(
+        "none", choices=("none", "pii"),
+        help="text: 'pii' replaces every PII-like span of the public texts (numbers, digit runs, e-mail, "
+        "phone, names after 'this is', titles) by the word 'redacted' before any site predicts or "
+        "distils on them, so no release depends on what such a span says (docs/privacy.md)",
+    )
     val_fraction: float = option(0.1, low=0, high=0.5, help="share of a client's data for validation")
     local_test_fraction: float = option(
         0.2, low=0, high=0.5, low_open=True, help="share of a client's data for its local test"
@@ -1062,6 +1068,10 @@ def _data_checks(get: Callable[[str], Any], valid: Callable[..., bool]) -> list[
         problems.append(
             f"shield.release-rows: 'pii' reads the public inputs as text and needs a text dataset; "
             f"got data.dataset '{dataset}' (use 'all')")
+    if valid("data.public-redact") and get("data.public-redact") != "none" and not is_text_dataset(dataset):
+        problems.append(
+            f"data.public-redact: {get('data.public-redact')!r} rewrites public texts and needs a text dataset; "
+            f"got data.dataset '{dataset}' (use 'none')")
     if valid("data.public-copies") and get("data.public-copies") > 0 and is_text_dataset(dataset):
         problems.append(
             f"data.public-copies: text data (data.dataset '{dataset}') is token ids, which cannot be jittered; "

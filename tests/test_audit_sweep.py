@@ -20,7 +20,7 @@ def test_every_kind_in_a_fixed_order_with_its_parameters():
     names = [s.name for s in _settings()]
     assert names == ["none", "shield-T4", "shield-T16", "shield-noise1", "shield-T4-noise1", "dp-eps1",
                      "dp-eps4", "dp-eps16", "both-T4-noise1-eps4", "release-rr1", "release-rr4",
-                     "dp-eps4-rr1", "withhold-pii"]
+                     "dp-eps4-rr1", "withhold-pii", "redact-pii"]
     by_name = {s.name: s for s in _settings()}
     assert by_name["release-rr4"].release_epsilon == 4 and by_name["release-rr4"].epsilon is None
     # DP at the middle epsilon (4) with the first release epsilon (1)
@@ -88,6 +88,10 @@ def test_withhold_setting_withholds_pii_rows_and_the_others_keep_or_reset_the_ro
     for name in ("none", "dp-eps4", "shield-T4"):
         cfg = setting_config(base, by_name[name], sweep_name="s")
         assert (cfg.shield.release, cfg.shield.release_rows) == ("none", "all")
+        assert cfg.data.public_redact == "none"
+    red = setting_config(base, by_name["redact-pii"], sweep_name="s")
+    assert (red.data.public_redact, red.shield.release, red.privacy.enabled) == ("pii", "none", False)
+    assert red.data.dataset == "topics" and red.run_name == "s/redact-pii"
 
 
 def test_release_debias_applies_to_the_release_settings_only():

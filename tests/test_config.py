@@ -211,6 +211,13 @@ def test_jittered_public_copies_are_refused_for_token_ids():
     assert build_config({"data.public-copies": 2}).data.public_copies == 2
 
 
+def test_public_redact_needs_text():
+    with pytest.raises(ConfigError) as err:
+        build_config({"data.public-redact": "pii"})
+    assert err.value.problems == ["data.public-redact: 'pii' rewrites public texts and needs a text dataset; "
+                                  "got data.dataset 'digits' (use 'none')"]
+
+
 def test_release_rows_need_label_rr_and_pii_rows_need_text():
     with pytest.raises(ConfigError) as err:
         build_config({"shield.release-rows": "pii"})

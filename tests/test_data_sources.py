@@ -264,3 +264,33 @@ def test_split_cache_off_and_not_for_user_files(tmp_path, monkeypatch):
     assert sources.split_cache_path(DataConfig(dataset="ag_news"), 0) is None
     assert sources.split_cache_path(DataConfig(dataset="topics", tokenizer=str(tmp_path)), 0) is None
     assert sources.split_cache_path(DataConfig(dataset="topics"), 0) is not None
+
+
+def test_public_redact_rewrites_only_the_pii_rows_of_the_public_set():
+    """data.public-redact = pii: the public texts with a PII-like match read 'redacted' in its
+    place, the others keep their token ids; the private splits are untouched; two probes that
+    differ only in their digits come out as the same ids."""
+    from fedkd.config import load_config
+    from fedkd.data import load_federation
+    from fedkd.data.sources import redact_public
+    from fedkd.data.text import detokenize, tokenize
+    from fedkd.shielding import pii_rows
+
+    text = {"data.dataset": "topics", "data.text-examples": 240, "data.num-clients": 2,
+            "model.architectures": "bert-tiny", "global-student.model": "bert-tiny"}
+    plain = load_federation(load_config(overrides=text).data, 0)
+    config = load_config(overrides={**text, "data.public-redact": "pii"})
+    redacted = load_federation(config.data, 0)
+    before = detokenize(plain.public.x, tokenizer=config.data.tokenizer)
+    flagged = pii_rows(before)
+    assert 0 < flagged.sum() < len(flagged)
+    np.testing.assert_array_equal(redacted.public.x[~flagged], plain.public.x[~flagged])
+    after = detokenize(redacted.public.x[flagged], tokenizer=config.data.tokenizer)
+    assert all("redacted" in t for t in after) and not pii_rows(after).any()
+    np.testing.assert_array_equal(redacted.public.y, plain.public.y)
+    np.testing.assert_array_equal(redacted.clients[0].train.x, plain.clients[0].train.x)
+    probes = tokenize(["my pin is 4 8 1 5", "my pin is 0 2 7 3"], max_length=config.data.max_length,
+                      tokenizer=config.data.tokenizer)
+    out = redact_public(probes, config.data)
+    assert not np.array_equal(probes[0], probes[1])
+    np.testing.assert_array_equal(out[0], out[1])

@@ -16,6 +16,7 @@ from fedkd.shielding import (
     divergence_sensitivity,
     pii_hits,
     pii_rows,
+    redact_pii,
     pii_sensitivity,
     shield,
     top_k_release,
@@ -255,6 +256,21 @@ def test_pii_sensitivity_is_one_minus_half_per_hit_and_raises_temperature():
 def test_pii_rows_flag_the_inputs_with_a_match_case_blind():
     texts = ["the router is down", "My PIN is 4 8 1 5", "Hi, this is Dana", "ref 7", ""]
     np.testing.assert_array_equal(pii_rows(texts), [False, True, True, False, False])
+
+
+@pytest.mark.parametrize(
+    ("text", "redacted"),
+    [
+        ("my pin is 4 8 1 5", "my pin is redacted"),
+        ("My PIN is 9 9 0 1", "my pin is redacted"),
+        ("ref 88123.", "ref redacted."),
+        ("mail me at jo.doe@example.org", "mail me at redacted"),
+        ("the router is down", "the router is down"),
+    ],
+)
+def test_redact_pii_known_answers(text, redacted):
+    assert redact_pii(text) == redacted
+    assert pii_hits(redact_pii(text)) == 0
 
 
 def test_pii_scorer_needs_texts():

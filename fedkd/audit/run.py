@@ -289,7 +289,8 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
     """Exposure of the inserted secret and of the never-inserted control, per model, and
     through the release mechanism on probe inputs: the site's final model's predictions
     released as the run releases its knowledge, as if the attacker had placed the probes
-    (the secret, the control and the random fillings) in the public set.
+    (the secret, the control and the random fillings) in the public set (redacted as the
+    public set is, ``data.public-redact``).
 
     Two release channels. ``release-on-probes``: one round's release. ``release-on-probes-
     all-rounds`` (random releases only: a deterministic one repeats the same row): every round
@@ -326,7 +327,12 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
         result["targets"][name] = measure(-log_prob_of_label(predict_logits(model, x), labels))
     if "site-model" not in models:
         return result
-    logits = predict_logits(models["site-model"], x)
+    probes = x
+    if config.data.public_redact != "none":  # probes placed in the public set are redacted like it
+        from fedkd.data.sources import redact_public
+
+        probes = redact_public(x, config.data)
+    logits = predict_logits(models["site-model"], probes)
     random = release_is_random(config)
     draws = a.release_draws if random else 1
     # a channel's rounds; reading every round adds nothing when each round's release is the same
@@ -337,7 +343,7 @@ def secret_exposure(inputs: AuditInputs, models: dict[str, nn.Module]) -> dict[s
     for d in range(draws):
         losses = [
             -np.log(np.clip(release(config, logits, rng=np.random.default_rng([config.seed, 4242, d, r]),
-                                    inputs=x)[np.arange(len(x)), labels], 1e-12, 1.0))
+                                    inputs=probes)[np.arange(len(x)), labels], 1e-12, 1.0))
             for r in range(max(channels.values()))
         ]
         for name, rounds in channels.items():

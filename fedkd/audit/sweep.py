@@ -10,9 +10,10 @@ middle epsilon); ``release`` (the guaranteed release mechanism, ``shield.release
 base's ``shield.release-rows`` chooses); ``dp-release`` (DP-SGD at the middle epsilon plus
 label-rr at the first release epsilon); ``withhold`` (text data: nothing released on the
 rows whose public text looks like personal data, ``shield.release = "withhold"`` with
-``shield.release-rows = "pii"``). Every run has
+``shield.release-rows = "pii"``); ``redact`` (text data: the public texts' PII-like spans
+replaced before anyone predicts on them, ``data.public-redact = "pii"``). Every run has
 ``audit.enabled``; everything else comes from the base config, so the runs differ only in
-``shield.*`` and ``privacy.*``.
+``shield.*``, ``privacy.*`` and ``data.public-redact``.
 
 This module holds the pure parts: the settings and each setting's configuration. The
 driver that runs and audits them (``run_sweep``) is simulations/studies/audit_sweep.py,
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 
 from fedkd.config import Config
 
-SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both", "release", "dp-release", "withhold")
+SWEEP_KINDS = ("none", "temperature", "noise", "shield", "dp", "both", "release", "dp-release", "withhold",
+               "redact")
 
 DIGITS_SWEEP = {
     "num-server-rounds": 10,
@@ -57,6 +59,8 @@ class Setting:
     """label-rr's epsilon per released label and round; None = no label-rr."""
     withhold: bool = False
     """``shield.release = "withhold"`` on the pii rows (the ``withhold`` kind)."""
+    redact: bool = False
+    """``data.public-redact = "pii"`` (the ``redact`` kind)."""
 
 
 def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], epsilons: Sequence[float],
@@ -89,6 +93,8 @@ def sweep_settings(*, temperatures: Sequence[float], noises: Sequence[float], ep
         out.append(Setting(f"dp-eps{middle:g}-rr{r0:g}", "dp-release", epsilon=middle, release_epsilon=r0))
     if "withhold" in kinds:
         out.append(Setting("withhold-pii", "withhold", withhold=True))
+    if "redact" in kinds:
+        out.append(Setting("redact-pii", "redact", redact=True))
     return out
 
 
@@ -110,5 +116,6 @@ def setting_config(base: Config, setting: Setting, *, sweep_name: str) -> Config
     audit = dataclasses.replace(base.audit, enabled=True)
     fusion = base.fusion if setting.release_epsilon is not None and not setting.withhold else dataclasses.replace(
         base.fusion, release_debias="off")  # fusion.release-debias acts on label-rr settings only
-    return dataclasses.replace(base, shield=shield, privacy=privacy, train=train, audit=audit, fusion=fusion,
-                               run_name=f"{sweep_name}/{setting.name}")
+    data = dataclasses.replace(base.data, public_redact="pii" if setting.redact else "none")
+    return dataclasses.replace(base, data=data, shield=shield, privacy=privacy, train=train, audit=audit,
+                               fusion=fusion, run_name=f"{sweep_name}/{setting.name}")

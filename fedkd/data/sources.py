@@ -37,7 +37,7 @@ from fedkd.data.splits import (
     split_federation,
 )
 from fedkd.data.own import dataset_arrays, encode_labels, read_own_data, scale_features, standardize_split
-from fedkd.data.text import TOPICS, _HF_TEXT_NAMES, is_text_dataset, tokenize, topic_corpus, vocab_info
+from fedkd.data.text import TOPICS, _HF_TEXT_NAMES, detokenize, is_text_dataset, tokenize, topic_corpus, vocab_info
 
 
 # ---------------------------------------------------------------------------- sources
@@ -312,11 +312,32 @@ def load_federation(data_config, seed: int) -> FederatedSplit:  # noqa: ANN001 (
 
 
 def transfer_set(public: ArrayDataset, data_config, seed: int) -> ArrayDataset:  # noqa: ANN001 (DataConfig)
-    """The public set the federation distils on: ``public`` and ``data.public-copies``
-    jittered copies of it (:func:`fedkd.data.splits.augment_public`, ``data.public-jitter``,
-    the run's ``seed``). Applied to the raw public inputs, before standardisation, by every
-    process (the simulation's split, a site reading the public file), so all agree."""
+    """The public set the federation distils on: ``public`` with its PII-like spans redacted
+    (``data.public-redact``, :func:`redact_public`) and ``data.public-copies`` jittered copies
+    of it (:func:`fedkd.data.splits.augment_public`, ``data.public-jitter``, the run's
+    ``seed``). Applied to the raw public inputs, before standardisation, by every process
+    (the simulation's split, a site reading the public file), so all agree."""
+    if data_config.public_redact == "pii":
+        public = ArrayDataset(redact_public(public.x, data_config), public.y, public.ids)
     return augment_public(public, copies=data_config.public_copies, jitter=data_config.public_jitter, seed=seed)
+
+
+def redact_public(ids: np.ndarray, data_config) -> np.ndarray:  # noqa: ANN001 (DataConfig)
+    """Token ids ``[N, L]`` of public texts with every PII-like span replaced
+    (:func:`fedkd.shielding.redact_pii`; ``data.public-redact = "pii"``): the rows with a
+    match are decoded, redacted and tokenized again (``data.max-length``, ``data.tokenizer``),
+    the others keep their ids. Also what an audit applies to probes placed in the public set."""
+    from fedkd.shielding import pii_rows, redact_pii
+
+    ids = np.asarray(ids)
+    texts = detokenize(ids, tokenizer=data_config.tokenizer)
+    rows = np.flatnonzero(pii_rows(texts))
+    if len(rows) == 0:
+        return ids
+    out = ids.copy()
+    out[rows] = tokenize([redact_pii(texts[r]) for r in rows], max_length=ids.shape[1],
+                         tokenizer=data_config.tokenizer).astype(ids.dtype)
+    return out
 
 
 # ------------------------------------------------------------------ split cache
