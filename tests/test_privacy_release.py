@@ -266,3 +266,16 @@ def test_a_withholding_site_neither_releases_nor_distils_on_pii_rows():
     np.testing.assert_array_equal(kept_positions, positions[~flagged])
     np.testing.assert_array_equal(kept, fused[~flagged])
     np.testing.assert_array_equal(consensus, fused[~flagged])
+
+
+def test_the_config_offers_exactly_the_mechanisms_and_rows_this_module_knows():
+    """fedkd.config lists shield.release / shield.release-rows choices as literals (importing
+    fedkd.privacy there would load Opacus at every config check): they must not drift."""
+    import dataclasses
+
+    from fedkd.config import ShieldConfig
+    from fedkd.privacy.release import RELEASE_ROWS, RELEASES
+
+    fields = {f.name: f.metadata["choices"] for f in dataclasses.fields(ShieldConfig)}
+    assert tuple(fields["release"]) == RELEASES
+    assert tuple(fields["release_rows"]) == RELEASE_ROWS
