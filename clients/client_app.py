@@ -66,6 +66,8 @@ def load_state(context: Context, config: Config, split: FederatedSplit, client: 
             saved["teacher"] = records["teacher"].to_torch_state_dict()
         if "student" in records:
             saved["student"] = records["student"].to_torch_state_dict()
+        if "average" in records:
+            saved["average"] = records["average"].to_torch_state_dict()
         if "privacy" in records:
             saved["privacy"] = str(records["privacy"]["ledger"])
         if "site" in records and "target-scores" in records["site"]:
@@ -75,13 +77,15 @@ def load_state(context: Context, config: Config, split: FederatedSplit, client: 
 
 
 def save_state(context: Context, state: SiteState) -> None:
-    """``state`` into ``context.state`` as records (``model``, ``teacher``, ``student``, ``privacy``, ``site``)."""
+    """``state`` into ``context.state`` as records (``model``, ``teacher``, ``student``, ``average``, ``privacy``, ``site``)."""
     saved = state.state_dict()
     context.state["model"] = ArrayRecord(saved["model"])
     if "teacher" in saved:
         context.state["teacher"] = ArrayRecord(saved["teacher"])
     if "student" in saved:  # a DP site's public-set student (privacy.student)
         context.state["student"] = ArrayRecord(saved["student"])
+    if "average" in saved:  # the average of a DP model's iterates (privacy.ema-decay)
+        context.state["average"] = ArrayRecord(saved["average"])
     if "privacy" in saved:  # the run's one accountant history, kept across rounds
         context.state["privacy"] = ConfigRecord({"ledger": saved["privacy"]})
     site = {"rounds-trained": saved["rounds-trained"]}

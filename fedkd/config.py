@@ -552,6 +552,12 @@ class PrivacyConfig:
         help="student: 'prior' divides M by its class marginal over the public rows before the product "
         "(log M - log mean_x M), so that classes few sites hold are not out-voted",
     )
+    ema_decay: float = option(
+        0.0, low=0, high=0.99,
+        help="student: the DP model's knowledge (what the site releases and its own K_i in the student's target) "
+        "comes from an exponential moving average of its weights over rounds, d * previous + (1 - d) * this "
+        "round's (fedkd/privacy/dpsgd.py iterate_average; post-processing, no privacy cost); 0 = the last iterate",
+    )
     distill_order: str = option(
         "before", choices=("before", "after"),
         help="under DP: distil the fused knowledge 'before' the private step (as without DP) or 'after' it "

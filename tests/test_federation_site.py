@@ -284,3 +284,45 @@ def test_a_dp_site_with_a_student_keeps_its_private_model_apart_and_reports_the_
     with pytest.raises(KeyError, match="has no student"):
         SiteState.fresh(config=load_config(overrides={**private.to_flat(), "privacy.student": "off"}), split=split,
                         client=0).load_state_dict(saved)
+
+
+def test_a_dp_student_site_releases_the_average_of_its_iterates(parts):
+    """privacy.ema-decay = 0.25 with the DP student: DP-SGD trains exactly as without it (the
+    average is post-processing), round 1 releases what the site without it releases (the first
+    average is the model), and round 2 releases the shielded predictions of 0.25 theta_1 +
+    0.75 theta_2, weights averaged by hand from the two rounds' models. The average survives
+    a state round trip."""
+    from fedkd.distillation import predict_logits
+    from fedkd.federation.site import NoiseSource, release_knowledge
+    from fedkd.seeds import site_seed
+
+    config, split = parts
+    plain = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                   "privacy.accountant": "rdp", "num-server-rounds": 2,
+                                   "model.architectures": "mlp-small"})
+    averaged = load_config(overrides={**plain.to_flat(), "privacy.ema-decay": 0.25})
+    assert SiteState.fresh(config=plain, split=split, client=0).average is None
+    states = {name: SiteState.fresh(config=c, split=split, client=0) for name, c in (("plain", plain), ("ema", averaged))}
+    released, iterates = {name: [] for name in states}, []
+    for round_number in (1, 2):
+        for name, c in (("plain", plain), ("ema", averaged)):
+            reply = site_round(config=c, split=split, client=0, state=states[name],
+                               inbox=_inbox(c, split, round_number=round_number))
+            released[name].append(decode(reply.arrays["knowledge"]))
+        for key, tensor in states["plain"].model.state_dict().items():  # same DP-SGD, bit for bit
+            torch.testing.assert_close(tensor, states["ema"].model.state_dict()[key], rtol=0, atol=0)
+        iterates.append({k: v.clone() for k, v in states["plain"].model.state_dict().items()})
+    np.testing.assert_array_equal(released["ema"][0], released["plain"][0])
+    by_hand = SiteState.fresh(config=plain, split=split, client=0).model
+    by_hand.load_state_dict({k: 0.25 * iterates[0][k] + 0.75 * iterates[1][k] for k in iterates[0]})
+    rng = np.random.default_rng(NoiseSource().round_seed(site_seed(averaged.seed, 0, 2)))
+    expected, _ = release_knowledge(averaged, predict_logits(by_hand, split.public.x), rng=rng,
+                                    public_x=split.public.x)
+    np.testing.assert_allclose(released["ema"][1], expected, atol=2e-3)  # float16 on the wire
+    assert np.abs(released["ema"][1] - released["plain"][1]).max() > 1e-2  # and not the last iterate's
+    again = SiteState.fresh(config=averaged, split=split, client=0)
+    again.load_state_dict(states["ema"].state_dict())
+    for key, tensor in again.average.state_dict().items():
+        torch.testing.assert_close(tensor, states["ema"].average.state_dict()[key], rtol=0, atol=0)
+    with pytest.raises(KeyError, match="keeps no iterate average"):
+        SiteState.fresh(config=plain, split=split, client=0).load_state_dict(states["ema"].state_dict())

@@ -648,3 +648,22 @@ def test_opacus_leaves_the_root_logger_alone_so_flower_lines_print_once() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "0"
+
+
+def test_iterate_average_is_the_exponential_moving_average_by_hand():
+    """theta_bar_1 = theta_1, theta_bar_r = d theta_bar_{r-1} + (1 - d) theta_r (d = 0.75), worked
+    out for three iterates of one weight: 4, 0, 8 -> 4, 3, 4.25."""
+    from fedkd.privacy import iterate_average
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = iterate_average(model, decay=0.75)
+    for value, expected in ((4.0, 4.0), (0.0, 3.0), (8.0, 4.25)):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        assert average.module.weight.item() == pytest.approx(expected)
+    assert model.weight.item() == 8.0  # the model itself is left alone
+    assert average(torch.ones(1, 1)).item() == pytest.approx(4.25)  # it predicts with the average
+    for decay in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="decay must be in \\(0, 1\\)"):
+            iterate_average(model, decay=decay)

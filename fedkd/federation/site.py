@@ -51,7 +51,7 @@ from fedkd.dp_knowledge import distillable_rows, student_target
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
-from fedkd.privacy import PrivacyLedger, ledger_metrics, site_privacy_plan, train_private_site
+from fedkd.privacy import PrivacyLedger, iterate_average, ledger_metrics, site_privacy_plan, train_private_site
 from fedkd.privacy.release import composed_release_epsilon, epsilon_per_round, label_release, withhold_rows
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import pii_rows, shield
@@ -159,7 +159,7 @@ class NoiseSource:
         return noise_rng_seed(self.kind, seed=seed, key=self.key)
 
 
-STATE_KEYS = frozenset({"model", "teacher", "student", "privacy", "rounds-trained", "target-scores"})
+STATE_KEYS = frozenset({"model", "teacher", "student", "average", "privacy", "rounds-trained", "target-scores"})
 
 
 @dataclass
@@ -167,8 +167,9 @@ class SiteState:
     """What a site keeps between rounds: its model, its teacher (teacher sites), its DP
     student (``privacy.student``: the model a DP site reports, distilled each round from
     ``student_init``, the student's initial weights, which :meth:`fresh` rebuilds and
-    :meth:`state_dict` leaves out), its privacy ledger (privacy on) and how many rounds it has
-    trained.
+    :meth:`state_dict` leaves out), the average of its DP model's iterates (``privacy.ema-decay``
+    with the student: :func:`fedkd.privacy.iterate_average`), its privacy ledger (privacy on) and
+    how many rounds it has trained.
 
     :meth:`state_dict` gives plain values (tensors by name, the ledger as JSON text, an int);
     :meth:`load_state_dict` refuses unknown or missing keys, naming them, as Opacus's
@@ -179,6 +180,7 @@ class SiteState:
     ledger: PrivacyLedger | None = None
     student: nn.Module | None = None
     student_init: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    average: nn.Module | None = None
     rounds_trained: int = 0
     target_scores: dict[str, list[float]] = field(default_factory=dict)
     noise: NoiseSource = field(default_factory=lambda: NoiseSource())
@@ -194,13 +196,15 @@ class SiteState:
         if config.privacy.enabled:
             ledger = PrivacyLedger(site_privacy_plan(config, len(split.clients[client].train), client))
         teacher = build_site_teacher(config, split, client)
-        student = student_init = None
+        student = student_init = average = None
+        model = build_site_model(config, split, client, architecture=architecture)
         if config.dp_student and teacher is None:  # a teacher site has its student already
             student = build_site_model(config, split, client, architecture=architecture)
             student_init = copy.deepcopy(student.state_dict())
-        return cls(model=build_site_model(config, split, client, architecture=architecture),
-                   teacher=teacher, ledger=ledger, student=student, student_init=student_init,
-                   noise=noise or NoiseSource())
+            if config.privacy.ema_decay > 0:
+                average = iterate_average(model, decay=config.privacy.ema_decay)
+        return cls(model=model, teacher=teacher, ledger=ledger, student=student, student_init=student_init,
+                   average=average, noise=noise or NoiseSource())
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model.state_dict(), "rounds-trained": self.rounds_trained}
@@ -210,6 +214,8 @@ class SiteState:
             state["teacher"] = self.teacher.state_dict()
         if self.student is not None:
             state["student"] = self.student.state_dict()
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
         if self.ledger is not None:
             state["privacy"] = self.ledger.to_json()
         return state
@@ -226,11 +232,15 @@ class SiteState:
                 raise KeyError(f"site state has key '{key}' but this site has no {key}")
         if "student" in state and self.student is None:
             raise KeyError("site state has key 'student' but this site has no student")
+        if "average" in state and self.average is None:
+            raise KeyError("site state has key 'average' but this site keeps no iterate average (privacy.ema-decay)")
         self.model.load_state_dict(state["model"])
         if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
         if self.student is not None and "student" in state:  # absent before the site's first round
             self.student.load_state_dict(state["student"])
+        if self.average is not None and "average" in state:
+            self.average.load_state_dict(state["average"])
         if self.ledger is not None:
             self.ledger.load_state_dict(json.loads(str(state["privacy"])))
         self.rounds_trained = int(state["rounds-trained"])
@@ -273,6 +283,7 @@ def site_round(*, config: Config, split: FederatedSplit, client: int, inbox: Sit
         fused=fused, fused_positions=fused_positions, ledger=state.ledger, teacher=state.teacher,
         target_scores=state.target_scores, consensus=consensus,
         noise=state.noise, dp_stop=inbox.dp_stop, student=state.student, student_init=state.student_init,
+        average=state.average,
     )
     state.rounds_trained += 1
     if config.shield.release != "none":  # the site's own count; the server keeps its own (ledger row)
@@ -441,6 +452,7 @@ def local_round(
     dp_stop: bool = False,
     student: nn.Module | None = None,
     student_init: Mapping[str, torch.Tensor] | None = None,
+    average: nn.Module | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Steps a-d above: returns the released knowledge ``[len(release_positions), C]`` and
     the round's metrics. ``fused`` [len(fused_positions), C] is F_i (None in round 1 or
@@ -461,8 +473,11 @@ def local_round(
     ``target_scores`` (the site's pooled scores, updated in place) carries across rounds.
 
     With a DP ``student`` (``privacy.student``) the model trains by DP-SGD only and releases
-    knowledge, and the student is distilled afresh from ``student_init`` (:func:`_dp_student`)."""
+    knowledge, and the student is distilled afresh from ``student_init`` (:func:`_dp_student`);
+    with an ``average`` (:func:`fedkd.privacy.iterate_average`, updated after the private step)
+    the knowledge, released and in the student's target, is the averaged model's."""
     t = config.train
+    knower = model  # whose predictions the site releases
     noise = noise or NoiseSource()
     seed = site_seed(config.seed, client, round_number)
     metrics: dict[str, float] = {}
@@ -502,7 +517,10 @@ def local_round(
     elif student is not None:
         _private_step(model, data.train, config=config, ledger=ledger, lr=config.privacy.lr,
                       seed=seed, metrics=metrics, noise=noise, dp_stop=dp_stop)
-        _dp_student(student, init=student_init, model=model, config=config, public_x=public_x,
+        if average is not None:
+            average.update_parameters(model)
+            knower = average
+        _dp_student(student, init=student_init, model=knower, config=config, public_x=public_x,
                     positions=fused_positions if has_fused and consensus is not None else None,
                     consensus=consensus, seed=seed, metrics=metrics)
         metrics["student-val-accuracy"] = accuracy(student, data.val)
@@ -522,7 +540,7 @@ def local_round(
         if has_fused and after:
             _dp_distil(model, config=config, public_x=public_x[fused_positions], fused=target, seed=seed, metrics=metrics)
     knowledge, stats = release_knowledge(
-        config, predict_logits(model, public_x[release_positions]),
+        config, predict_logits(knower, public_x[release_positions]),
         rng=np.random.default_rng(noise.round_seed(seed)), public_x=public_x[release_positions],
         reference=reference if reference is not None and reference_positions is not None
         and np.array_equal(reference_positions, release_positions) else None,

@@ -5,7 +5,8 @@
   whole-run plan), :class:`PrivacyLedger` (the run's one accountant history) and the one row
   format of the run's privacy ledger (:func:`ledger_metrics`, :func:`ledger_row`);
 * :mod:`fedkd.privacy.dpsgd` -- DP-SGD through Opacus charged to the ledger
-  (:func:`train_private`, :func:`train_private_site`).
+  (:func:`train_private`, :func:`train_private_site`) and the average of its iterates
+  (:func:`iterate_average`).
 
 No Flower imports.
 """
@@ -44,6 +45,7 @@ from fedkd.privacy.dpsgd import (
     PrivacyEngine,
     PrivateTraining,
     PrivateTrainResult,
+    iterate_average,
     private_training,
     resolve_grad_sample_mode,
     train_private,
@@ -54,7 +56,7 @@ __all__ = [
     "ACCOUNTANTS", "AUTO_MODES", "DEFAULT_ACCOUNTANT", "EPSILON_TOLERANCE", "RDP_ALPHAS", "GRAD_SAMPLE_MODES", "LEDGER_METRICS", "MAX_NOISE_MULTIPLIER",
     "PrivacyConfigError", "PrivacyEngine", "PrivacyLedger", "PrivacyPlan", "PrivacyStateError",
     "PrivateTrainResult", "PrivateTraining", "calibrate_noise_multiplier", "check_privacy_plans", "compose", "compose_epsilon",
-    "create_accountant", "default_delta", "epsilon_for", "get_noise_multiplier", "ledger_metrics",
+    "create_accountant", "default_delta", "epsilon_for", "get_noise_multiplier", "iterate_average", "ledger_metrics",
     "ledger_row", "parse_history", "plan_privacy", "previous_history", "private_training", "resolve_grad_sample_mode", "sample_rate_for", "site_privacy_plan",
     "steps_for", "train_private", "train_private_site",
 ]
