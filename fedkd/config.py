@@ -553,10 +553,11 @@ class PrivacyConfig:
         "(log M - log mean_x M), so that classes few sites hold are not out-voted",
     )
     ema_decay: float = option(
-        0.0, low=0, high=0.99,
+        0.7, low=0, high=0.99,
         help="student: the DP model's knowledge (what the site releases and its own K_i in the student's target) "
         "comes from an exponential moving average of its weights over rounds, d * previous + (1 - d) * this "
-        "round's (fedkd/privacy/dpsgd.py iterate_average; post-processing, no privacy cost); 0 = the last iterate",
+        "round's (fedkd/privacy/dpsgd.py iterate_average; post-processing, no privacy cost); 0 = the last iterate "
+        "(the default until 2026-12-07; docs/privacy.md 'Averaging the DP iterates')",
     )
     distill_order: str = option(
         "before", choices=("before", "after"),

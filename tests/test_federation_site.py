@@ -299,8 +299,9 @@ def test_a_dp_student_site_releases_the_average_of_its_iterates(parts):
     config, split = parts
     plain = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
                                    "privacy.accountant": "rdp", "num-server-rounds": 2,
-                                   "model.architectures": "mlp-small"})
+                                   "model.architectures": "mlp-small", "privacy.ema-decay": 0.0})
     averaged = load_config(overrides={**plain.to_flat(), "privacy.ema-decay": 0.25})
+    assert load_config().privacy.ema_decay == 0.7  # the default
     assert SiteState.fresh(config=plain, split=split, client=0).average is None
     states = {name: SiteState.fresh(config=c, split=split, client=0) for name, c in (("plain", plain), ("ema", averaged))}
     released, iterates = {name: [] for name in states}, []
