@@ -52,6 +52,12 @@ def site_noise(context: Context, config: Config) -> NoiseSource:
     return NoiseSource(kind, store.noise_secret() if store is not None else new_site_secret())
 
 
+MODEL_RECORDS = ("teacher", "student", "average")
+"""The site's optional models, each kept as an array record of its torch state dict: a teacher
+site's teacher, a DP site's public-set student (``privacy.student``) and the average of its DP
+model's iterates (``privacy.ema-decay``)."""
+
+
 def load_state(context: Context, config: Config, split: FederatedSplit, client: int,
                noise: NoiseSource | None = None) -> SiteState:
     """The site's :class:`SiteState` from ``context.state`` (fresh before its first round),
@@ -62,12 +68,9 @@ def load_state(context: Context, config: Config, split: FederatedSplit, client: 
     if "model" in records:
         saved = {"model": records["model"].to_torch_state_dict(),
                  "rounds-trained": int(records["site"]["rounds-trained"]) if "site" in records else 0}
-        if "teacher" in records:
-            saved["teacher"] = records["teacher"].to_torch_state_dict()
-        if "student" in records:
-            saved["student"] = records["student"].to_torch_state_dict()
-        if "average" in records:
-            saved["average"] = records["average"].to_torch_state_dict()
+        for name in MODEL_RECORDS:
+            if name in records:
+                saved[name] = records[name].to_torch_state_dict()
         if "privacy" in records:
             saved["privacy"] = str(records["privacy"]["ledger"])
         if "site" in records and "target-scores" in records["site"]:
@@ -79,13 +82,9 @@ def load_state(context: Context, config: Config, split: FederatedSplit, client: 
 def save_state(context: Context, state: SiteState) -> None:
     """``state`` into ``context.state`` as records (``model``, ``teacher``, ``student``, ``average``, ``privacy``, ``site``)."""
     saved = state.state_dict()
-    context.state["model"] = ArrayRecord(saved["model"])
-    if "teacher" in saved:
-        context.state["teacher"] = ArrayRecord(saved["teacher"])
-    if "student" in saved:  # a DP site's public-set student (privacy.student)
-        context.state["student"] = ArrayRecord(saved["student"])
-    if "average" in saved:  # the average of a DP model's iterates (privacy.ema-decay)
-        context.state["average"] = ArrayRecord(saved["average"])
+    for name in ("model", *MODEL_RECORDS):
+        if name in saved:
+            context.state[name] = ArrayRecord(saved[name])
     if "privacy" in saved:  # the run's one accountant history, kept across rounds
         context.state["privacy"] = ConfigRecord({"ledger": saved["privacy"]})
     site = {"rounds-trained": saved["rounds-trained"]}
