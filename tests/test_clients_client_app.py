@@ -188,3 +188,29 @@ def test_an_unreadable_identity_key_is_one_line(parts, tmp_path):
         site_settings({"partition-id": 0, "identity-key": str(tmp_path / "site-0")}, num_clients=3)
     assert err.value.problems == [f"node config identity-key: {tmp_path / 'site-0'}: cannot be read "
                                   "(No such file or directory)"]
+
+
+def test_a_dp_student_sites_models_survive_context_state(parts):
+    """A DP site with the student and the iterate average (privacy.ema-decay, the default):
+    save_state writes its model, student and average as array records and load_state gives
+    them back tensor for tensor."""
+    import torch
+
+    from clients.client_app import load_state, save_state
+
+    config, split = parts
+    private = load_config(overrides={**config.to_flat(), "privacy.enabled": True, "privacy.target-epsilon": 8.0,
+                                     "model.architectures": "mlp-small"})
+    state = SiteState.fresh(config=private, split=split, client=1)
+    site_round(config=private, split=split, client=1, state=state,
+               inbox=SiteInbox(round_number=1, public_fingerprint=split.public_fingerprint,
+                               config_digest=private.digest()))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config=private.to_flat())
+    save_state(context, state)
+    assert {"model", "student", "average", "privacy", "site"} <= set(context.state.keys())
+    again = load_state(context, private, split, 1)
+    for name in ("model", "student", "average"):
+        for key, tensor in getattr(state, name).state_dict().items():
+            torch.testing.assert_close(getattr(again, name).state_dict()[key], tensor, rtol=0, atol=0)
+    assert int(again.average.n_averaged) == 1
