@@ -291,6 +291,12 @@ def test_exposure_known_answers():
     both = exposure_by_skewnorm(canary_loss=np.array([5.0, 4.0]), candidate_losses=losses)
     assert both.shape == (2,) and both[0] == pytest.approx(1.0, abs=0.15)
     assert both[1] == pytest.approx(-math.log2(0.1587), abs=0.2)
+    # a one-hot release gives two losses (label kept: 0, flipped: -log 1e-6): no skew-normal
+    # describes that, so the estimate is undefined, not the degenerate fit's number
+    two = np.where(rng.random(2000) < 0.35, 0.0, -math.log(1e-6))
+    assert math.isnan(exposure_by_skewnorm(canary_loss=0.0, candidate_losses=two))
+    assert exposure_by_skewnorm(canary_loss=0.0, candidate_losses=np.zeros(50)) == 0.0  # a full tie
+    assert math.isfinite(exposure_by_skewnorm(canary_loss=5.0, candidate_losses=losses[:10]))  # few, all distinct
     fills, size = candidate_fillings(fmt="pin {} {}", exclude=[(4, 2)], max_candidates=1000, seed=0)
     assert size == 100 and len(fills) == 99 and (4, 2) not in fills
     fills, size = candidate_fillings(fmt="pin {} {} {} {}", exclude=[(1, 2, 3, 4)], max_candidates=50, seed=0)

@@ -15,7 +15,11 @@ enumeration) and a typical one ~1.
   small enough, else a uniform sample, whose share below the canary estimates rank/|R|).
 * :func:`exposure_by_skewnorm` (Secret Sharer Sec. 4.3): fit a skew-normal distribution to
   the candidates' losses and read exposure = -log2 CDF(loss(canary)), which extrapolates
-  beyond the sample's resolution of log2(n) bits.
+  beyond the sample's resolution of log2(n) bits. It models a continuous loss: where the
+  candidates' losses take fewer than :data:`MIN_DISTINCT_LOSSES` distinct values (a one-hot
+  release, e.g. randomized response on the label, gives at most R + 1 over R rounds) no
+  skew-normal describes them, the maximum-likelihood fit runs off to a degenerate shape
+  (|a| ~ 1e7), and the estimate is not defined: NaN (``-`` in reports), not a number.
 
 >>> import numpy as np
 >>> round(exposure_by_rank(canary_loss=0.0, candidate_losses=np.arange(1.0, 1024.0),
@@ -29,6 +33,8 @@ import math
 
 import numpy as np
 from scipy.stats import skewnorm
+
+MIN_DISTINCT_LOSSES = 20  # fewer distinct candidate losses: a discrete release, no skew-normal fit
 
 
 def exposure_by_rank(*, canary_loss: float, candidate_losses: np.ndarray, space_size: int) -> float:
@@ -47,11 +53,15 @@ def exposure_by_skewnorm(*, canary_loss: float | np.ndarray, candidate_losses: n
     """-log2 F(loss(canary)), F the skew-normal CDF fitted to the candidates' losses.
 
     ``canary_loss`` may be a scalar or an array of losses (e.g. the secret and the control):
-    the fit, the expensive part, is done once for all of them and the result has their shape."""
+    the fit, the expensive part, is done once for all of them and the result has their shape.
+    0 where every candidate has the same loss (a full tie); NaN where they repeat and take
+    fewer than ``MIN_DISTINCT_LOSSES`` distinct values (a discrete release: not defined)."""
     canary = np.asarray(canary_loss, dtype=np.float64)
     losses = np.asarray(candidate_losses, dtype=np.float64)
     if losses.size < 3 or np.ptp(losses) == 0:
         out = np.zeros_like(canary)
+    elif np.unique(losses).size < min(MIN_DISTINCT_LOSSES, losses.size):
+        out = np.full_like(canary, np.nan)
     else:
         a, loc, scale = skewnorm.fit(losses)
         out = -skewnorm.logcdf(canary, a, loc, scale) / math.log(2)

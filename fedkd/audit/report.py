@@ -189,8 +189,8 @@ def audit_markdown(result: Mapping[str, Any]) -> str:
             "|---|---|---|---|---|",
         ]
         for name, t in e["targets"].items():
-            lines.append(f"| {name} | {_exposure_cell(t['secret'])} | {t['secret']['skewnorm']:.2f} | "
-                         f"{_exposure_cell(t['control'])} | {t['control']['skewnorm']:.2f} |")
+            lines.append(f"| {name} | {_exposure_cell(t['secret'])} | {_f(t['secret']['skewnorm'], '.2f')} | "
+                         f"{_exposure_cell(t['control'])} | {_f(t['control']['skewnorm'], '.2f')} |")
         if any(t["secret"].get("draws", 1) > 1 for t in e["targets"].values()):
             lines += ["", "Through a random release: the mean over the draws [5%, 95% of draws]; "
                       "`release-on-probes-all-rounds` sums every round's release."]
@@ -361,7 +361,7 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]], command: str) -> str:
                   "|---|" + "---|" * (len(names) + 1)]
         for r in exposure_rows:
             t = r["audit"]["exposure"]["targets"]
-            cells = [f"{t[n]['secret']['rank']:.2f} ({t[n]['secret']['skewnorm']:.1f})" if n in t else "-"
+            cells = [f"{t[n]['secret']['rank']:.2f} ({_f(t[n]['secret']['skewnorm'], '.1f')})" if n in t else "-"
                      for n in names]
             control = t.get("site-model", {}).get("control", {}).get("rank")
             lines.append(f"| {r['setting']} | " + " | ".join(cells) + f" | {_f(control, '.2f')} |")
