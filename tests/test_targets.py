@@ -286,3 +286,78 @@ def test_validated_site_scores_the_unsharpened_mean():
                              consensus=sharpen(m, 0.1).astype(np.float32))
     assert set(scores) == {"0", "mean", "mean-local"}
     assert metrics["target-lambda"] in (0.0, -3.0, -4.0)
+
+
+def test_pooled_ranking_orders_as_pooled_choice():
+    from fedkd.targets import pooled_ranking
+
+    scores = record_scores({}, {0.0: 0.30, 0.5: 0.40, 1.0: 0.20})
+    scores = record_scores(scores, {0.0: 0.10, 0.5: 0.40, 1.0: 0.50})  # pooled: 0.2, 0.4, 0.35
+    assert pooled_ranking(scores, (0.0, 0.5, 1.0)) == [0.0, 1.0, 0.5]
+    tied = record_scores({}, {0.0: 0.3, 1.0: 0.3, "consensus": 0.1})
+    assert pooled_ranking(tied, (0.0, 1.0, "consensus")) == ["consensus", 1.0, 0.0]  # tie: the later listed first
+    assert pooled_ranking({}, (0.0, 0.5)) == [0.5, 0.0]  # nothing scored: all tied
+
+
+def test_greedy_soup_takes_each_ingredient_that_does_not_raise_the_score():
+    """Scores of each soup, written out by hand: {a} 1.0; {a, b} 0.9 (taken); {a, b, c} 0.95
+    (refused: worse than 0.9); {a, b, d} 0.9 (taken: equal is no worse)."""
+    from fedkd.targets import greedy_soup
+
+    table = {"a": 1.0, "ab": 0.9, "abc": 0.95, "abd": 0.9}
+    calls = []
+
+    def score(members):
+        calls.append("".join(members))
+        return table["".join(members)]
+
+    assert greedy_soup(["a", "b", "c", "d"], score=score) == ["a", "b", "d"]
+    assert calls == ["a", "ab", "abc", "abd"]
+    assert greedy_soup(["a", "b"], score=lambda m: float("nan")) == ["a"]  # no validation data: the best alone
+    with pytest.raises(ValueError, match="at least one"):
+        greedy_soup([], score=score)
+
+
+def test_soup_site_is_the_weight_average_of_the_candidates_it_keeps():
+    """train.target-combine = "soup": site 2 (seed 1) trains one local round, then a validated
+    round with F_i = its own knowledge. Each candidate alone (candidates "0", then "1", from
+    the same start and seed) gives the two trained states; the soup round's model must be
+    their plain average if that scores no worse on validation than the better one (checked
+    by loading each into a fresh model; here it does), else the better one."""
+    import copy
+
+    config = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
+                                    "seed": 1, "train.target-choice": "validated"})
+    split = load_federation(config.data, config.seed)
+    everything = np.arange(len(split.public))
+    kwargs = dict(client=2, data=split.clients[2], public_x=split.public.x, release_positions=everything)
+    start = build_site_model(config, split, 2)
+    own, _ = local_round(model=start, config=config, round_number=1, **kwargs)
+
+    def second_round(**overrides):  # noqa: ANN003, ANN202
+        cfg = load_config(overrides={"data.num-clients": 3, "train.local-epochs": 1, "train.distill-epochs": 1,
+                                     "seed": 1, "train.target-choice": "validated", **overrides})
+        model, scores = copy.deepcopy(start), {}
+        _, metrics = local_round(model=model, config=cfg, round_number=2, fused=own, fused_positions=everything,
+                                 target_scores=scores, **kwargs)
+        return model, metrics, scores
+
+    single = {lam: {k: v.detach().clone() for k, v in second_round(**{"train.blend-candidates": lam})[0]
+                    .state_dict().items()} for lam in ("0", "1")}
+    model, metrics, scores = second_round(**{"train.blend-candidates": "0,1", "train.target-combine": "soup"})
+
+    def nll(state):  # noqa: ANN001, ANN202
+        fresh = build_site_model(config, split, 2)
+        fresh.load_state_dict(state)
+        return validation_nll(fresh, split.clients[2].val)
+
+    average = {k: (single["0"][k] + single["1"][k]) / 2 for k in single["0"]}
+    best = min(("0", "1"), key=lambda k: (scores[k][0], -float(k)))
+    assert f"{metrics['target-lambda']:g}" == best
+    assert nll(average) <= nll(single[best])  # this setup forms a soup
+    assert metrics["soup-size"] == 2.0
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, average[k], rtol=1e-6, atol=1e-6)
+    assert metrics["val-nll"] == pytest.approx(nll(average), rel=1e-5)
+    _, picked, _ = second_round(**{"train.blend-candidates": "0,1"})
+    assert "soup-size" not in picked and picked["target-lambda"] == metrics["target-lambda"]
