@@ -334,12 +334,6 @@ class TrainConfig:
              "candidate's pooled validation NLL is lower by more than this many paired standard errors "
              "(fedkd/targets.py margin_choice; 0 = the lowest pooled NLL)",
     )
-    target_combine: str = option(
-        "pick", choices=("pick", "soup"),
-        help="'validated': 'pick' keeps the chosen candidate; 'soup' averages the weights of the chosen "
-             "candidate and, best first by pooled score, each other candidate whose addition does not raise "
-             "this round's validation NLL (a greedy model soup, fedkd/targets.py greedy_soup)",
-    )
     blend_candidates: str = option(
         "0,1,consensus,consensus-local", check=_check_blend_candidates,
         help="what 'validated' tries: l = blend (1-l) K_i + l F_i (0 = no distillation, 1 = F_i), "

@@ -28,7 +28,7 @@ The functions here are pure; :func:`fedkd.federation.site.local_round` runs the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -144,51 +144,16 @@ def pooled_choice(scores: Mapping[str, Sequence[float]], candidates: Sequence[Ca
     is the validation NLL alone (keys ``"0"``, ``"1"``, ``"consensus"``...); ``(ERROR, "")``
     compares the pooled validation error first (keys ``"error:0"``...) and breaks its ties
     (frequent on splits of 4-54 examples) by the pooled NLL."""
-    return pooled_ranking(scores, candidates, by=by)[0]
-
-
-def pooled_ranking(scores: Mapping[str, Sequence[float]], candidates: Sequence[Candidate], *,
-                   by: Sequence[str] = ("",)) -> list[Candidate]:
-    """``candidates`` best first by :func:`pooled_choice`'s order (the lowest pooled mean
-    score of each family of ``by`` in turn; ties and unscored candidates to the one listed
-    last), so ``pooled_ranking(...)[0] == pooled_choice(...)``."""
     def mean(prefix: str, lam: Candidate) -> float:
         total, count = scores.get(prefix + _key(lam), (0.0, 0))
         return total / count if count else math.inf
 
-    ranked: list[tuple[list[float], Candidate]] = []
-    for lam in reversed(list(candidates)):  # insertion after equals keeps the later-listed first
+    best, best_means = None, None
+    for lam in reversed(list(candidates)):
         means = [mean(prefix, lam) for prefix in by]
-        at = len(ranked)
-        for k, (other, _) in enumerate(ranked):
-            if _lexically_lower(means, other):
-                at = k
-                break
-        ranked.insert(at, (means, lam))
-    return [lam for _, lam in ranked]
-
-
-def greedy_soup(order: Sequence[Candidate], *, score: Callable[[Sequence[Candidate]], float]) -> list[Candidate]:
-    """The greedy model soup of Wortsman et al. (ICML 2022, "Model soups", Recipe 1): with
-    the ingredients in ``order`` (best first), the soup starts as the first alone and takes
-    each next ingredient c in turn if the uniform weight average of soup + [c] scores no worse,
-
-        S <- S + [c]   if score(S + [c]) <= score(S)
-
-    (``score``: lower is better, e.g. the validation NLL of the averaged weights; a NaN score
-    never admits anything). Returns the ingredients kept, best first. Candidates trained from
-    the same start and seed for one round lie in one basin, which is what makes their average
-    a model at all (Frankle et al. 2020, linear mode connectivity); the average hedges
-    between targets where a 4-54-example validation split cannot tell them apart."""
-    if not order:
-        raise ValueError("greedy_soup needs at least one ingredient")
-    soup = [order[0]]
-    best = score(soup)
-    for lam in order[1:]:
-        value = score([*soup, lam])
-        if value <= best:
-            soup, best = [*soup, lam], value
-    return soup
+        if best is None or _lexically_lower(means, best_means):
+            best, best_means = lam, means
+    return best
 
 
 def _lexically_lower(a: Sequence[float], b: Sequence[float]) -> bool:

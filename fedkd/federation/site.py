@@ -48,7 +48,6 @@ from fedkd.data import ArrayDataset, ClientData, FederatedSplit
 from fedkd.distillation import (accuracy, distil, label_prior, predict_logits, prior_accuracy, train_joint,
                                 train_supervised)
 from fedkd.dp_knowledge import distillable_rows, student_target
-from fedkd.fedavg import average_weights
 from fedkd.wire import decode, site_record
 from fedkd.models import build_model
 from fedkd.fusion import entropy
@@ -56,9 +55,9 @@ from fedkd.privacy import PrivacyLedger, iterate_average, ledger_metrics, site_p
 from fedkd.privacy.release import composed_release_epsilon, epsilon_per_round, label_release, withhold_rows
 from fedkd.seeds import NOISE_SEEDS, noise_rng_seed, site_seed, teacher_seed
 from fedkd.shielding import pii_rows, shield
-from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, greedy_soup, local_prior,
-                           margin_choice, parse_candidates, pooled_choice, pooled_ranking, record_example_scores,
-                           record_scores, under_prior, unsharpen, validation_nll, validation_nlls)
+from fedkd.targets import (CONSENSUS, ERROR, LOCAL_CONSENSUS, LOCAL_MEAN, MEAN, blend, local_prior, parse_candidates,
+                           margin_choice, pooled_choice, record_example_scores, record_scores, under_prior, unsharpen,
+                           validation_nll, validation_nlls)
 
 
 class SiteRefusal(ValueError):
@@ -728,34 +727,10 @@ def choose_target(*, model: nn.Module, config: Config, seed: int, data: ClientDa
     else:
         chosen = pooled_choice(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
     model.load_state_dict(trained[chosen])
-    if t.target_combine == "soup":
-        ranking = pooled_ranking(scores, candidates, by=(ERROR, "") if t.target_score == "error" else ("",))
-        soup = _soup(model, data=data, order=[chosen, *(c for c in ranking if c != chosen)], trained=trained)
-        metrics["soup-size"] = float(len(soup))
     codes = {CONSENSUS: -1.0, LOCAL_CONSENSUS: -2.0, MEAN: -3.0, LOCAL_MEAN: -4.0}  # metrics are numbers
     metrics["target-lambda"] = codes.get(chosen, chosen) if isinstance(chosen, str) else float(chosen)
-    metrics["val-nll"] = validation_nll(model, data.val) if t.target_combine == "soup" else round_scores[chosen]
+    metrics["val-nll"] = round_scores[chosen]
     return losses[chosen]
-
-
-def _soup(model: nn.Module, *, data: ClientData, order: list, trained: Mapping) -> list:
-    """:func:`fedkd.targets.greedy_soup` of the ``trained`` candidate states in ``order``,
-    scored by this round's validation NLL; ``model`` ends as the soup (uniform weight average,
-    :func:`fedkd.fedavg.average_weights`), which is returned as its ingredients."""
-    arrays = {lam: {k: v.detach().cpu().numpy() for k, v in state.items()} for lam, state in trained.items()}
-    template = trained[order[0]]
-
-    def load(members) -> None:  # noqa: ANN001
-        mean = average_weights([arrays[m] for m in members], num_examples=[1.0] * len(members))
-        model.load_state_dict({k: torch.as_tensor(v, dtype=template[k].dtype) for k, v in mean.items()})
-
-    def score(members) -> float:  # noqa: ANN001
-        load(members)
-        return validation_nll(model, data.val)
-
-    soup = greedy_soup(order, score=score)
-    load(soup)
-    return soup
 
 
 def release_knowledge(config: Config, logits: np.ndarray, *, rng: np.random.Generator,
