@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedkd.config import ConfigError, load_config
-from fedkd.data import load_federation, site_view, split_cache_path
+from fedkd.data import DataUnavailableError, load_federation, load_source, site_view, split_cache_path
 from fedkd.data.own import encode_labels, read_own_data, scale_features, standardize_split
 from fedkd.data.splits import ArrayDataset, ClientData, FederatedSplit
 
@@ -95,6 +95,10 @@ def test_data_path_refusals_are_one_line_each():
         "data.dataset = \"file\" (CSV, x/y .npz or a save_to_disk folder)"]
     with pytest.raises(ConfigError, match="data.dataset 'file' reads your own data from data.path"):
         load_config(overrides={"data.dataset": "file"})
+    with pytest.raises(DataUnavailableError) as missing:  # a path that is not there: what 'file' reads, not the hub
+        load_source("file", path="/no/such/wine.npz")
+    assert str(missing.value) == ("data.path: no file or folder at '/no/such/wine.npz' (data.dataset 'file' reads a "
+                                  ".csv file, an .npz file with arrays x and y, or a datasets.save_to_disk folder)")
     with pytest.raises(ConfigError, match="data.standardize: text data"):
         load_config(overrides={"data.dataset": "topics", "data.standardize": "public",
                                "model.architectures": "bert-tiny", "global-student.enabled": False})
