@@ -226,6 +226,31 @@ def test_an_out_of_range_prior_accuracy_refuses_the_reply(parts, tmp_path):
     assert summary["history"][0]["evaluated-sites"] == 1  # ALMA over 1 of the round's 4 sites, said so
 
 
+def test_the_side_accuracies_a_site_reports_are_recorded_and_checked(parts, tmp_path):
+    """A DP site reports its DP model's accuracy beside its student's, a teacher site its student's
+    and teacher's: each lands in the site's client-eval record; one out of [0, 1] refuses the reply;
+    a key that is not an accuracy is not recorded."""
+    config, split = parts
+
+    def evaluations(round_number):  # noqa: ANN001, ANN202
+        return [Reply(node=100, metrics={"partition-id": 0, "accuracy": 0.6, "num-examples": 5.0,
+                                         "private-accuracy": 0.2, "val-loss": 3.0}),
+                Reply(node=101, metrics={"partition-id": 1, "accuracy": 0.8, "num-examples": 5.0,
+                                         "student-accuracy": 0.8, "teacher-accuracy": 0.4}),
+                Reply(node=102, metrics={"partition-id": 2, "accuracy": 0.4, "num-examples": 5.0,
+                                         "private-accuracy": -0.1})]
+
+    one_round = load_config(overrides={**config.to_flat(), "num-server-rounds": 1})
+    transport = Scripted(lambda r, a: [_train(s) for s in range(4)], evaluations=evaluations)
+    recorder = RunRecorder(tmp_path / "run", one_round.to_toml())
+    summary = run_federation(config=one_round, split=split, transport=transport, recorder=recorder)
+    recorded = {e["client"]: e for e in read_events(recorder.run_dir, "client-eval")}
+    assert set(recorded) == {0, 1}  # site 2's reply refused
+    assert recorded[0]["private-accuracy"] == 0.2 and "val-loss" not in recorded[0]
+    assert recorded[1]["student-accuracy"] == 0.8 and recorded[1]["teacher-accuracy"] == 0.4
+    assert summary["final"]["alma"] == pytest.approx(0.7)  # (0.6 + 0.8) / 2
+
+
 def test_a_failed_run_keeps_its_summary(parts, tmp_path):
     config, split = parts
 

@@ -45,12 +45,12 @@ from fedkd.federation.server import (
     ServerState,
     accept_reply,
     evaluation_scores,
-    prior_score,
     privacy_row,
     release_positions,
     reply_client,
     run_summary,
     server_round,
+    side_accuracies,
     site_inbox,
     train_metrics,
 )
@@ -351,15 +351,14 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
             if client in acc:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
             accuracy, num_examples = evaluation_scores(reply.metrics)
-            prior_acc = prior_score(reply.metrics)
+            extra = side_accuracies(reply.metrics)
         except Exception as err:  # noqa: BLE001  a bad evaluation reply is skipped, not fatal
             logger.warning("fedkd round %d: evaluation reply from node %d ignored: %s",
                            round_number, reply.node, err)
             continue
         acc[client], examples[client] = accuracy, num_examples
-        extra = {} if prior_acc is None else {"prior-accuracy": prior_acc}
-        if prior_acc is not None:
-            prior[client] = prior_acc
+        if "prior-accuracy" in extra:
+            prior[client] = extra["prior-accuracy"]
         recorder.record("client-eval", round=round_number, client=client, accuracy=accuracy,
                         **{"num-examples": num_examples}, **extra)
     scores = alma_summary(acc, examples)

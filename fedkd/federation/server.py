@@ -256,16 +256,22 @@ def privacy_row(*, config: Config, metrics: Mapping[str, Any], previous: Mapping
     return with_combined({**(row or {}), **extra})
 
 
-EVAL_NAN = frozenset({"accuracy", "student-accuracy", "teacher-accuracy", "prior-accuracy"})
+SIDE_ACCURACIES = ("prior-accuracy", "private-accuracy", "student-accuracy", "teacher-accuracy")
+"""Accuracies a site may report beside ``accuracy`` (:func:`fedkd.federation.site.evaluate_site`):
+on the shared test set under its label mix, of a DP site's own DP model (beside its student's),
+of a teacher site's student and teacher."""
+
+
+EVAL_NAN = frozenset({"accuracy", *SIDE_ACCURACIES})
 """Evaluation metrics that may be NaN (an empty test split, no class of the prior present)."""
 
 
 def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
     """``(accuracy, num-examples)`` of an evaluation reply, checked
     (:func:`fedkd.wire.validate_metrics`; accuracy in [0, 1], NaN only over no examples;
-    ``prior-accuracy``, where present, in [0, 1] or NaN: :func:`prior_score`)."""
+    :data:`SIDE_ACCURACIES`, where present, in [0, 1] or NaN: :func:`side_accuracies`)."""
     checked = validate_metrics(metrics, allow_nan=EVAL_NAN)
-    prior_score(checked)
+    side_accuracies(checked)
     for key in ("accuracy", "num-examples"):
         if key not in checked:
             raise InvalidPayload(f"evaluation metrics need '{key}'")
@@ -276,16 +282,15 @@ def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
     return accuracy_, examples
 
 
-def prior_score(metrics: Mapping[str, Any] | None) -> float | None:
-    """An evaluation reply's ``prior-accuracy`` (the site's accuracy on the shared test set
-    re-weighted to its label mix), None where the reply has none; a value outside [0, 1]
-    (NaN allowed) is refused with :class:`InvalidPayload`."""
-    if not metrics or "prior-accuracy" not in metrics:
-        return None
-    value = validate_metrics({"prior-accuracy": metrics["prior-accuracy"]}, allow_nan=EVAL_NAN)["prior-accuracy"]
-    if not (np.isnan(value) or 0.0 <= value <= 1.0):
-        raise InvalidPayload(f"prior-accuracy must be in [0, 1] or NaN; got {value}")
-    return float(value)
+def side_accuracies(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """An evaluation reply's :data:`SIDE_ACCURACIES` that it has, checked; a value outside
+    [0, 1] (NaN allowed) is refused with :class:`InvalidPayload`."""
+    present = {key: metrics[key] for key in SIDE_ACCURACIES if metrics and key in metrics}
+    checked = validate_metrics(present, allow_nan=frozenset(present)) if present else {}
+    for key, value in checked.items():
+        if not (np.isnan(value) or 0.0 <= value <= 1.0):
+            raise InvalidPayload(f"{key} must be in [0, 1] or NaN; got {value}")
+    return {key: float(value) for key, value in checked.items()}
 
 
 # ------------------------------------------------------------------ the round
