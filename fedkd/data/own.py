@@ -41,7 +41,9 @@ def read_own_data(
     (see the module doc). ``image_column``: a named dataset's image column, tried first."""
     where = Path(path).expanduser()
     if not where.exists():
-        raise DataUnavailableError(f"data.path: no file or folder at '{path}'")
+        raise DataUnavailableError(
+            f"data.path: no file or folder at '{path}' (data.dataset 'file' reads a .csv file, an .npz "
+            "file with arrays x and y, or a datasets.save_to_disk folder)")
     features = [c.strip() for c in feature_columns.split(",") if c.strip()]
     if where.is_dir():
         x, labels = _read_saved_dataset(where, label_column=label_column, features=features,

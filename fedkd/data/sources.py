@@ -83,11 +83,7 @@ def load_source(
         return synthetic_source(spec=synthetic or SyntheticSpec())
     hub_id, image_column = _HF_NAMES.get(name, (name, "image"))
     if path:
-        if not Path(path).expanduser().exists() and name == OWN_DATA:
-            raise DataUnavailableError(
-                f"data.path: no file or folder at '{path}' (data.dataset 'file' reads a .csv file, an .npz "
-                "file with arrays x and y, or a datasets.save_to_disk folder)")
-        if not Path(path).expanduser().exists():
+        if name != OWN_DATA and not Path(path).expanduser().exists():  # 'file': read_own_data says it
             raise DataUnavailableError(
                 f"could not load dataset '{name}' from '{path}': no such file or folder. "
                 f"Save it once elsewhere with datasets.load_dataset('{hub_id}').save_to_disk(DIR), "
