@@ -50,7 +50,6 @@ from fedkd.federation.server import (
     reply_client,
     run_summary,
     server_round,
-    side_accuracies,
     site_inbox,
     train_metrics,
 )
@@ -350,8 +349,7 @@ def record_evaluation(*, config: Config, recorder: RunRecorder, round_number: in
         try:
             if client in acc:
                 raise InvalidPayload(f"partition-id {client} already replied this round")
-            accuracy, num_examples = evaluation_scores(reply.metrics)
-            extra = side_accuracies(reply.metrics)
+            accuracy, num_examples, extra = evaluation_scores(reply.metrics)
         except Exception as err:  # noqa: BLE001  a bad evaluation reply is skipped, not fatal
             logger.warning("fedkd round %d: evaluation reply from node %d ignored: %s",
                            round_number, reply.node, err)

@@ -266,12 +266,12 @@ EVAL_NAN = frozenset({"accuracy", *SIDE_ACCURACIES})
 """Evaluation metrics that may be NaN (an empty test split, no class of the prior present)."""
 
 
-def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
-    """``(accuracy, num-examples)`` of an evaluation reply, checked
+def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float, dict[str, float]]:
+    """``(accuracy, num-examples, side accuracies)`` of an evaluation reply, checked
     (:func:`fedkd.wire.validate_metrics`; accuracy in [0, 1], NaN only over no examples;
     :data:`SIDE_ACCURACIES`, where present, in [0, 1] or NaN: :func:`side_accuracies`)."""
     checked = validate_metrics(metrics, allow_nan=EVAL_NAN)
-    side_accuracies(checked)
+    side = side_accuracies(checked)
     for key in ("accuracy", "num-examples"):
         if key not in checked:
             raise InvalidPayload(f"evaluation metrics need '{key}'")
@@ -279,7 +279,7 @@ def evaluation_scores(metrics: Mapping[str, Any] | None) -> tuple[float, float]:
     if not (0.0 <= accuracy_ <= 1.0 or (np.isnan(accuracy_) and examples == 0)):
         raise InvalidPayload(f"accuracy must be in [0, 1] (NaN only over 0 examples); got {accuracy_} "
                              f"over {examples:g} examples")
-    return accuracy_, examples
+    return accuracy_, examples, side
 
 
 def side_accuracies(metrics: Mapping[str, Any] | None) -> dict[str, float]:
